@@ -179,3 +179,15 @@ def test_parse_garbage_returns_empty(garbage):
 def test_parse_text_before_first_box_is_ignored():
     dets = parse_detections("detect cat\n<loc0001><loc0002><loc0003><loc0004> cat", SIZE)
     assert [d.label for d in dets] == ["cat"]
+
+
+def test_package_exports_and_box_codec_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pg_tune.codecs as c; c.encode_box([0, 0, 1, 1], (2, 2)); "
+        "assert 'torch' not in sys.modules; assert c.MaskCodec.__name__ == 'MaskCodec'; "
+        "assert 'torch' in sys.modules; assert all(hasattr(c, n) for n in c.__all__)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
