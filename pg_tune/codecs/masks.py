@@ -312,7 +312,8 @@ class MaskCodec:
     ) -> MaskCodec:
         """Load ``path`` if it exists; otherwise use (or download into) ``cache_dir/vae-oid.npz``.
 
-        A download is checked against the published size and sha256 before it is used. Without
+        A download (or an existing cached copy) is checked against the published size and sha256
+        before it is used; a file passed as ``path`` is trusted as is. Without
         network this raises ``MaskCodecUnavailableError`` saying how to fetch the file by hand.
         ``cache_dir`` defaults to ``$PG_TUNE_CACHE`` or ``~/.cache/pg_tune``.
         """
@@ -345,6 +346,13 @@ class MaskCodec:
                 tmp.replace(target)
             finally:
                 tmp.unlink(missing_ok=True)
+        else:
+            size, digest = target.stat().st_size, _sha256(target)
+            if size != num_bytes or digest != sha256:
+                raise ValueError(
+                    f"cached {target} is not the published file ({size} bytes, sha256 {digest}; expected "
+                    f"{num_bytes} bytes, sha256 {sha256}): delete it to download again, or pass your own path"
+                )
         return cls.from_npz(target)
 
     # -- the network -------------------------------------------------------------------------

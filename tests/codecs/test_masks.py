@@ -355,3 +355,9 @@ def test_corrupt_download_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="corrupt.*15 bytes"):
         MaskCodec.load(cache_dir=tmp_path, download=bad_download)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_file_in_cache_is_not_used(codec_path, tmp_path):
+    (tmp_path / "vae-oid.npz").write_bytes(codec_path.read_bytes())  # random weights, not the real file
+    with pytest.raises(ValueError, match="delete it"):
+        MaskCodec.load(cache_dir=tmp_path, download=_refuse)
