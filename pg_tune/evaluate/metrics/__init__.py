@@ -1,0 +1,10 @@
+"""Evaluation metrics for PaliGemma transfer tasks, each matching the reference implementation.
+
+Captioning: `cider_d`, `bleu4` (pycocoevalcap). DocVQA: `anls`. VQAv2: `vqa_accuracy`.
+Referring expressions: `refer_detection_accuracy`, `mask_miou` (big_vision's rules). Detection:
+`coco_map` (pycocotools).
+"""
+
+from pg_tune.evaluate.metrics.cider import PTB_PUNCTUATION, bleu4, cider_d, ptb_tokenize
+
+__all__ = ["PTB_PUNCTUATION", "bleu4", "cider_d", "ptb_tokenize"]
