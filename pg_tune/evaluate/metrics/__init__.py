@@ -5,6 +5,7 @@ Referring expressions: `refer_detection_accuracy`, `mask_miou` (big_vision's rul
 `coco_map` (pycocotools).
 """
 
+from pg_tune.evaluate.metrics.anls import anls, anls_score, levenshtein
 from pg_tune.evaluate.metrics.cider import PTB_PUNCTUATION, bleu4, cider_d, ptb_tokenize
 
-__all__ = ["PTB_PUNCTUATION", "bleu4", "cider_d", "ptb_tokenize"]
+__all__ = ["PTB_PUNCTUATION", "anls", "anls_score", "bleu4", "cider_d", "levenshtein", "ptb_tokenize"]
