@@ -7,5 +7,17 @@ Referring expressions: `refer_detection_accuracy`, `mask_miou` (big_vision's rul
 
 from pg_tune.evaluate.metrics.anls import anls, anls_score, levenshtein
 from pg_tune.evaluate.metrics.cider import PTB_PUNCTUATION, bleu4, cider_d, ptb_tokenize
+from pg_tune.evaluate.metrics.vqa import mean_vqa_accuracy, normalize_vqa_answer, vqa_accuracy
 
-__all__ = ["PTB_PUNCTUATION", "anls", "anls_score", "bleu4", "cider_d", "levenshtein", "ptb_tokenize"]
+__all__ = [
+    "PTB_PUNCTUATION",
+    "anls",
+    "anls_score",
+    "bleu4",
+    "cider_d",
+    "levenshtein",
+    "mean_vqa_accuracy",
+    "normalize_vqa_answer",
+    "ptb_tokenize",
+    "vqa_accuracy",
+]

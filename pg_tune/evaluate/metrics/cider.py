@@ -32,7 +32,8 @@ _CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _ABBREVIATION = re.compile(r"^(?:[a-z]\.)+$")
 # A few of the abbreviations PTB's lexer lists explicitly; they keep their period too.
 _KNOWN_ABBREVIATIONS = frozenset(
-    "mr. mrs. ms. dr. st. jr. sr. prof. vs. etc. inc. co. corp. ltd. mt. ave. jan. feb. aug. sept. oct. nov. dec.".split()
+    "mr. mrs. ms. dr. st. jr. sr. prof. vs. etc. inc. co. corp. ltd. mt. ave. "
+    "jan. feb. aug. sept. oct. nov. dec.".split()
 )
 # PTB turns brackets into -LRB- etc.; with -lowerCase they come out lowercased, which is *not* in
 # pycocoevalcap's PUNCTUATIONS list, so the reference keeps them as words. We do the same.
