@@ -7,6 +7,13 @@ Referring expressions: `refer_detection_accuracy`, `mask_miou` (big_vision's rul
 
 from pg_tune.evaluate.metrics.anls import anls, anls_score, levenshtein
 from pg_tune.evaluate.metrics.cider import PTB_PUNCTUATION, bleu4, cider_d, ptb_tokenize
+from pg_tune.evaluate.metrics.referring import (
+    box_iou,
+    mask_cumulative_iou,
+    mask_iou,
+    mask_miou,
+    refer_detection_accuracy,
+)
 from pg_tune.evaluate.metrics.vqa import mean_vqa_accuracy, normalize_vqa_answer, vqa_accuracy
 
 __all__ = [
@@ -14,10 +21,15 @@ __all__ = [
     "anls",
     "anls_score",
     "bleu4",
+    "box_iou",
     "cider_d",
     "levenshtein",
+    "mask_cumulative_iou",
+    "mask_iou",
+    "mask_miou",
     "mean_vqa_accuracy",
     "normalize_vqa_answer",
     "ptb_tokenize",
+    "refer_detection_accuracy",
     "vqa_accuracy",
 ]
