@@ -7,6 +7,7 @@ Referring expressions: `refer_detection_accuracy`, `mask_miou` (big_vision's rul
 
 from pg_tune.evaluate.metrics.anls import anls, anls_score, levenshtein
 from pg_tune.evaluate.metrics.cider import PTB_PUNCTUATION, bleu4, cider_d, ptb_tokenize
+from pg_tune.evaluate.metrics.detection import COCO_STAT_NAMES, coco_map
 from pg_tune.evaluate.metrics.referring import (
     box_iou,
     mask_cumulative_iou,
@@ -17,12 +18,14 @@ from pg_tune.evaluate.metrics.referring import (
 from pg_tune.evaluate.metrics.vqa import mean_vqa_accuracy, normalize_vqa_answer, vqa_accuracy
 
 __all__ = [
+    "COCO_STAT_NAMES",
     "PTB_PUNCTUATION",
     "anls",
     "anls_score",
     "bleu4",
     "box_iou",
     "cider_d",
+    "coco_map",
     "levenshtein",
     "mask_cumulative_iou",
     "mask_iou",
