@@ -1,0 +1,23 @@
+# Everyday targets. `make demo` and `make test` each set up everything they need first.
+PYTHON ?= python3
+
+.PHONY: setup demo test test-fast quality format bench
+
+setup:  ## install torch (CPU build on these machines) and pg_tune with its dev tools
+	$(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+demo: setup  ## the embedded default: LoRA on a tiny PaliGemma 2, synthetic shapes, no downloads
+	$(PYTHON) -m pg_tune train recipes/demo/shapes_tiny.yaml
+
+test: setup  ## the whole suite, slow end-to-end tests included (what CI runs)
+	$(PYTHON) -m pytest -q
+
+test-fast: ## the fast tier only
+	$(PYTHON) -m pytest -q -m "not slow"
+
+quality:
+	ruff check . && ruff format --check .
+
+format:
+	ruff check --fix . && ruff format .

@@ -1,0 +1,81 @@
+"""The ``pg-tune`` command line (also ``python -m pg_tune``).
+
+pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says
+pg-tune validate RECIPE [key.sub=value ...]  check a recipe without loading anything heavy
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pg_tune.config import ConfigError, load_recipe
+from pg_tune.data.sample import DataError
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    recipe, _ = load_recipe(args.recipe, args.overrides)
+    print(
+        f"{args.recipe}: OK ({len(recipe.data.train)} train and {len(recipe.data.eval)} eval dataset entries, "
+        f"model {recipe.model.name_or_path})"
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pg_tune.train.loop import train
+
+    recipe, resolved_recipe = load_recipe(args.recipe, args.overrides)
+    result = train(recipe, resolved_recipe)
+    print(_summary(result))
+    return 0
+
+
+def _summary(result) -> str:
+    lines = [
+        "",
+        "=== pg_tune summary ===",
+        f"steps:          {result.steps} in {result.seconds:.0f} s",
+        f"loss:           {result.first_loss:.4f} (first step) -> {result.last_loss:.4f} (last step)",
+    ]
+    for name in sorted(set(result.metrics_before) | set(result.metrics_after)):
+        if name.endswith("/count"):
+            continue
+        before = result.metrics_before.get(name)
+        after = result.metrics_after.get(name)
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"{name + ':':<15} {fmt(before)} (before) -> {fmt(after)} (after)")
+    lines += [
+        f"adapter:        {result.adapter_dir}",
+        f"metrics log:    {result.output_dir / 'metrics.jsonl'}",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pg-tune", description="Fine-tune PaliGemma with LoRA/QLoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune from a recipe")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("validate", help="check a recipe (keys, types, dataset formats)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"pg-tune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The recipe: a YAML file turned into small typed sections, validated before anything loads.
+
+Sections: ``model``, ``lora``, ``quantization``, ``data``, ``train``, ``eval``, ``logging``,
+``output_dir``. Each dataset entry under ``data.train`` / ``data.eval`` names its ``format`` and
+carries that format's own keys (see ``data_formats/``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pg_tune.config.schema import ConfigError, from_dict, to_dict
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny-paligemma2"
+    """A hub id (``google/paligemma2-3b-pt-224``), a local directory in the hub's layout, or a
+    built-in tiny preset (``tiny-paligemma``, ``tiny-paligemma2``, ``bench-mini``)."""
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """``auto``: bfloat16 on a GPU that supports it, float32 on CPU. float16 gives NaNs on Gemma."""
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    trust_remote_code: bool = False
+    """PaliGemma is native to transformers; remote code stays off unless asked for explicitly."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: Literal["attention", "attention_mlp", "all_linear"] = "attention_mlp"
+    """Which linear layers of the language model get adapters."""
+    vision: bool = False
+    """Also adapt the SigLIP encoder's layers (same target set)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. ``[multi_modal_projector]``."""
+
+    def check(self, path: str) -> None:
+        if self.r < 1:
+            raise ConfigError(f"{path}.r: must be >= 1, got {self.r}")
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes loading of the frozen base (QLoRA). Key names are bitsandbytes' own."""
+
+    mode: Literal["none", "4bit", "8bit"] = "none"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
+class DatasetEntry:
+    """One dataset in a mix: its ``format``, a sampling ``weight`` and the format's own options."""
+
+    format: str
+    weight: float = 1.0
+    options: Any = None
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetEntry] = field(default_factory=list)
+    eval: list[DatasetEntry] = field(default_factory=list)
+    max_text_length: int = 128
+    """Token budget after the image tokens (bos + prefix + "\\n" + suffix + eos). Only the suffix
+    is ever truncated; image tokens never are."""
+    on_bad_row: Literal["stop", "skip"] = "stop"
+    """``stop`` at the first bad row, or ``skip`` it and count it; counts are always printed."""
+    num_workers: int = 0
+    """DataLoader worker processes decoding and resizing images."""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int | None = None
+    """Optimizer steps; overrides ``epochs`` when set."""
+    batch_size: int = 8
+    """Per-process micro-batch."""
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 autocast where the GPU supports it, none on CPU."""
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    save_every: int | None = None
+    """Write a checkpoint under ``checkpoints/`` every N optimizer steps."""
+    keep_last: int = 2
+
+    def check(self, path: str) -> None:
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"{path}.lr: must be > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    every: int | None = None
+    """Evaluate every N optimizer steps (besides before and after training)."""
+    before_training: bool = True
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    limit: int | None = None
+    """Evaluate at most this many samples per eval dataset."""
+
+
+@dataclass
+class LoggingConfig:
+    trackers: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
+    project: str = "pg_tune"
+    run_name: str | None = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass
+class Recipe:
+    output_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self, path: str) -> None:
+        if not self.data.train:
+            raise ConfigError("data.train: at least one dataset entry is needed")
+
+
+def _parse_dataset_entry(raw: Any, path: str) -> DatasetEntry:
+    from pg_tune.data.formats import FORMATS  # the registry imports every adapter
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'format' key, got {raw!r}")
+    raw = dict(raw)
+    fmt = raw.pop("format", None)
+    if fmt is None:
+        raise ConfigError(f"{path}.format: required key is missing (one of {', '.join(sorted(FORMATS))})")
+    if fmt not in FORMATS:
+        raise ConfigError(
+            f"{path}.format: unknown dataset format {fmt!r}"
+            + (f" — did you mean {m!r}?" if (m := _closest_name(fmt, list(FORMATS))) else "")
+            + f" (known: {', '.join(sorted(FORMATS))})"
+        )
+    weight = raw.pop("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        raise ConfigError(f"{path}.weight: expected a positive number, got {weight!r}")
+    options = from_dict(FORMATS[fmt].options, raw, path)
+    return DatasetEntry(format=fmt, weight=float(weight), options=options)
+
+
+def _closest_name(name: str, names: list[str]) -> str | None:
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """Validate plain recipe data (as read from YAML) into a ``Recipe``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    raw_data = data.pop("data", None) or {}
+    if not isinstance(raw_data, dict):
+        raise ConfigError(f"data: expected a mapping, got {raw_data!r}")
+    raw_data = dict(raw_data)
+    entries = {}
+    for split in ("train", "eval"):
+        items = raw_data.pop(split, None) or []
+        if not isinstance(items, list):
+            raise ConfigError(f"data.{split}: expected a list of dataset entries, got {items!r}")
+        entries[split] = [_parse_dataset_entry(item, f"data.{split}[{i}]") for i, item in enumerate(items)]
+    data_config = from_dict(DataConfig, raw_data, "data")
+    data_config.train, data_config.eval = entries["train"], entries["eval"]
+    data["data"] = data_config
+    return from_dict(Recipe, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to raw recipe data."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        leaf = parts[-1]
+        parsed = yaml.safe_load(value) if value != "" else ""
+        if isinstance(node, list):
+            node[int(leaf)] = parsed
+        else:
+            node[leaf] = parsed
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, dict[str, Any]]:
+    """Read, override and validate a recipe; returns the recipe and its resolved plain form."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        recipe = parse_recipe(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return recipe, resolved(recipe)
+
+
+def resolved(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe (defaults filled in) as plain data."""
+    out = to_dict(recipe)
+    for split in ("train", "eval"):
+        out["data"][split] = [
+            {"format": e.format, "weight": e.weight, **to_dict(e.options)}
+            for e in getattr(recipe.data, split)
+        ]
+    return out

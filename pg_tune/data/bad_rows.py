@@ -1,0 +1,43 @@
+"""Counting bad rows: stop at the first, or skip and count, and always report the counts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+from pg_tune.data.sample import DataError
+
+
+class BadRows:
+    """Applies the recipe's ``data.on_bad_row`` policy and keeps counts by reason."""
+
+    def __init__(self, policy: Literal["stop", "skip"] = "stop", examples_per_reason: int = 3):
+        self.policy = policy
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self._examples_per_reason = examples_per_reason
+
+    def bad(self, reason: str, message: str) -> None:
+        """Record a bad row; raise ``DataError`` under the ``stop`` policy."""
+        if self.policy == "stop":
+            raise DataError(f"{message} (data.on_bad_row=stop; set it to 'skip' to skip and count such rows)")
+        self.counts[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < self._examples_per_reason:
+            examples.append(message)
+
+    def note(self, reason: str, message: str) -> None:
+        """Record a row that was repaired rather than dropped (e.g. a clipped box)."""
+        self.counts[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < self._examples_per_reason:
+            examples.append(message)
+
+    def report(self) -> str:
+        if not self.counts:
+            return "bad rows: none"
+        lines = ["bad rows by reason:"]
+        for reason, n in self.counts.most_common():
+            lines.append(f"  {reason}: {n}")
+            lines.extend(f"    e.g. {ex}" for ex in self.examples.get(reason, []))
+        return "\n".join(lines)

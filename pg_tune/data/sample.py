@@ -1,0 +1,40 @@
+"""The one data contract: every dataset adapter yields ``Sample``s, nothing else.
+
+Adapters never tokenize; the collator (``pg_tune.data.collate``) is the only place that turns a
+sample into model inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with its prompt (``prefix``) and target (``suffix``).
+
+    ``source`` says where the row came from (``file:line`` or ``dataset[row]``) so every error can
+    name it. ``task`` and ``references`` are what evaluation needs: the metric family and every
+    ground truth (all captions of an image, all answers of a question).
+    """
+
+    image: str | Path | Image.Image
+    prefix: str
+    suffix: str
+    source: str
+    task: str = "caption"
+    references: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_references(self) -> tuple[str, ...]:
+        return self.references or (self.suffix,)
+
+
+class DataError(ValueError):
+    """A bad row or file; the message names the file and line (or dataset row) and the field."""

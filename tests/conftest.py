@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny PaliGemma models built in-process, small real-format datasets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(params=["tiny-paligemma", "tiny-paligemma2"])
+def tiny_preset(request) -> str:
+    """Both generations: Gemma (PaliGemma 1) and Gemma 2 (PaliGemma 2) text backbones."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny PaliGemma 2 saved in the hub's layout (config, safetensors, processor files)."""
+    from pg_tune.models.tiny import save_checkpoint
+
+    return save_checkpoint("tiny-paligemma2", tmp_path_factory.mktemp("tiny-pg2"))
+
+
+@pytest.fixture
+def shapes_jsonl(tmp_path):
+    """A 24-row JSONL dataset of shape images on disk; returns the .jsonl path."""
+    from pg_tune.data.formats.shapes import write_jsonl
+
+    return write_jsonl(tmp_path / "shapes", num_samples=24)
