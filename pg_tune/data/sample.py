@@ -14,6 +14,11 @@ from typing import Any
 from PIL import Image
 
 
+# Metric families: captioning (CIDEr), VQA accuracy, DocVQA (ANLS), OCR, COCO detection (mAP),
+# referring detection (acc@IoU) and referring segmentation (mask mIoU).
+TASKS = ("caption", "vqa", "docvqa", "ocr", "detect", "refer_detect", "refer_segment")
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image with its prompt (``prefix``) and target (``suffix``).
@@ -21,6 +26,9 @@ class Sample:
     ``source`` says where the row came from (``file:line`` or ``dataset[row]``) so every error can
     name it. ``task`` and ``references`` are what evaluation needs: the metric family and every
     ground truth (all captions of an image, all answers of a question).
+
+    ``task`` is one of ``TASKS``. ``meta`` carries what a metric needs beyond text, e.g.
+    ``image_size`` (width, height) for box and mask tasks.
     """
 
     image: str | Path | Image.Image
