@@ -20,7 +20,24 @@ class ConfigError(ValueError):
     """A recipe that cannot be used; the message names the dotted path of the bad field."""
 
 
+# Names other tools (peft, transformers' TrainingArguments) use for the same knobs.
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "warmup_steps": "warmup_ratio",
+}
+
+
 def _closest(key: str, valid: list[str]) -> str:
+    if _ALIASES.get(key) in valid:
+        return f" — did you mean {_ALIASES[key]!r}?"
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" — did you mean {match[0]!r}?" if match else ""
 
@@ -79,6 +96,12 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-4` (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

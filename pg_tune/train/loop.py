@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,8 @@ class TrainResult:
     metrics_before: dict[str, float] = field(default_factory=dict)
     metrics_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    model: Any = field(default=None, repr=False)
+    """The trained peft model, for callers using pg_tune as a library."""
 
 
 def _mixed_precision(recipe: Recipe) -> str:
@@ -73,9 +74,6 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any]) -> TrainResult:
     # --- setup -------------------------------------------------------------------------------
     output_dir = Path(recipe.output_dir)
     trackers = list(recipe.logging.trackers)
-    if "wandb" in trackers:
-        os.environ.setdefault("WANDB_MODE", recipe.logging.wandb_mode)
-        os.environ.setdefault("WANDB_DIR", str(output_dir))
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(recipe),
         log_with=trackers or None,
@@ -91,7 +89,13 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any]) -> TrainResult:
         accelerator.init_trackers(
             recipe.logging.project,
             config=_flat_scalars(resolved_recipe),
-            init_kwargs={"wandb": {"name": recipe.logging.run_name}} if "wandb" in trackers else {},
+            init_kwargs={
+                "wandb": {
+                    "name": recipe.logging.run_name,
+                    "dir": str(output_dir),
+                    "mode": recipe.logging.wandb_mode,
+                }
+            },
         )
 
     bad_rows = BadRows(recipe.data.on_bad_row)
@@ -233,6 +237,7 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any]) -> TrainResult:
         metrics_before,
         metrics_after,
         time.time() - started,
+        model=peft_model,
     )
     if main:
         (output_dir / "summary.json").write_text(
