@@ -249,6 +249,7 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any]) -> TrainResult:
                     "metrics_before": metrics_before,
                     "metrics_after": metrics_after,
                     "seconds": result.seconds,
+                    "world_size": accelerator.num_processes,
                     "dtype": str(resolve_dtype(recipe.model.dtype)),
                 },
                 indent=2,
