@@ -69,7 +69,7 @@ def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 ctx.bad_rows.bad("malformed_json", f"{where}: malformed JSON: {e.msg} (column {e.colno})")
                 continue
