@@ -55,7 +55,9 @@ def draw_caption(image: Image.Image, lines: Sequence[str]) -> Image.Image:
     probe = ImageDraw.Draw(image)
     line_h = probe.textbbox((0, 0), "Ag")[3] + 4
     text_w = max((probe.textbbox((0, 0), line)[2] for line in lines), default=0) + 6
-    band = Image.new("RGB", (max(image.width, text_w), image.height + line_h * len(lines) + 4), (255, 255, 255))
+    band = Image.new(
+        "RGB", (max(image.width, text_w), image.height + line_h * len(lines) + 4), (255, 255, 255)
+    )
     band.paste(image, (0, 0))
     draw = ImageDraw.Draw(band)
     for k, line in enumerate(lines):
