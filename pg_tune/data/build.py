@@ -1,6 +1,13 @@
-"""From a recipe's dataset entries to samples: one function for training, eval and validation."""
+"""From a recipe's dataset entries to samples: one function for training, eval, preview and validation.
+
+``build_samples`` returns a ``ConcatSamples``: the entries' samples end to end (a view, so lazy
+entries such as ``hf`` stay lazy), which keeps each entry's part for ``pg_tune.data.mix``.
+"""
 
 from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
 
 from pg_tune.config.recipe import DatasetEntry
 from pg_tune.data.bad_rows import BadRows
@@ -8,10 +15,44 @@ from pg_tune.data.formats import FORMATS, BuildContext
 from pg_tune.data.sample import Sample
 
 
-def build_samples(entries: list[DatasetEntry], split: str, bad_rows: BadRows, seed: int = 0) -> list[Sample]:
+class ConcatSamples(Sequence[Sample]):
+    """Several entries' samples as one sequence; ``parts`` keeps them apart for weighted mixing."""
+
+    def __init__(self, parts: Sequence[Sequence[Sample]]):
+        self.parts = list(parts)
+        self.offsets = [0]
+        for part in self.parts:
+            self.offsets.append(self.offsets[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[part][index - self.offsets[part]]
+
+    def entry_of(self, index: int) -> int:
+        """Which recipe entry row ``index`` came from."""
+        return bisect.bisect_right(self.offsets, index) - 1
+
+
+def build_samples(entries: list[DatasetEntry], split: str, bad_rows: BadRows, seed: int = 0) -> ConcatSamples:
     """All samples of one split, concatenated in recipe order."""
     ctx = BuildContext(split=split, bad_rows=bad_rows, seed=seed)
-    samples: list[Sample] = []
-    for entry in entries:
-        samples.extend(FORMATS[entry.format].build(entry.options, ctx))
-    return samples
+    return ConcatSamples([FORMATS[entry.format].build(entry.options, ctx) for entry in entries])
+
+
+def train_order(
+    samples: Sequence[Sample], entries: list[DatasetEntry], seed: int, epoch: int = 0
+) -> list[int]:
+    """The rows training visits in ``epoch``, in order (what ``MixSampler`` yields)."""
+    from pg_tune.data.mix import build_train_index
+
+    parts = samples.parts if isinstance(samples, ConcatSamples) else [samples]
+    return build_train_index([e.weight for e in entries], parts, seed, epoch)

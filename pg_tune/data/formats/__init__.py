@@ -30,10 +30,15 @@ class Format:
 
 
 def _registry() -> dict[str, Format]:
-    from pg_tune.data.formats import jsonl, shapes
+    from pg_tune.data.formats import coco_captions, coco_detection, docvqa, hf, jsonl, refcoco, shapes
 
     return {
+        "coco_captions": Format(coco_captions.CocoCaptionsOptions, coco_captions.build),
+        "coco_detection": Format(coco_detection.CocoDetectionOptions, coco_detection.build),
+        "docvqa": Format(docvqa.DocvqaOptions, docvqa.build),
+        "hf": Format(hf.HfOptions, hf.build),
         "jsonl": Format(jsonl.JsonlOptions, jsonl.build),
+        "refcoco": Format(refcoco.RefcocoOptions, refcoco.build),
         "shapes": Format(shapes.ShapesOptions, shapes.build),
     }
 

@@ -4,6 +4,17 @@ The de-facto format of big_vision's ``forkme`` config and Roboflow's PaliGemma e
 
     {"image": "imgs/0001.jpg", "prefix": "caption en", "suffix": "a red circle"}
 
+A structured form spares writing ``<loc>``/``<seg>`` tokens by hand. Boxes are pixel
+``[x0, y0, x1, y1]``; a segment object gives a ``polygon`` (``[x, y, x, y, ...]`` or
+``[[x, y], ...]``) or a ``mask`` PNG (same size as the image, non-zero = object)::
+
+    {"image": "imgs/0002.jpg", "task": "detect", "objects": [{"label": "cat", "box": [10, 20, 200, 180]}]}
+    {"image": "imgs/0003.jpg", "task": "segment", "objects": [{"label": "left cat", "polygon": [...]}]}
+
+Detection rows become ``detect cat ; dog`` -> ``<loc..>x4 cat ; <loc..>x4 dog``; segment rows
+``segment left cat`` -> ``<loc..>x4<seg..>x16 left cat`` (as the mix checkpoints answer; needs
+``vae_path``). A row may still set its own ``prefix``.
+
 Image paths are relative to the JSONL file's folder (or ``image_root``). Optional keys per line:
 ``task`` (the metric family, default from the options) and ``references`` (all ground truths, for
 evaluation). Selected in a recipe by::
@@ -20,7 +31,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pg_tune.codecs import encode_box
 from pg_tune.data.formats import BuildContext
+from pg_tune.data.formats._common import check_box, coco_segmentation_to_mask, mask_box, mask_codec
+from pg_tune.data.images import image_size, load_image
 from pg_tune.data.sample import DataError, Sample
 
 
@@ -32,6 +46,8 @@ class JsonlOptions:
     task: str = "caption"
     """Metric family for rows without a ``task`` key (caption, vqa, docvqa, detect, ...)."""
     limit: int | None = None
+    vae_path: str | None = None
+    """big_vision's ``vae-oid.npz``, needed only by structured ``segment`` rows."""
 
 
 def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:
@@ -53,7 +69,7 @@ def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 ctx.bad_rows.bad("malformed_json", f"{where}: malformed JSON: {e.msg} (column {e.colno})")
                 continue
@@ -71,6 +87,8 @@ def _row_to_sample(
     if not isinstance(row, dict):
         ctx.bad_rows.bad("wrong_type", f"{where}: expected a JSON object, got {type(row).__name__}")
         return None
+    if "objects" in row:
+        return _structured_row(row, where, root, options, ctx)
     for key in ("image", "prefix", "suffix"):
         if key not in row:
             ctx.bad_rows.bad("missing_field", f"{where}: missing field {key!r}")
@@ -97,3 +115,94 @@ def _row_to_sample(
         task=row.get("task", options.task),
         references=tuple(references),
     )
+
+
+_STRUCTURED_TASKS = {"detect": "detect", "segment": "refer_segment"}
+
+
+def _structured_row(
+    row: dict, where: str, root: Path, options: JsonlOptions, ctx: BuildContext
+) -> Sample | None:
+    """``{"image", "task": detect|segment, "objects": [...]}`` -> a sample with encoded tokens."""
+    task = row.get("task")
+    if task not in _STRUCTURED_TASKS:
+        ctx.bad_rows.bad("wrong_type", f"{where}: field 'task' must be 'detect' or 'segment' with 'objects'")
+        return None
+    if not isinstance(row.get("image"), str):
+        ctx.bad_rows.bad("missing_field", f"{where}: missing field 'image'")
+        return None
+    objects = row["objects"]
+    if not isinstance(objects, list) or not objects:
+        ctx.bad_rows.bad("empty_suffix", f"{where}: field 'objects' must be a non-empty list")
+        return None
+    image = root / row["image"]
+    try:
+        size = image_size(image, where)
+    except DataError as e:
+        ctx.bad_rows.bad("missing_image" if not image.is_file() else "unreadable_image", str(e))
+        return None
+    codec = mask_codec(options.vae_path, where) if task == "segment" else None
+    parts, labels, kept = [], [], []
+    for k, obj in enumerate(objects):
+        at = f"{where}: objects[{k}]"
+        if not isinstance(obj, dict) or not isinstance(obj.get("label"), str) or not obj["label"].strip():
+            ctx.bad_rows.bad("missing_field", f"{at}: needs a non-empty string 'label'")
+            return None
+        label = " ".join(obj["label"].split())
+        mask = None
+        if codec is not None:
+            mask = _object_mask(obj, size, root, at, ctx)
+            if mask is None:
+                return None
+        if "box" in obj:
+            box = check_box(obj["box"], size, f"{at}.box", ctx.bad_rows)
+        elif mask is not None:
+            box = mask_box(mask)
+            if box is None:
+                ctx.bad_rows.bad("degenerate_box", f"{at}: the mask is empty")
+        else:
+            ctx.bad_rows.bad("missing_field", f"{at}: missing field 'box' ([x0, y0, x1, y1] in pixels)")
+            return None
+        if box is None:
+            return None
+        if codec is None:
+            parts.append(f"{encode_box(box, size)} {label}")
+        else:
+            parts.append(f"{codec.encode_segment(mask, box, size)} {label}")
+        labels.append(label)
+        kept.append((label, box))
+    prefix = row.get("prefix")
+    if not isinstance(prefix, str):
+        prefix = f"{task} " + " ; ".join(dict.fromkeys(labels))
+    suffix = " ; ".join(parts)
+    meta = {"image_size": size, "objects": tuple(kept)}
+    return Sample(image, prefix, suffix, where, _STRUCTURED_TASKS[task], (suffix,), meta)
+
+
+def _object_mask(obj: dict, size: tuple[int, int], root: Path, at: str, ctx: BuildContext):
+    """The object's HxW bool mask from ``polygon`` or a ``mask`` PNG; ``None`` after reporting."""
+    import numpy as np
+
+    if "polygon" in obj:
+        polygon = obj["polygon"]
+        if isinstance(polygon, list) and polygon and all(isinstance(p, list) for p in polygon):
+            polygon = [v for point in polygon for v in point]
+        try:
+            return coco_segmentation_to_mask([[float(v) for v in polygon]], size)
+        except (TypeError, ValueError) as e:
+            ctx.bad_rows.bad("bad_mask", f"{at}.polygon: {e}")
+            return None
+    if "mask" in obj:
+        try:
+            mask = np.asarray(load_image(root / str(obj["mask"]), at).convert("L")) > 0
+        except DataError as e:
+            ctx.bad_rows.bad("missing_image", f"{at}.mask: {e}")
+            return None
+        if mask.shape != (size[1], size[0]):
+            ctx.bad_rows.bad(
+                "bad_mask", f"{at}.mask: {mask.shape[1]}x{mask.shape[0]} differs from the image {size}"
+            )
+            return None
+        return mask
+    ctx.bad_rows.bad("missing_field", f"{at}: a segment object needs 'polygon' or 'mask'")
+    return None

@@ -1,0 +1,124 @@
+"""Small pieces every format shares: reading JSON with line numbers, checking boxes, COCO masks.
+
+Private to the format modules; each function reports through ``ctx.bad_rows`` with the place
+(``file:line`` or ``file[index]``) and the field, so nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pg_tune.data.bad_rows import BadRows
+from pg_tune.data.sample import DataError
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A whole JSON file; a missing or malformed file is a ``DataError`` naming line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file not found")
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON in {what}: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def check_box(
+    box_xyxy: Sequence[float], image_size: tuple[int, int], where: str, bad_rows: BadRows
+) -> tuple[float, float, float, float] | None:
+    """Clip a pixel box to the image (counted as ``box_clipped``); ``None`` if it is degenerate.
+
+    Degenerate means non-finite, or zero width/height after clipping: such a box encodes to equal
+    loc tokens and teaches the model nothing.
+    """
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    except (TypeError, ValueError):
+        bad_rows.bad("bad_box", f"{where}: box must be 4 numbers [x0, y0, x1, y1], got {box_xyxy!r}")
+        return None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        bad_rows.bad("bad_box", f"{where}: box has a non-finite value: {list(box_xyxy)!r}")
+        return None
+    width, height = image_size
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
+    clipped = (
+        min(max(x0, 0.0), width),
+        min(max(y0, 0.0), height),
+        min(max(x1, 0.0), width),
+        min(max(y1, 0.0), height),
+    )
+    if clipped != (x0, y0, x1, y1):
+        bad_rows.note(
+            "box_clipped",
+            f"{where}: box {[round(v, 2) for v in (x0, y0, x1, y1)]} lies outside the {width}x{height} image; "
+            f"clipped to {[round(v, 2) for v in clipped]}",
+        )
+    if clipped[2] - clipped[0] <= 0 or clipped[3] - clipped[1] <= 0:
+        bad_rows.bad("degenerate_box", f"{where}: box {list(box_xyxy)!r} has no area inside the image")
+        return None
+    return clipped
+
+
+def coco_segmentation_to_mask(segmentation: Any, image_size: tuple[int, int]) -> np.ndarray:
+    """A COCO ``segmentation`` (polygons, RLE or uncompressed RLE) -> HxW bool mask, via pycocotools."""
+    from pycocotools import mask as mask_utils
+
+    width, height = image_size
+    if isinstance(segmentation, list):
+        if not segmentation or not all(isinstance(p, list) and len(p) >= 6 for p in segmentation):
+            raise ValueError("polygons must be lists of at least 3 (x, y) points")
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        rle = segmentation
+        if isinstance(rle["counts"], list):
+            rle = mask_utils.frPyObjects(rle, height, width)
+    else:
+        raise ValueError(f"expected polygons or an RLE dict, got {type(segmentation).__name__}")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight pixel box ``(x0, y0, x1, y1)`` around a mask (x1/y1 exclusive); ``None`` if empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+_MASK_CODECS: dict[str, Any] = {}
+
+
+def mask_codec(vae_path: str | None, where: str):
+    """The VQ-VAE mask codec for ``vae_path`` (loaded once per path); a clear error if unset."""
+    if not vae_path:
+        raise DataError(
+            f"{where}: segmentation needs the mask VQ-VAE weights: set vae_path to big_vision's vae-oid.npz"
+        )
+    if vae_path not in _MASK_CODECS:
+        from pg_tune.codecs.masks import MaskCodec
+
+        if not Path(vae_path).is_file():
+            raise DataError(f"{where}: vae_path {vae_path} not found (big_vision's vae-oid.npz)")
+        _MASK_CODECS[vae_path] = MaskCodec.from_npz(vae_path)
+    return _MASK_CODECS[vae_path]
+
+
+def format_prompt(template: str, where: str, **fields: str) -> str:
+    """Fill ``{name}`` fields of a prompt template; an unknown field names the template."""
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError) as e:
+        raise DataError(
+            f"{where}: prompt template {template!r} uses unknown field {e}; available: {', '.join(fields)}"
+        ) from None

@@ -1,0 +1,135 @@
+"""COCO detection: ``instances_{split}.json`` plus the image folder, as ``detect a ; b`` prompts.
+
+One raw record (``annotations`` entry; ``categories`` names it, ``images`` sizes it)::
+
+    {"id": 1768, "image_id": 289343, "category_id": 18, "bbox": [473.07, 395.93, 38.65, 28.67],
+     "area": 702.1, "iscrowd": 0, "segmentation": [[...]]}
+
+Each image becomes ``prefix = "detect cat ; dog"`` and ``suffix = "<loc..>x4 cat ; <loc..>x4 dog"``
+(big_vision's box encoding, ``pg_tune.codecs.encode_objects``). Boxes outside the image are clipped
+and counted; degenerate ones are bad rows. Selected in a recipe by::
+
+    data:
+      train:
+        - format: coco_detection
+          annotations: coco/annotations/instances_train2017.json
+          images: coco/train2017
+          classes: [cat, dog]        # optional subset
+          prompt_classes: present    # or: all
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pg_tune.codecs import coco_bbox_to_xyxy, encode_objects
+from pg_tune.data.formats import BuildContext
+from pg_tune.data.formats._common import check_box, format_prompt, read_json
+from pg_tune.data.sample import DataError, Sample
+
+
+@dataclass
+class CocoDetectionOptions:
+    annotations: str
+    """``instances_*.json`` (COCO format)."""
+    images: str
+    """Folder holding the images' ``file_name``s."""
+    prompt: str = "detect {classes}"
+    """``{classes}`` becomes the class names joined with `` ; ``."""
+    classes: list[str] | None = None
+    """Only these category names (others are left out of prompts and targets); default: all."""
+    prompt_classes: Literal["present", "all"] = "present"
+    """``present``: name the classes in the image; ``all``: name every class (absent ones too)."""
+    crowd: Literal["skip", "keep"] = "skip"
+    """COCO ``iscrowd=1`` boxes cover a group of objects; big_vision-style training leaves them out."""
+    order: Literal["file", "left_to_right", "largest_first", "random"] = "file"
+    """Object order in the suffix; ``random`` is seeded by the recipe seed and the image id."""
+    max_objects: int | None = None
+    """Keep at most this many objects per image (after ordering)."""
+    keep_empty: bool = False
+    """Keep images with no (selected) object, with an empty target; only valid for evaluation."""
+    limit: int | None = None
+
+
+def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:
+    path = Path(options.annotations)
+    data = read_json(path, "COCO instances annotations")
+    if options.keep_empty and ctx.split == "train":
+        raise DataError(f"{path}: keep_empty is for evaluation only; a training row needs a target")
+    categories = {c["id"]: str(c["name"]) for c in data.get("categories", []) if isinstance(c, dict)}
+    if options.classes is not None:
+        unknown = sorted(set(options.classes) - set(categories.values()))
+        if unknown:
+            raise DataError(f"{path}: classes {unknown} are not in the file's categories")
+    wanted = set(options.classes) if options.classes is not None else set(categories.values())
+    all_names = [name for _, name in sorted(categories.items()) if name in wanted]
+
+    images = {im["id"]: im for im in data.get("images", []) if isinstance(im, dict) and "id" in im}
+    objects: dict[int, list[tuple[str, tuple[float, float, float, float]]]] = {
+        image_id: [] for image_id in images
+    }
+    for i, ann in enumerate(data.get("annotations", [])):
+        where = f"{path}[annotations][{i}]"
+        if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "category_id", "bbox")):
+            ctx.bad_rows.bad("missing_field", f"{where}: an annotation needs image_id, category_id and bbox")
+            continue
+        if ann["image_id"] not in images:
+            ctx.bad_rows.bad("unknown_image", f"{where}: image_id {ann['image_id']} is not in 'images'")
+            continue
+        name = categories.get(ann["category_id"])
+        if name is None:
+            ctx.bad_rows.bad(
+                "unknown_category", f"{where}: category_id {ann['category_id']} is not in 'categories'"
+            )
+            continue
+        if name not in wanted or (ann.get("iscrowd", 0) and options.crowd == "skip"):
+            continue
+        info = images[ann["image_id"]]
+        size = (int(info["width"]), int(info["height"]))
+        try:
+            xyxy = coco_bbox_to_xyxy(ann["bbox"])
+        except ValueError as e:
+            ctx.bad_rows.bad("bad_box", f"{where}: field 'bbox': {e}")
+            continue
+        box = check_box(xyxy, size, f"{where}: field 'bbox'", ctx.bad_rows)
+        if box is not None:
+            objects[ann["image_id"]].append((name, box))
+
+    root = Path(options.images)
+    samples: list[Sample] = []
+    for image_id, objs in objects.items():
+        if options.limit is not None and len(samples) >= options.limit:
+            break
+        if not objs and not options.keep_empty:
+            continue
+        info = images[image_id]
+        where = f"{path}[image_id={image_id}]"
+        image = root / str(info.get("file_name", ""))
+        if not image.is_file():
+            ctx.bad_rows.bad("missing_image", f"{where}: image file not found: {image}")
+            continue
+        objs = _ordered(objs, options.order, random.Random(f"{ctx.seed}:{image_id}"))
+        if options.max_objects is not None:
+            objs = objs[: options.max_objects]
+        present = list(dict.fromkeys(name for name, _ in objs))
+        names = all_names if options.prompt_classes == "all" else present
+        size = (int(info["width"]), int(info["height"]))
+        suffix = encode_objects(objs, size)
+        prefix = format_prompt(options.prompt, where, classes=" ; ".join(names))
+        meta = {"image_size": size, "image_id": image_id, "objects": tuple(objs)}
+        samples.append(Sample(image, prefix, suffix, where, "detect", (suffix,), meta))
+    return samples
+
+
+def _ordered(objs, order: str, rng: random.Random):
+    if order == "left_to_right":
+        return sorted(objs, key=lambda o: (o[1][0], o[1][1]))
+    if order == "largest_first":
+        return sorted(objs, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1]))
+    if order == "random":
+        objs = list(objs)
+        rng.shuffle(objs)
+    return list(objs)

@@ -1,0 +1,273 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg: referring expressions to a box (``detect``) or a mask (``segment``).
+
+Two on-disk forms. The original (lichengunc/refer): ``refs(unc|google|umd).p`` plus the COCO
+``instances.json`` of train2014 and its images. One raw ref from the pickle::
+
+    {"ref_id": 0, "ann_id": 1719310, "image_id": 581857, "category_id": 1, "split": "train",
+     "sentences": [{"raw": "The lady with the blue shirt", "sent": "the lady with the blue shirt",
+                    "sent_id": 0, "tokens": ["the", "lady", ...]}]}
+
+The pickle is read with a restricted unpickler that builds only plain containers and scalars: a
+pickle can name any importable callable and run it while loading, so any global (a class, a
+function such as ``os.system``) is refused with a ``DataError`` instead of being imported.
+
+The common parquet copies (one row per ref or per sentence, boxes already ``[x0, y0, x1, y1]`` in
+pixels, images by path) are read with ``parquet:`` and a column mapping.
+
+Each sentence is one sample: ``prefix = "detect {expression}"`` and ``suffix = "<loc..>x4"``, or for
+``task: segment`` ``"segment {expression}"`` and ``"<loc..>x4<seg..>x16"`` (big_vision's transfer
+uses the raw sentence as the prefix: set ``prompt: "{expression}"``). Segmentation encodes masks
+with the VQ-VAE at ``vae_path``. Selected in a recipe by::
+
+    data:
+      train:
+        - format: refcoco
+          refs: refcoco/refs(unc).p
+          instances: refcoco/instances.json
+          images: coco/train2014
+          split: train
+          task: segment
+          vae_path: vae-oid.npz
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pg_tune.codecs import coco_bbox_to_xyxy, encode_box
+from pg_tune.data.formats import BuildContext
+from pg_tune.data.formats._common import (
+    check_box,
+    coco_segmentation_to_mask,
+    format_prompt,
+    mask_codec,
+    read_json,
+)
+from pg_tune.data.images import image_size
+from pg_tune.data.sample import DataError, Sample
+
+_DEFAULT_PROMPTS = {"detect": "detect {expression}", "segment": "segment {expression}"}
+
+
+@dataclass
+class RefcocoOptions:
+    split: str
+    """Which refs to use: ``train``, ``val``, ``testA``, ``testB`` (unc) or ``test`` (umd)."""
+    task: Literal["detect", "segment"] = "detect"
+    refs: str | None = None
+    """``refs(unc).p`` / ``refs(google).p`` / ``refs(umd).p`` (read safely, see the module docstring)."""
+    instances: str | None = None
+    """The matching COCO ``instances.json`` (boxes, masks, image sizes)."""
+    images: str | None = None
+    """Folder of COCO train2014 images (or the parquet's image paths' root)."""
+    parquet: str | None = None
+    """Instead of refs + instances: a parquet file (or a glob) with one row per ref or sentence."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Parquet column names, for any that differ from: image, box, expression, split, segmentation,
+    width, height. ``expression`` may hold a string or a list of strings."""
+    prompt: str | None = None
+    """Template with ``{expression}``; default ``detect {expression}`` / ``segment {expression}``."""
+    sentence: Literal["sent", "raw"] = "sent"
+    """Which text of a refer sentence: the cleaned lower-case ``sent`` or the annotator's ``raw``."""
+    vae_path: str | None = None
+    """big_vision's ``vae-oid.npz``, needed for ``task: segment``."""
+    limit: int | None = None
+
+
+# -- safe pickle ---------------------------------------------------------------------------------
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, sets, strings, bytes, numbers, booleans and None; nothing else.
+
+    Every way a pickle runs code (``REDUCE``, ``BUILD`` with ``__setstate__``, ``NEWOBJ``, ``INST``,
+    ``OBJ``, extension codes) first fetches a callable through ``find_class``; refusing them all
+    means nothing is imported and nothing is called. Persistent ids are refused by the base class.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"refused to load global {module}.{name}: only plain containers and scalars are allowed"
+        )
+
+
+def load_plain_pickle(path: str | Path) -> Any:
+    """Read a pickle of plain data without running any code it may carry."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: refs pickle not found")
+    data = path.read_bytes()
+    try:
+        # Python 2 pickles (the original refs files) store text as byte strings: decode them as UTF-8.
+        return _PlainDataUnpickler(io.BytesIO(data), encoding="utf-8", errors="replace").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(
+            f"{path}: not a plain-data pickle ({e}); a refs file holds only lists and dicts, so this one is "
+            f"corrupt or unsafe and was not loaded"
+        ) from None
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise DataError(f"{path}: cannot read pickle ({type(e).__name__}: {e})") from None
+
+
+# -- build ---------------------------------------------------------------------------------------
+
+
+def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
+    prompt = options.prompt or _DEFAULT_PROMPTS[options.task]
+    if options.parquet:
+        rows = _parquet_rows(options, ctx)
+    elif options.refs and options.instances and options.images:
+        rows = _refer_rows(options, ctx)
+    else:
+        raise DataError("refcoco: set refs, instances and images (the refer toolkit's files), or parquet")
+    task = "refer_detect" if options.task == "detect" else "refer_segment"
+    codec = mask_codec(options.vae_path, "refcoco") if options.task == "segment" else None
+    samples: list[Sample] = []
+    for row in rows:
+        if options.limit is not None and len(samples) >= options.limit:
+            break
+        where, size = row["where"], row["size"]
+        box = check_box(row["box"], size, f"{where}: field 'box'", ctx.bad_rows)
+        if box is None:
+            continue
+        if not row["expressions"]:
+            ctx.bad_rows.bad("empty_prefix", f"{where}: no referring expression (sentences is empty)")
+            continue
+        meta: dict[str, Any] = {"image_size": size, "box": box}
+        if codec is None:
+            suffix = encode_box(box, size)
+        else:
+            if row.get("segmentation") is None:
+                ctx.bad_rows.bad("missing_field", f"{where}: task segment needs field 'segmentation'")
+                continue
+            try:
+                mask = coco_segmentation_to_mask(row["segmentation"], size)
+            except (ValueError, TypeError) as e:
+                ctx.bad_rows.bad("bad_mask", f"{where}: field 'segmentation': {e}")
+                continue
+            suffix = codec.encode_segment(mask, box, size)
+            meta["segmentation"] = row["segmentation"]
+        for k, expression in enumerate(row["expressions"]):
+            expression = " ".join(str(expression).split())
+            if not expression:
+                ctx.bad_rows.bad("empty_prefix", f"{where}[sentence {k}]: empty referring expression")
+                continue
+            prefix = format_prompt(prompt, where, expression=expression)
+            samples.append(
+                Sample(row["image"], prefix, suffix, f"{where}[sentence {k}]", task, (suffix,), meta)
+            )
+    return samples
+
+
+def _refer_rows(options: RefcocoOptions, ctx: BuildContext) -> Iterator[dict[str, Any]]:
+    refs_path = Path(options.refs)
+    refs = load_plain_pickle(refs_path)
+    if not isinstance(refs, list):
+        raise DataError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+    instances = read_json(options.instances, "RefCOCO instances")
+    images = {im["id"]: im for im in instances.get("images", []) if isinstance(im, dict) and "id" in im}
+    anns = {a["id"]: a for a in instances.get("annotations", []) if isinstance(a, dict) and "id" in a}
+    root = Path(options.images)
+    for i, ref in enumerate(refs):
+        where = f"{refs_path}[{i}]"
+        if not isinstance(ref, dict) or not all(
+            k in ref for k in ("ann_id", "image_id", "split", "sentences")
+        ):
+            ctx.bad_rows.bad("missing_field", f"{where}: a ref needs ann_id, image_id, split and sentences")
+            continue
+        if ref["split"] != options.split:
+            continue
+        where = f"{refs_path}[{i}](ref_id={ref.get('ref_id')})"
+        ann, info = anns.get(ref["ann_id"]), images.get(ref["image_id"])
+        if ann is None or info is None:
+            ctx.bad_rows.bad(
+                "unknown_annotation", f"{where}: ann_id/image_id not found in {options.instances}"
+            )
+            continue
+        image = root / str(info.get("file_name", ""))
+        if not image.is_file():
+            ctx.bad_rows.bad("missing_image", f"{where}: image file not found: {image}")
+            continue
+        try:
+            box = coco_bbox_to_xyxy(ann["bbox"])
+        except (KeyError, ValueError) as e:
+            ctx.bad_rows.bad("bad_box", f"{where}: field 'bbox' of ann {ref['ann_id']}: {e}")
+            continue
+        expressions = [
+            s.get(options.sentence) or s.get("sent") or s.get("raw")
+            for s in ref["sentences"]
+            if isinstance(s, dict)
+        ]
+        yield {
+            "where": where,
+            "image": image,
+            "size": (int(info["width"]), int(info["height"])),
+            "box": box,
+            "segmentation": ann.get("segmentation"),
+            "expressions": [e for e in expressions if e is not None],
+        }
+
+
+_COLUMNS = ("image", "box", "expression", "split", "segmentation", "width", "height")
+
+
+def _parquet_rows(options: RefcocoOptions, ctx: BuildContext) -> Iterator[dict[str, Any]]:
+    import glob
+
+    import pyarrow.parquet as pq
+
+    unknown = sorted(set(options.columns) - set(_COLUMNS))
+    if unknown:
+        raise DataError(f"refcoco.columns: unknown keys {unknown} (known: {', '.join(_COLUMNS)})")
+    col = {name: options.columns.get(name, name) for name in _COLUMNS}
+    files = sorted(glob.glob(options.parquet)) or [options.parquet]
+    root = Path(options.images) if options.images else None
+    for file in files:
+        if not Path(file).is_file():
+            raise DataError(f"{file}: parquet file not found")
+        pf = pq.ParquetFile(file)
+        names = set(pf.schema_arrow.names)
+        missing = [col[c] for c in ("image", "box", "expression") if col[c] not in names]
+        if missing:
+            raise DataError(
+                f"{file}: missing columns {missing} (have {sorted(names)}); map them with columns:"
+            )
+        wanted = [col[c] for c in _COLUMNS if col[c] in names]
+        index = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=wanted):  # streams: never the whole file
+            for record in batch.to_pylist():
+                where = f"{file}[{index}]"
+                index += 1
+                if col["split"] in record and record[col["split"]] != options.split:
+                    continue
+                image = Path(str(record[col["image"]]))
+                image = root / image if root is not None and not image.is_absolute() else image
+                if not image.is_file():
+                    ctx.bad_rows.bad(
+                        "missing_image", f"{where}: field {col['image']!r}: image not found: {image}"
+                    )
+                    continue
+                if record.get(col["width"]) and record.get(col["height"]):
+                    size = (int(record[col["width"]]), int(record[col["height"]]))
+                else:
+                    try:
+                        size = image_size(image, where)
+                    except DataError as e:
+                        ctx.bad_rows.bad("unreadable_image", str(e))
+                        continue
+                expressions = record[col["expression"]]
+                if isinstance(expressions, str):
+                    expressions = [expressions]
+                yield {
+                    "where": where,
+                    "image": image,
+                    "size": size,
+                    "box": record[col["box"]],
+                    "segmentation": record.get(col["segmentation"]),
+                    "expressions": list(expressions or []),
+                }

@@ -1,0 +1,142 @@
+"""``pg-tune data validate``: scan every dataset of a recipe and report every bad row.
+
+Where training stops at the first bad row (``data.on_bad_row: stop``) or skips and counts them,
+validation always scans everything and lists each problem with its place and field:
+
+- at build time (the format adapters): malformed JSON (with the line), missing fields, missing
+  images, boxes outside the image (clipped, counted), degenerate boxes, empty targets;
+- then per sample: unreadable or corrupt images (decoded in full, each file once), images whose
+  real size differs from the annotation's ``width``/``height`` (boxes would be wrong), empty
+  training suffixes, and sequences over ``data.max_text_length`` counted with the recipe's own
+  tokenizer through ``PaliGemmaCollator.encode`` (training would truncate their suffix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pg_tune.config.recipe import Recipe
+from pg_tune.data.bad_rows import BadRows
+from pg_tune.data.build import build_samples
+from pg_tune.data.collate import PaliGemmaCollator
+from pg_tune.data.images import load_image
+from pg_tune.data.sample import DataError
+
+REPAIRED = frozenset({"box_clipped"})
+"""Reasons that mark a repaired row (kept), not a bad one."""
+
+
+@dataclass
+class ValidationReport:
+    rows: dict[str, int] = field(default_factory=dict)
+    bad_rows: BadRows = field(default_factory=lambda: BadRows("skip", examples_per_reason=10**9))
+    longest: dict[str, int] = field(default_factory=dict)
+    tokenizer_note: str = ""
+
+    @property
+    def num_bad(self) -> int:
+        return sum(n for reason, n in self.bad_rows.counts.items() if reason not in REPAIRED)
+
+    def render(self, max_text_length: int, policy: str) -> str:
+        lines = [f"{split}: {n} samples" for split, n in self.rows.items()]
+        for split, n in self.longest.items():
+            lines.append(f"{split}: longest text {n} tokens (budget data.max_text_length={max_text_length})")
+        if self.tokenizer_note:
+            lines.append(self.tokenizer_note)
+        lines.append(self.bad_rows.report())
+        if self.num_bad:
+            lines.append(
+                f"{self.num_bad} bad rows; training with data.on_bad_row={policy} would "
+                + ("stop at the first" if policy == "stop" else "skip and count them")
+            )
+        return "\n".join(lines)
+
+
+def validate_recipe(recipe: Recipe, processor=None, tokenizer_note: str = "") -> ValidationReport:
+    """Build both splits under a skip-and-count policy, then check each sample."""
+    report = ValidationReport(tokenizer_note=tokenizer_note)
+    bad = report.bad_rows
+    checked_images: dict[str, str | None] = {}
+    for split in ("train", "eval"):
+        entries = recipe.data.train if split == "train" else recipe.data.eval
+        if not entries:
+            continue
+        try:
+            samples = build_samples(entries, split, bad, seed=recipe.train.seed)
+        except DataError as e:  # a whole file is unusable (missing, not JSON, ...)
+            bad.bad("unreadable_file", str(e))
+            report.rows[split] = 0
+            continue
+        collator = (
+            PaliGemmaCollator(processor, recipe.data.max_text_length, train=split == "train")
+            if processor
+            else None
+        )
+        count = longest = 0
+        for index in range(len(samples)):
+            try:
+                sample = samples[index]
+            except DataError as e:
+                bad.bad("bad_row", str(e))
+                continue
+            count += 1
+            if not _image_ok(sample, checked_images, bad):
+                continue
+            if split == "train" and not sample.suffix.strip():
+                bad.bad("empty_suffix", f"{sample.source}: empty suffix: nothing to learn from this row")
+                continue
+            if collator is not None:
+                try:
+                    row = collator.encode(sample)
+                except DataError as e:
+                    bad.bad("over_length" if "max_text_length" in str(e) else "empty_suffix", str(e))
+                    continue
+                n_text = len(row.input_ids) - collator.num_image_tokens
+                longest = max(longest, n_text)
+                if row.truncated:
+                    prompt = row.token_type_ids.count(0) - collator.num_image_tokens
+                    full = (
+                        prompt
+                        + len(collator.tokenizer(sample.suffix, add_special_tokens=False)["input_ids"])
+                        + 1
+                    )
+                    bad.bad(
+                        "over_length",
+                        f"{sample.source}: {full} text tokens, over data.max_text_length="
+                        f"{recipe.data.max_text_length}: training would cut the suffix",
+                    )
+        report.rows[split] = count
+        if collator is not None:
+            report.longest[split] = longest
+    return report
+
+
+def _image_ok(sample, checked: dict[str, str | None], bad: BadRows) -> bool:
+    """Decode each image file once; compare its size with the annotation's, if any."""
+    image = sample.image
+    key = str(image) if not hasattr(image, "size") else None
+    if key is not None and key in checked:
+        error = checked[key]
+        if error:
+            bad.bad("unreadable_image", f"{sample.source}: {error}")
+        return error is None
+    try:
+        size = load_image(image, sample.source).size
+        error = None
+    except DataError as e:
+        error = str(e).split(": ", 1)[-1] if sample.source else str(e)
+        size = None
+    if key is not None:
+        checked[key] = error
+    if error:
+        bad.bad("unreadable_image", f"{sample.source}: {error}")
+        return False
+    expected = sample.meta.get("image_size") if sample.meta else None
+    if expected is not None and tuple(expected) != tuple(size):
+        bad.bad(
+            "size_mismatch",
+            f"{sample.source}: image is {size[0]}x{size[1]} but the annotation says {expected[0]}x{expected[1]}: "
+            "boxes would land in the wrong place",
+        )
+        return False
+    return True

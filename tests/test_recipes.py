@@ -1,0 +1,42 @@
+"""Every shipped recipe validates (keys, types, formats) without its data files being present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pg_tune.config import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_are_shipped_for_both_generations():
+    names = {f"{p.parent.name}/{p.stem}" for p in RECIPES}
+    for family in ("paligemma", "paligemma2"):
+        for stem in (
+            "cococap_224",
+            "cococap_448",
+            "refcoco_seg_448",
+            "docvqa_448",
+            "docvqa_896",
+            "jsonl_224",
+        ):
+            assert f"{family}/{stem}" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_validates_and_says_how_to_run_it(path):
+    recipe, resolved = load_recipe(path)
+    assert recipe.data.train and resolved["output_dir"]
+    head = path.read_text().splitlines()[:6]
+    assert any(f"pg-tune train recipes/{path.parent.name}/{path.name}" in line for line in head), head
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name.startswith("paligemma")], ids=str)
+def test_qlora_is_an_override_not_a_copy(path):
+    assert "quantization.mode=4bit" in path.read_text()
+    recipe, _ = load_recipe(path, ["quantization.mode=4bit"])
+    assert recipe.quantization.mode == "4bit"
+    res = int(path.stem.rsplit("_", 1)[1])
+    assert recipe.model.name_or_path.endswith(f"-pt-{res}")
