@@ -30,12 +30,18 @@ def test_minimal_recipe_gets_defaults():
         (_with(train={"lr": "fast"}), r"train.lr: expected a number, got 'fast'"),
         (_with(train={"batch_size": 2.5}), r"train.batch_size: expected an integer"),
         (_with(lora={"targets": "everything"}), r"lora.targets: expected one of 'attention'"),
-        (_with(quantization={"mode": "4bit", "bnb_4bit_compute_type": "bfloat16"}),
-         r"unknown key 'quantization.bnb_4bit_compute_type' — did you mean 'bnb_4bit_compute_dtype'\?"),
-        (_with(data={"train": [{"format": "jsonl", "pth": "x.jsonl"}]}),
-         r"unknown key 'data.train\[0\].pth' — did you mean 'path'\?"),
-        (_with(data={"train": [{"format": "jsnol", "path": "x"}]}),
-         r"data.train\[0\].format: unknown dataset format 'jsnol' — did you mean 'jsonl'\?"),
+        (
+            _with(quantization={"mode": "4bit", "bnb_4bit_compute_type": "bfloat16"}),
+            r"unknown key 'quantization.bnb_4bit_compute_type' — did you mean 'bnb_4bit_compute_dtype'\?",
+        ),
+        (
+            _with(data={"train": [{"format": "jsonl", "pth": "x.jsonl"}]}),
+            r"unknown key 'data.train\[0\].pth' — did you mean 'path'\?",
+        ),
+        (
+            _with(data={"train": [{"format": "jsnol", "path": "x"}]}),
+            r"data.train\[0\].format: unknown dataset format 'jsnol' — did you mean 'jsonl'\?",
+        ),
         (_with(data={"train": [{"format": "jsonl"}]}), r"data.train\[0\].path: required key is missing"),
         (_with(data={"train": []}), r"data.train: at least one dataset entry"),
         ({"data": MINIMAL["data"]}, r"output_dir: required key is missing"),
@@ -48,17 +54,25 @@ def test_bad_recipes_fail_naming_the_field(data, message):
 
 def test_overrides_and_file_errors(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         output_dir: runs/x
         data:
           train:
             - format: shapes
-    """))
+    """)
+    )
     recipe, resolved = load_recipe(path, ["train.lr=1e-3", "lora.vision=true", "data.train.0.num_samples=7"])
     assert recipe.train.lr == 1e-3 and recipe.lora.vision is True
     assert recipe.data.train[0].options.num_samples == 7
-    assert resolved["data"]["train"][0] == {"format": "shapes", "weight": 1.0, "num_samples": 7,
-                                           "image_size": 112, "prompt": "caption en", "seed": None}
+    assert resolved["data"]["train"][0] == {
+        "format": "shapes",
+        "weight": 1.0,
+        "num_samples": 7,
+        "image_size": 112,
+        "prompt": "caption en",
+        "seed": None,
+    }
     with pytest.raises(ConfigError, match=r"r.yaml: train.lr: expected a number"):
         load_recipe(path, ["train.lr=abc"])
     with pytest.raises(ConfigError, match="recipe file not found"):

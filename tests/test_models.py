@@ -32,5 +32,7 @@ def test_local_checkpoint_in_hub_layout_loads(tiny_checkpoint):
 
 def test_dtype_defaults():
     assert resolve_dtype("float32") == torch.float32
-    expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    expected = (
+        torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    )
     assert resolve_dtype("auto") == expected

@@ -6,7 +6,7 @@ from PIL import Image
 
 from pg_tune.data import IGNORE_INDEX, DataError, PaliGemmaCollator, Sample
 from pg_tune.models.layout import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, NEWLINE_ID, PAD_ID
-from pg_tune.models.tiny import build_model, build_processor, PRESETS
+from pg_tune.models.tiny import PRESETS, build_model, build_processor
 from pg_tune.train.loss import SuffixLoss
 
 
@@ -130,10 +130,13 @@ def test_loss_is_on_suffix_and_eos_only(tiny_preset):
     model, processor = build_model(tiny_preset)
     batch = PaliGemmaCollator(processor, max_text_length=32)(list(enumerate(ROWS)))
     loss_sum, n_tokens = SuffixLoss(model)(batch)
-    suffix_lengths = [len(processor.tokenizer(r.suffix, add_special_tokens=False)["input_ids"]) + 1 for r in ROWS]
+    suffix_lengths = [
+        len(processor.tokenizer(r.suffix, add_special_tokens=False)["input_ids"]) + 1 for r in ROWS
+    ]
     assert int(n_tokens) == sum(suffix_lengths)
-    reference = model(**{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids",
-                                                 "labels")}).loss
+    reference = model(
+        **{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "labels")}
+    ).loss
     torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-5, atol=1e-5)
     # Changing a prompt token's label would not matter: only suffix positions carry labels.
     assert (batch["labels"][batch["token_type_ids"] == 0] == IGNORE_INDEX).all()

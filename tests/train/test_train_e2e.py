@@ -59,7 +59,9 @@ def test_train_learns_saves_and_reloads(tmp_path, shapes_jsonl, model_name, caps
     recipe, _ = load_recipe(recipe_path)
     base = load_model(recipe.model)
     set_seed(recipe.train.seed)
-    initial = {k: v.detach().clone() for k, v in prepare_model(base, recipe).state_dict().items() if "lora_" in k}
+    initial = {
+        k: v.detach().clone() for k, v in prepare_model(base, recipe).state_dict().items() if "lora_" in k
+    }
     trained = load_file(adapter / "adapter_model.safetensors")
     assert len(trained) == len(initial) > 0
     for key, value in trained.items():
@@ -68,7 +70,7 @@ def test_train_learns_saves_and_reloads(tmp_path, shapes_jsonl, model_name, caps
 
     # Reloading on a fresh base with peft reproduces the trained model's logits.
     reloaded = peft.PeftModel.from_pretrained(load_model(recipe.model), adapter).eval()
-    from pg_tune.models.tiny import build_processor, PRESETS
+    from pg_tune.models.tiny import PRESETS, build_processor
 
     processor = build_processor(PRESETS[model_name])
     from PIL import Image
