@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pg_tune import commands_export
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_validate)
+
+    commands_export.add_export_parser(sub)
+    commands_export.add_push_parser(sub)
     return parser
 
 

@@ -78,13 +78,17 @@ def test_export_parity_and_folder_loads_alone(lora_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_export_bf16_reports_cast_and_refuses_non_empty_out(lora_run, tmp_path):
+    from pg_tune.cli import main
+
     out = tmp_path / "bf16"
-    report = export_merged(lora_run, out, dtype="bf16", num_samples=2)
+    assert main(["export", str(lora_run), "--out", str(out), "--dtype", "bf16", "--samples", "2"]) == 0
+    report = json.loads((out / "export_report.json").read_text())
     assert report["samples"] == 2 and report["cast"]["max_abs_diff"] > report["parity_fp32"]["max_abs_diff"]
     model = PaliGemmaForConditionalGeneration.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     with pytest.raises(ExportError, match="not empty"):
         export_merged(lora_run, out)
+    assert main(["export", str(lora_run), "--out", str(out)]) == 2
 
 
 @pytest.mark.slow
