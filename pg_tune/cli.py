@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pg_tune import commands_export
 from pg_tune.commands_data import add_data_parser
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_validate)
     add_data_parser(sub)
+    commands_export.add_export_parser(sub)
+    commands_export.add_push_parser(sub)
     return parser
 
 

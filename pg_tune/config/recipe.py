@@ -1,7 +1,7 @@
 """The recipe: a YAML file turned into small typed sections, validated before anything loads.
 
 Sections: ``model``, ``lora``, ``quantization``, ``data``, ``train``, ``eval``, ``logging``,
-``output_dir``. Each dataset entry under ``data.train`` / ``data.eval`` names its ``format`` and
+``hub``, ``output_dir``. Each dataset entry under ``data.train`` / ``data.eval`` names its ``format`` and
 carries that format's own keys (see ``data_formats/``).
 """
 
@@ -56,6 +56,8 @@ class QuantizationConfig:
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quantize_vision_tower: bool = False
+    """Also quantize SigLIP (kept in the model dtype by default; see pg_tune/models/quantize.py)."""
 
 
 @dataclass
@@ -131,6 +133,34 @@ class LoggingConfig:
 
 
 @dataclass
+class HubConfig:
+    """Pushing to the Hugging Face Hub from training (``pg-tune push`` does the same by hand).
+
+    The token is never a recipe key: huggingface_hub reads it from ``HF_TOKEN`` or ``hf auth login``.
+    """
+
+    repo_id: str | None = None
+    """``OWNER/NAME``; nothing is pushed while unset."""
+    private: bool = True
+    revision: str | None = None
+    """Branch to push to (created if missing); default ``main``."""
+    push_at_end: bool = True
+    push_checkpoints: bool = False
+    """Also push each ``checkpoints/step-N`` folder as it is written (under ``checkpoints/`` in the repo)."""
+    merged: bool = False
+    """At the end, push merged full-precision weights instead of the adapter."""
+    base_model: str | None = None
+    """Hub id for the model card's ``base_model`` when ``model.name_or_path`` is a local folder."""
+    tags: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    """Hub dataset ids for the model card."""
+
+    def check(self, path: str) -> None:
+        if self.repo_id is not None and (self.repo_id.count("/") != 1 or not all(self.repo_id.split("/"))):
+            raise ConfigError(f"{path}.repo_id: expected OWNER/NAME, got {self.repo_id!r}")
+
+
+@dataclass
 class Recipe:
     output_dir: str
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -140,6 +170,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def check(self, path: str) -> None:
         if not self.data.train:

@@ -85,7 +85,7 @@ def load_model(
         kwargs["quantization_config"] = bnb_config(quantization)
     if model_config.attn_implementation:
         kwargs["attn_implementation"] = model_config.attn_implementation
-    return PaliGemmaForConditionalGeneration.from_pretrained(
+    model = PaliGemmaForConditionalGeneration.from_pretrained(
         model_config.name_or_path,
         revision=model_config.revision,
         dtype=dtype,
@@ -94,6 +94,12 @@ def load_model(
         device_map=device_map,
         **kwargs,
     )
+    if quantization is not None and quantization.mode != "none":
+        from pg_tune.models.quantize import check_quantized
+
+        # bitsandbytes ignores what it does not understand: assert what is really in effect.
+        print(f"quantization: {check_quantized(model, quantization).summary()}")
+    return model
 
 
 def base_model_of(model: torch.nn.Module) -> PaliGemmaForConditionalGeneration:

@@ -1,4 +1,4 @@
-"""Attaching LoRA adapters with peft, from a recipe's ``lora`` section."""
+"""Attaching LoRA adapters with peft, from a recipe's ``lora`` section, after k-bit preparation."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ def apply_lora(model: nn.Module, lora: LoraConfig, base_name: str) -> peft.PeftM
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = peft.get_peft_model(model, config)
+    # autocast_adapter_dtype (peft's default) keeps the trainable LoRA weights in fp32 even on a
+    # bf16 or 4-bit base, so the optimizer never updates low-precision copies.
+    peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=True)
     # Recorded in adapter_config.json so `PeftModel.from_pretrained` users know the base.
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     return peft_model
@@ -32,11 +34,36 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
 
 
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_for_kbit_training(model: nn.Module) -> None:
+    """Freeze every base weight of a bitsandbytes-loaded model.
+
+    peft's ``prepare_model_for_kbit_training`` also casts every non-4-bit weight to fp32: on
+    PaliGemma that is the 257,216-row embedding table and the SigLIP tower, several GB for no
+    gain (they are frozen, their values are bf16 already, and the norms compute in fp32 anyway;
+    see pg_tune/models/quantize.py). So pg_tune freezes only, and enables checkpointing itself.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing, with the embeddings' output requiring grad.
+
+    The reentrant form is slower, and with a frozen base it trains nothing unless the inputs of
+    each checkpointed block require grad; ``enable_input_require_grads`` guarantees that for either.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def prepare_model(model: nn.Module, recipe: Recipe) -> peft.PeftModel:
-    """Everything between loading the base and training it: checkpointing, then adapters."""
+    """Everything between loading the base and training it: k-bit prep, checkpointing, adapters."""
+    if is_quantized(model):
+        prepare_for_kbit_training(model)
     if recipe.train.gradient_checkpointing:
-        # Non-reentrant: the reentrant form is slower and, with a frozen base, trains nothing
-        # unless the inputs require grad.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     return apply_lora(model, recipe.lora, recipe.model.name_or_path)
