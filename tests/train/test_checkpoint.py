@@ -38,7 +38,9 @@ class TwoLayers(torch.nn.Module):
 def _trained(seed: int = 0):
     torch.manual_seed(seed)
     model = TwoLayers()
-    recipe = parse_recipe({"output_dir": "x", "data": {"train": [{"format": "shapes"}]}, "train": {"lr": 0.1}})
+    recipe = parse_recipe(
+        {"output_dir": "x", "data": {"train": [{"format": "shapes"}]}, "train": {"lr": 0.1}}
+    )
     optimizer = build_optimizer(model.parameters(), recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps=10)
     for _ in range(2):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.sample import DataError, Sample
+from pg_tune.data.sample import TASKS, DataError, Sample
 
 
 @dataclass
@@ -85,6 +85,10 @@ def _row_to_sample(
     if not image.is_file():
         ctx.bad_rows.bad("missing_image", f"{where}: image file not found: {image}")
         return None
+    task = row.get("task", options.task)
+    if task not in TASKS:
+        ctx.bad_rows.bad("unknown_task", f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+        return None
     references = row.get("references", [])
     if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
         ctx.bad_rows.bad("wrong_type", f"{where}: field 'references' must be a list of strings")
@@ -94,6 +98,6 @@ def _row_to_sample(
         prefix=row["prefix"],
         suffix=row["suffix"],
         source=where,
-        task=row.get("task", options.task),
+        task=task,
         references=tuple(references),
     )
