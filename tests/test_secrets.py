@@ -63,3 +63,30 @@ def test_planted_tokens_appear_nowhere(tmp_path):
         leaks = [str(p) for p in files if needle in p.read_bytes()]
         assert not leaks, f"secret found in {leaks}"
         assert secret not in proc.stdout and secret not in proc.stderr
+
+
+def test_remote_code_off_and_safetensors_only_by_default(monkeypatch, tmp_path):
+    """A recipe that says nothing about remote code loads without it, and only from safetensors."""
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    from pg_tune.config.recipe import parse_recipe
+    from pg_tune.models import paligemma
+
+    calls = {}
+
+    def capture(name):
+        def fake(*args, **kwargs):
+            calls[name] = kwargs
+            return "loaded"
+
+        return fake
+
+    monkeypatch.setattr(PaliGemmaForConditionalGeneration, "from_pretrained", capture("model"))
+    monkeypatch.setattr(PaliGemmaProcessor, "from_pretrained", capture("processor"))
+    recipe = parse_recipe(
+        {"output_dir": "x", "model": {"name_or_path": str(tmp_path)}, "data": {"train": [{"format": "shapes"}]}}
+    )
+    paligemma.load_model(recipe.model)
+    paligemma.load_processor(recipe.model)
+    assert calls["model"]["trust_remote_code"] is False and calls["model"]["use_safetensors"] is True
+    assert calls["processor"]["trust_remote_code"] is False

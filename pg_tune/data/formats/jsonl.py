@@ -87,7 +87,9 @@ def _row_to_sample(
         return None
     task = row.get("task", options.task)
     if task not in TASKS:
-        ctx.bad_rows.bad("unknown_task", f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+        ctx.bad_rows.bad(
+            "unknown_task", f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}"
+        )
         return None
     references = row.get("references", [])
     if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
