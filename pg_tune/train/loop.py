@@ -329,6 +329,7 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
                         checkpoint_now(epoch, epoch_batches - len(window), {}) if last_saved != step else None
                     )
                     saved = saved or checkpoints_dir / f"step-{step:07d}"
+                    progress.close()
                     raise NonFiniteError(
                         f"{what}; the batch's rows: {', '.join(sources)}. Weights were not updated; the last good "
                         f"state (step {step}) is checkpointed at {saved}. Fix or drop those rows, lower train.lr, "
