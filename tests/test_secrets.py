@@ -84,7 +84,11 @@ def test_remote_code_off_and_safetensors_only_by_default(monkeypatch, tmp_path):
     monkeypatch.setattr(PaliGemmaForConditionalGeneration, "from_pretrained", capture("model"))
     monkeypatch.setattr(PaliGemmaProcessor, "from_pretrained", capture("processor"))
     recipe = parse_recipe(
-        {"output_dir": "x", "model": {"name_or_path": str(tmp_path)}, "data": {"train": [{"format": "shapes"}]}}
+        {
+            "output_dir": "x",
+            "model": {"name_or_path": str(tmp_path)},
+            "data": {"train": [{"format": "shapes"}]},
+        }
     )
     paligemma.load_model(recipe.model)
     paligemma.load_processor(recipe.model)
