@@ -1,6 +1,6 @@
 """The ``pg-tune`` command line (also ``python -m pg_tune``).
 
-pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says
+pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says (--resume auto|PATH continues)
 pg-tune validate RECIPE [key.sub=value ...]  check a recipe without loading anything heavy
 """
 
@@ -26,9 +26,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from pg_tune.train.loop import train
+    from pg_tune.train.resume import ResumeError
+    from pg_tune.train.signals import TrainingStopped
 
     recipe, resolved_recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resolved_recipe)
+    try:
+        result = train(recipe, resolved_recipe, resume=args.resume)
+    except TrainingStopped as e:
+        print(f"pg-tune: {e}", file=sys.stderr)
+        return e.exit_code
+    except ResumeError as e:
+        print(f"pg-tune: error: {e}", file=sys.stderr)
+        return 2
     print(_summary(result))
     return 0
 
@@ -61,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune from a recipe")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|PATH",
+        help="continue from the newest complete checkpoint of output_dir (auto) or from PATH",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe (keys, types, dataset formats)")

@@ -103,6 +103,10 @@ class TrainConfig:
     save_every: int | None = None
     """Write a checkpoint under ``checkpoints/`` every N optimizer steps."""
     keep_last: int = 2
+    """Checkpoints kept besides the best one (see ``eval.best_metric``)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient norm: ``stop`` (checkpoint the last good state, name the batch's
+    rows, exit non-zero) or ``skip`` the optimizer step and count it."""
 
     def check(self, path: str) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_last"):
@@ -122,6 +126,10 @@ class EvalConfig:
     num_beams: int = 1
     limit: int | None = None
     """Evaluate at most this many samples per eval dataset."""
+    best_metric: str | None = None
+    """Eval metric that names the best checkpoint, kept besides the last ``train.keep_last``, e.g.
+    ``caption/exact_match`` (names as printed by evaluation). Evaluated every ``eval.every`` steps."""
+    best_mode: Literal["max", "min"] = "max"
 
 
 @dataclass

@@ -8,6 +8,29 @@ from typing import Literal
 from pg_tune.data.sample import DataError
 
 
+def data_error(reason: str, message: str) -> DataError:
+    """A ``DataError`` tagged with a short reason (``missing_image``, ``corrupt_image``...) for the counts."""
+    error = DataError(message)
+    error.reason = reason
+    return error
+
+
+def reason_of(error: Exception) -> str:
+    """The counting reason of an error raised while reading or collating a row."""
+    reason = getattr(error, "reason", None)
+    if reason:
+        return reason
+    text = str(error)
+    for needle, name in (
+        ("empty suffix", "empty_suffix"),
+        ("max_text_length", "over_length_budget"),
+        ("image", "bad_image"),
+    ):
+        if needle in text:
+            return name
+    return "bad_row"
+
+
 class BadRows:
     """Applies the recipe's ``data.on_bad_row`` policy and keeps counts by reason."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pg_tune.data.sample import DataError
+from pg_tune.data.bad_rows import data_error
 
 # 8192 x 8192: far above any resolution PaliGemma uses (896 px), far below what exhausts memory.
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -20,24 +20,33 @@ def load_image(image: str | Path | Image.Image, source: str = "") -> Image.Image
     where = f"{source}: " if source else ""
     path = Path(image)
     if not path.is_file():
-        raise DataError(f"{where}image file not found: {path}")
+        raise data_error("missing_image", f"{where}image file not found: {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise DataError(
+                    raise data_error(
+                        "image_too_large",
                         f"{where}image {path} is {im.width}x{im.height} pixels, over the "
-                        f"{MAX_IMAGE_PIXELS:,}-pixel bound (a decompression bomb, or far too large to train on)"
+                        f"{MAX_IMAGE_PIXELS:,}-pixel bound (a decompression bomb, or far too large to train on)",
                     )
                 im.load()
                 return im.convert("RGB")
-    except DataError:
-        raise
+    except ValueError as e:
+        if getattr(e, "reason", None):
+            raise
+        raise data_error(
+            "corrupt_image", f"{where}cannot read image {path} (corrupt or truncated?): {e}"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{where}image {path} refused as a decompression bomb: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{where}cannot read image {path} (corrupt or truncated?): {e}") from None
+        raise data_error(
+            "image_too_large", f"{where}image {path} refused as a decompression bomb: {e}"
+        ) from None
+    except (OSError, SyntaxError) as e:
+        raise data_error(
+            "corrupt_image", f"{where}cannot read image {path} (corrupt or truncated?): {e}"
+        ) from None
 
 
 def image_size(image: str | Path | Image.Image, source: str = "") -> tuple[int, int]:
@@ -46,9 +55,11 @@ def image_size(image: str | Path | Image.Image, source: str = "") -> tuple[int, 
         return image.size
     path = Path(image)
     if not path.is_file():
-        raise DataError(f"{source + ': ' if source else ''}image file not found: {path}")
+        raise data_error("missing_image", f"{source + ': ' if source else ''}image file not found: {path}")
     try:
         with Image.open(path) as im:
             return im.size
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{source + ': ' if source else ''}cannot read image {path}: {e}") from None
+        raise data_error(
+            "corrupt_image", f"{source + ': ' if source else ''}cannot read image {path}: {e}"
+        ) from None

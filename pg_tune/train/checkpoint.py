@@ -1,8 +1,21 @@
 """Checkpoints under ``<output_dir>/checkpoints/step-NNNNNNN/``, written atomically.
 
-A checkpoint is first written to a temporary sibling folder, every file fsynced, then renamed into
-place, so a crash mid-write leaves the previous checkpoint intact and never a half-written one
-with a final name. Only trainable weights are stored (the adapter), not the frozen base.
+A checkpoint is first written to a temporary sibling folder (``.tmp-step-...``), every file
+fsynced, the ``complete.json`` marker written last, then the folder is renamed into place and the
+parent fsynced. A crash mid-write leaves the previous checkpoint intact and at worst a ``.tmp-``
+folder (or a folder without the marker) that ``list_checkpoints`` ignores and the next save removes.
+
+Files in a checkpoint::
+
+    trainable.safetensors   the trainable weights only (LoRA adapter + modules_to_save), not the base
+    optim.pt                optimizer, scheduler and gradient-scaler state dicts (plain tensors and
+                            numbers: read back with ``torch.load(weights_only=True)``)
+    rng.pt                  RNG states of every rank: python, numpy, torch, cuda (tensors and lists)
+    state.json              step, epoch, position in the epoch, counters, tracker run id, eval metrics
+    fingerprint.json        what must match to resume (model, LoRA, quantization, trainable shapes)
+    complete.json           written last; a folder without it is not a checkpoint
+
+Pruning keeps the newest ``keep_last`` plus the best one by the recipe's ``eval.best_metric``.
 """
 
 from __future__ import annotations
@@ -10,26 +23,44 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
 COMPLETE_MARKER = "complete.json"
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with file.open("rb") as f:
-                os.fsync(f.fileno())
+@dataclass(frozen=True)
+class BestPolicy:
+    """Which eval metric names the best checkpoint, and whether higher or lower is better."""
+
+    metric: str
+    mode: Literal["max", "min"] = "max"
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            _fsync_file(file)
+    _fsync_dir(path)
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -44,35 +75,135 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int,
+    *,
+    scaler: Any = None,
+    rng_states: list[dict[str, Any]] | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    best: BestPolicy | None = None,
+    before_rename: Any = None,
 ) -> Path:
-    """Write one checkpoint atomically and prune all but the newest ``keep_last``."""
+    """Write one checkpoint atomically, then prune all but the newest ``keep_last`` and the best.
+
+    ``before_rename`` is a test hook called with the temporary folder once every file is written.
+    """
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
+    tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(trainable_state_dict(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    optim_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        optim_state["scaler"] = scaler.state_dict()
+    torch.save(optim_state, tmp / "optim.pt")
+    if rng_states is not None:
+        torch.save(rng_states, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True))
+    if fingerprint is not None:
+        (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    _fsync_tree(tmp)
     (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
     _fsync_tree(tmp)
+    if before_rename is not None:
+        before_rename(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_tree(checkpoints_dir)
-    for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(checkpoints_dir)
+    prune_checkpoints(checkpoints_dir, keep_last, best)
     return final
 
 
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def best_checkpoint(checkpoints_dir: Path, best: BestPolicy) -> Path | None:
+    """The complete checkpoint whose recorded eval metric ``best.metric`` is best, if any has one."""
+    scored = []
+    for ckpt in list_checkpoints(checkpoints_dir):
+        value = read_state(ckpt).get("eval_metrics", {}).get(best.metric)
+        if isinstance(value, (int, float)):
+            scored.append((value, ckpt))
+    if not scored:
+        return None
+    pick = max if best.mode == "max" else min
+    # Ties go to the earliest checkpoint: a later one must improve to replace it.
+    return pick(reversed(scored), key=lambda pair: pair[0])[1]
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int, best: BestPolicy | None = None) -> None:
+    """Remove stale temporary folders and all complete checkpoints but the last ``keep_last`` + best."""
+    for stale in checkpoints_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    keep = set(list_checkpoints(checkpoints_dir)[-keep_last:])
+    if best is not None and (b := best_checkpoint(checkpoints_dir, best)) is not None:
+        keep.add(b)
+    for ckpt in list_checkpoints(checkpoints_dir):
+        if ckpt not in keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; partial (temporary) folders are ignored."""
+    """Complete checkpoints, oldest first; partial (temporary or unmarked) folders are ignored."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [
-        p
-        for p in checkpoints_dir.iterdir()
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).is_file()
-    ]
+    found = []
+    for p in checkpoints_dir.iterdir():
+        suffix = p.name[len(CHECKPOINT_PREFIX) :]
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
+            if (p / COMPLETE_MARKER).is_file():
+                found.append(p)
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    state: dict[str, Any]
+    rng_states: list[dict[str, Any]] | None
+    fingerprint: dict[str, Any] | None
+
+
+def load_checkpoint(
+    checkpoint: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+) -> LoadedCheckpoint:
+    """Load weights and optimizer/scheduler/scaler state in place; nothing is unpickled.
+
+    Weights come from safetensors; ``optim.pt`` and ``rng.pt`` are read with
+    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers.
+    """
+    if not (checkpoint / COMPLETE_MARKER).is_file():
+        raise ValueError(
+            f"{checkpoint}: not a complete checkpoint (no {COMPLETE_MARKER}); it was never finished"
+        )
+    weights = load_file(checkpoint / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
+    unexpected = sorted(n for n in weights if n not in params)
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint}: trainable weights do not match this model "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    optim_state = torch.load(checkpoint / "optim.pt", map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(optim_state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(optim_state["scheduler"])
+    if scaler is not None and "scaler" in optim_state:
+        scaler.load_state_dict(optim_state["scaler"])
+    rng_path = checkpoint / "rng.pt"
+    rng_states = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+    fp_path = checkpoint / "fingerprint.json"
+    fingerprint = json.loads(fp_path.read_text()) if fp_path.is_file() else None
+    return LoadedCheckpoint(checkpoint, read_state(checkpoint), rng_states, fingerprint)

@@ -35,7 +35,7 @@ from pg_tune.codecs import encode_box
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats._common import check_box, coco_segmentation_to_mask, mask_box, mask_codec
 from pg_tune.data.images import image_size, load_image
-from pg_tune.data.sample import DataError, Sample
+from pg_tune.data.sample import TASKS, DataError, Sample
 
 
 @dataclass
@@ -103,6 +103,12 @@ def _row_to_sample(
     if not image.is_file():
         ctx.bad_rows.bad("missing_image", f"{where}: image file not found: {image}")
         return None
+    task = row.get("task", options.task)
+    if task not in TASKS:
+        ctx.bad_rows.bad(
+            "unknown_task", f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}"
+        )
+        return None
     references = row.get("references", [])
     if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
         ctx.bad_rows.bad("wrong_type", f"{where}: field 'references' must be a list of strings")
@@ -112,7 +118,7 @@ def _row_to_sample(
         prefix=row["prefix"],
         suffix=row["suffix"],
         source=where,
-        task=row.get("task", options.task),
+        task=task,
         references=tuple(references),
     )
 

@@ -1,0 +1,164 @@
+"""Exact resume after a real crash, clean stop on SIGTERM, non-finite loss handling.
+
+The crash is real: ``PG_TUNE_FAULT_KILL_AFTER_CHECKPOINT=N`` makes the training process SIGKILL
+itself right after step N's checkpoint is on disk (no clean-up, no atexit). The run is resumed with
+``--resume auto`` and compared with an uninterrupted run of the same recipe: same adapter weights
+bit for bit, same ``metrics.jsonl`` values (all but the wall-clock ``samples_per_s``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pg_tune.config.recipe import load_recipe
+from pg_tune.train.signals import KILL_AFTER_CHECKPOINT_ENV, NonFiniteError
+
+REPO = Path(__file__).resolve().parents[2]
+
+# 6 shapes, batch 2 -> 3 batches an epoch; 7 steps cross two epoch boundaries. LoRA dropout > 0
+# makes the result depend on the torch RNG state, which the resume must restore too.
+RECIPE = {
+    "model": {"name_or_path": "tiny-paligemma2"},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targets": "attention"},
+    "data": {"train": [{"format": "shapes", "num_samples": 6, "image_size": 32}], "max_text_length": 16},
+    "train": {"max_steps": 7, "batch_size": 2, "lr": 1e-3, "log_every": 1, "save_every": 2, "keep_last": 2},
+    "eval": {"before_training": False},
+}
+
+
+def _write_recipe(tmp_path, name: str, **sections) -> str:
+    data = json.loads(json.dumps(RECIPE))
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    data["output_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _pg_tune(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pg_tune", "train", *args],
+        # This checkout's pg_tune, whatever the installed (editable) one points at.
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            **(env or {}),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _records(path) -> list[dict]:
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+        for line in path.read_text().splitlines()
+    ]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    full_recipe = _write_recipe(tmp_path, "full")
+    crash_recipe = _write_recipe(tmp_path, "crash")
+    full = _pg_tune(full_recipe)
+    crashed = _pg_tune(crash_recipe, env={KILL_AFTER_CHECKPOINT_ENV: "4"})  # step 4 = mid second epoch
+    crash_out, _ = crashed.communicate(timeout=300)
+    assert crashed.returncode == -signal.SIGKILL, crash_out
+    run = tmp_path / "crash"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert not (run / "adapter").exists()
+    assert [r["step"] for r in _records(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+    resumed = _pg_tune(crash_recipe, "--resume", "auto")
+    resumed_out, _ = resumed.communicate(timeout=300)
+    full_out, _ = full.communicate(timeout=300)
+    assert resumed.returncode == 0, resumed_out
+    assert full.returncode == 0, full_out
+    assert "resuming from" in resumed_out and "step-0000004" in resumed_out
+
+    expected = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name  # bitwise: same ops, same order, same RNG
+    assert _records(run / "metrics.jsonl") == _records(tmp_path / "full" / "metrics.jsonl")
+    assert [r["epoch"] for r in _records(run / "metrics.jsonl")] == [0, 0, 0, 1, 1, 1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_step_checkpoints_and_exits_nonzero(tmp_path):
+    recipe = _write_recipe(tmp_path, "term", train={"save_every": None, "max_steps": 50})
+    proc = _pg_tune(recipe)
+    log = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (log.is_file() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "received SIGTERM" in out and "stopped by SIGTERM after step" in out and "--resume auto" in out
+    checkpoints = list((tmp_path / "term" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "complete.json").is_file()
+    step = json.loads((checkpoints[0] / "state.json").read_text())["step"]
+    assert 1 <= step < 50
+    assert max(r["step"] for r in _records(log)) == step
+
+
+def _poison_loss(monkeypatch, bad_calls: set[int]):
+    """Make the loss NaN on the given forward calls (1-based), as a blown-up batch would."""
+    from pg_tune.train import loss as loss_module
+
+    original = loss_module.SuffixLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, batch):
+        calls["n"] += 1
+        total, count = original(self, batch)
+        return (total * float("nan") if calls["n"] in bad_calls else total), count
+
+    monkeypatch.setattr(loss_module.SuffixLoss, "forward", forward)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_rows_and_checkpoint(tmp_path, monkeypatch):
+    from pg_tune.train.loop import train
+
+    recipe, resolved = load_recipe(_write_recipe(tmp_path, "nan", train={"max_steps": 3, "save_every": None}))
+    _poison_loss(monkeypatch, {2})
+    with pytest.raises(NonFiniteError) as err:
+        train(recipe, resolved)
+    message = str(err.value)
+    assert "non-finite loss nan" in message and "at step 2" in message
+    assert "shapes(seed=0)[" in message  # the batch's Sample.source values
+    assert "step-0000001" in message
+    state = json.loads((tmp_path / "nan" / "checkpoints" / "step-0000001" / "state.json").read_text())
+    assert state["step"] == 1
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skipped_and_counted(tmp_path, monkeypatch):
+    from pg_tune.train.loop import train
+
+    recipe, resolved = load_recipe(
+        _write_recipe(tmp_path, "nanskip", train={"max_steps": 2, "save_every": None, "on_nonfinite": "skip"})
+    )
+    _poison_loss(monkeypatch, {2})
+    result = train(recipe, resolved)
+    assert result.steps == 2
+    summary = json.loads((tmp_path / "nanskip" / "summary.json").read_text())
+    assert summary["nonfinite_skipped"] == 1
+    records = _records(tmp_path / "nanskip" / "metrics.jsonl")
+    assert {"step": 2, "epoch": 0, "nonfinite_skipped": 1} in records
