@@ -8,7 +8,9 @@ import pytest
 
 from pg_tune.config import load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "accelerate")
+LAUNCH_CONFIGS = sorted((ROOT / "accelerate").glob("*.yaml"))
 
 
 def test_recipes_are_shipped_for_both_generations():
@@ -40,3 +42,13 @@ def test_qlora_is_an_override_not_a_copy(path):
     assert recipe.quantization.mode == "4bit"
     res = int(path.stem.rsplit("_", 1)[1])
     assert recipe.model.name_or_path.endswith(f"-pt-{res}")
+
+
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_launch_configs_load(path):
+    """The launch configs are accelerate's own format: its loader must accept every key."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.num_processes >= 2
+    assert "accelerate launch --config_file recipes/accelerate/" + path.name in path.read_text()
