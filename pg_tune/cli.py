@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pg_tune.commands_eval import add_eval_parser, add_predict_parser
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_validate)
+    add_eval_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 

@@ -92,7 +92,7 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
     return float(any(_normalise(prediction) == _normalise(r) for r in references))
 
 
-def _detections_json(detections: Sequence[Detection]) -> list[dict[str, Any]]:
+def detections_json(detections: Sequence[Detection]) -> list[dict[str, Any]]:
     return [
         {
             "label": d.label,
@@ -169,8 +169,8 @@ def _score_referring(task: str, group: list[tuple[int, Item]], out: Scored, mask
         gt = _reference_objects(item, i)[0]
         predicted = parse_detections(item.prediction, size)
         record = out.records[i]
-        record["parsed"] = _detections_json(predicted)
-        record["reference_parsed"] = _detections_json([gt])
+        record["parsed"] = detections_json(predicted)
+        record["reference_parsed"] = detections_json([gt])
         iou = box_iou(predicted[0].box, gt.box) if predicted else 0.0
         ious.append(iou)
         record["box_iou"] = iou
@@ -229,8 +229,8 @@ def _score_detect(group: list[tuple[int, Item]], out: Scored) -> None:
         predicted = parse_detections(item.prediction, size)
         unparsed += bool(item.prediction.strip()) and not predicted
         record = out.records[i]
-        record["parsed"] = _detections_json(predicted)
-        record["reference_parsed"] = _detections_json(truth)
+        record["parsed"] = detections_json(predicted)
+        record["reference_parsed"] = detections_json(truth)
         record["score"] = _f1_at_half(predicted, truth)
         preds.append([(d.label, d.box, None) for d in predicted])
         truths.append([(d.label, d.box) for d in truth])
