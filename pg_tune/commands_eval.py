@@ -21,10 +21,12 @@ from pg_tune.data.sample import DataError
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    from pg_tune.evaluate.report import COUNT_SUFFIXES
+
     print(title)
     for name, value in metrics.items():
-        print(f"  {name + ':':<28} {value:.4f}" if not name.endswith(("/count", "/unparsed", "/empty"))
-              else f"  {name + ':':<28} {int(value)}")  # fmt: skip
+        shown = str(int(value)) if name.endswith(COUNT_SUFFIXES) else f"{value:.4f}"
+        print(f"  {name + ':':<28} {shown}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

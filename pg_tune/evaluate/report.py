@@ -36,7 +36,13 @@ table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
-def _fmt(value: Any) -> str:
+COUNT_SUFFIXES = ("/count", "/unparsed", "/empty")
+"""Metrics that count samples: shown as integers."""
+
+
+def _fmt(name: str, value: Any) -> str:
+    if isinstance(value, float) and name.endswith(COUNT_SUFFIXES):
+        return str(int(value))
     return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
 
 
@@ -161,7 +167,7 @@ def write_report(
     ]
     for name, metrics in metrics_by_dataset.items():
         rows = "".join(
-            f'<tr><td>{html.escape(k)}</td><td class="num">{_fmt(v)}</td></tr>' for k, v in metrics.items()
+            f'<tr><td>{html.escape(k)}</td><td class="num">{_fmt(k, v)}</td></tr>' for k, v in metrics.items()
         )
         parts.append(
             f"<h2>{html.escape(name)}</h2><table class='metrics'><tr><th>metric</th><th>value</th></tr>{rows}</table>"
