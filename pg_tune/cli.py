@@ -11,6 +11,7 @@ import sys
 
 from pg_tune import commands_export
 from pg_tune.commands_data import add_data_parser
+from pg_tune.commands_eval import add_eval_parser, add_predict_parser
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
 
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     commands_export.add_export_parser(sub)
     commands_export.add_push_parser(sub)
+    add_eval_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 

@@ -123,6 +123,8 @@ class EvalConfig:
     before_training: bool = True
     batch_size: int = 8
     max_new_tokens: int = 32
+    max_new_tokens_per_task: dict[str, int] = field(default_factory=dict)
+    """Budgets per task overriding ``max_new_tokens``, e.g. ``{detect: 128, refer_segment: 24}``."""
     num_beams: int = 1
     limit: int | None = None
     """Evaluate at most this many samples per eval dataset."""
@@ -130,6 +132,9 @@ class EvalConfig:
     """Eval metric that names the best checkpoint, kept besides the last ``train.keep_last``, e.g.
     ``caption/exact_match`` (names as printed by evaluation). Evaluated every ``eval.every`` steps."""
     best_mode: Literal["max", "min"] = "max"
+    vae_path: str | None = None
+    """big_vision's ``vae-oid.npz`` (mask VQ-VAE), needed to score ``refer_segment`` by mask mIoU;
+    without it (and no copy in the cache) those tasks are scored by their boxes only."""
 
 
 @dataclass

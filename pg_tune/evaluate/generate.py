@@ -1,13 +1,17 @@
 """Batched generation with PaliGemma's bidirectional prefix.
 
-Prompts are left-padded so they all end where decoding starts, and ``token_type_ids`` (all 0 on
-the prompt) are passed so the prefill attends over image + prompt both ways, exactly as in
-training. Works with a peft model, a merged model or a base checkpoint.
+Prompts are left-padded so they all end where decoding starts, and ``token_type_ids`` (0 on the
+prompt) are passed so the prefill attends over image + prompt both ways, exactly as in training;
+transformers' PaliGemma turns them into the prefix-LM mask on the first step and marks every
+generated token as suffix (1). ``tests/evaluate/test_generate.py`` pins both facts: the prefill
+logits equal the training-mode logits at the prompt's last token, and a left-padded batch decodes
+exactly like the same samples one by one. Works with a peft model, a merged model or a base
+checkpoint: anything with PaliGemma's ``generate``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +19,36 @@ from tqdm.auto import tqdm
 from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.sample import Sample
 from pg_tune.models.layout import EOS_ID
+
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+
+
+def max_new_tokens_for(task: str, default: int, per_task: Mapping[str, int] | None = None) -> int:
+    """The decoding budget of one task: ``per_task[task]`` when the recipe sets it, else ``default``.
+
+    Tasks need very different budgets: a VQA answer is a few tokens, a referring-segmentation answer
+    is exactly 20 (4 loc + 16 seg), a detection answer grows by 5+ tokens per object.
+    """
+    if per_task and task in per_task:
+        return int(per_task[task])
+    return int(default)
+
+
+def batch_inputs(
+    collator: PaliGemmaCollator, samples: Sequence[Sample], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Left-padded generation inputs for ``samples``, on ``device``, pixels in the model's dtype."""
+    batch = collator(list(enumerate(samples)))
+    inputs = {k: batch[k].to(device) for k in _INPUT_KEYS}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 @torch.no_grad()
@@ -25,36 +59,47 @@ def generate(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    max_new_tokens_per_task: Mapping[str, int] | None = None,
     num_beams: int = 1,
     max_text_length: int = 512,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy (or beam) decoding of every sample's prefix; returns the decoded suffixes."""
+    """Greedy (``num_beams=1``) or beam decoding of every sample's prefix; returns the decoded suffixes.
+
+    Samples are batched per task (each task has its own ``max_new_tokens``); the result keeps the
+    input order. Decoding stops at ``<eos>``; ``<loc>``/``<seg>`` tokens are kept in the text (they
+    are not special tokens), other special tokens are dropped.
+    """
     collator = PaliGemmaCollator(processor, max_text_length, train=False)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    texts: list[str] = []
-    starts = range(0, len(samples), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
-        chunk = samples[start : start + batch_size]
-        batch = collator(list(enumerate(chunk)))
-        inputs = {
-            k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
-        }
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=num_beams,
-            eos_token_id=EOS_ID,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
-        for row in out[:, batch["input_ids"].shape[1] :].tolist():
-            if EOS_ID in row:
-                row = row[: row.index(EOS_ID)]
-            texts.append(processor.tokenizer.decode(row, skip_special_tokens=True))
-    if was_training:
-        model.train()
-    return texts
+    dtype = _model_dtype(model)
+    by_task: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_task.setdefault(sample.task, []).append(i)
+    chunks = [
+        (task, indices[start : start + batch_size])
+        for task, indices in by_task.items()
+        for start in range(0, len(indices), batch_size)
+    ]
+    texts: list[str | None] = [None] * len(samples)
+    try:
+        for task, chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
+            inputs = batch_inputs(collator, [samples[i] for i in chunk], device, dtype)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens_for(task, max_new_tokens, max_new_tokens_per_task),
+                do_sample=False,
+                num_beams=num_beams,
+                eos_token_id=EOS_ID,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
+            for i, row in zip(chunk, out[:, inputs["input_ids"].shape[1] :].tolist(), strict=True):
+                if EOS_ID in row:
+                    row = row[: row.index(EOS_ID)]
+                texts[i] = processor.tokenizer.decode(row, skip_special_tokens=True)
+    finally:
+        if was_training:
+            model.train()
+    return [t if t is not None else "" for t in texts]

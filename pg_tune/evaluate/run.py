@@ -1,15 +1,64 @@
-"""Evaluating a model on samples: generate on each rank's shard, gather, score once."""
+"""Evaluating a model: load it (adapter, merged model or base), generate, score, write the outputs.
+
+During training the loop calls ``evaluate_samples`` (each rank generates its shard, the texts are
+gathered, every rank scores the same list). ``pg-tune eval`` calls ``evaluate_recipe``, which scores
+every eval dataset of a recipe and writes ``metrics.json``, ``predictions.jsonl`` and an HTML report.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import torch
+import yaml
 from accelerate import Accelerator
 
-from pg_tune.config.recipe import Recipe
+from pg_tune.config.recipe import ModelConfig, Recipe, parse_recipe
 from pg_tune.data.sample import Sample
 from pg_tune.evaluate.generate import generate
-from pg_tune.evaluate.scoring import score
+from pg_tune.evaluate.scoring import Scored, load_mask_codec, score_samples
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_mask_codec(vae_path: str | None) -> Any | None:
+    return load_mask_codec(vae_path)
+
+
+def predict_texts(
+    model: torch.nn.Module,
+    processor,
+    samples: Sequence[Sample],
+    recipe: Recipe,
+    accelerator: Accelerator | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Generated text for every sample, in order; with an accelerator each rank decodes its shard."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    shard = list(range(rank, len(samples), world))
+    texts = generate(
+        model,
+        processor,
+        [samples[i] for i in shard],
+        batch_size=recipe.eval.batch_size,
+        max_new_tokens=recipe.eval.max_new_tokens,
+        max_new_tokens_per_task=recipe.eval.max_new_tokens_per_task,
+        num_beams=recipe.eval.num_beams,
+        max_text_length=recipe.data.max_text_length,
+        progress=progress,
+    )
+    pairs = list(zip(shard, texts, strict=True))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(pairs)
+    predictions = dict(pairs)  # keyed by sample index: no duplicates, whatever the sharding
+    return [predictions[i] for i in range(len(samples))]
 
 
 def evaluate_samples(
@@ -20,22 +69,175 @@ def evaluate_samples(
         samples = samples[: recipe.eval.limit]
     if not samples:
         return {}
-    rank, world = accelerator.process_index, accelerator.num_processes
-    shard = list(range(rank, len(samples), world))
-    texts = generate(
-        model,
-        processor,
-        [samples[i] for i in shard],
-        batch_size=recipe.eval.batch_size,
-        max_new_tokens=recipe.eval.max_new_tokens,
-        num_beams=recipe.eval.num_beams,
-        max_text_length=recipe.data.max_text_length,
-        progress=accelerator.is_local_main_process,
-    )
-    pairs = list(zip(shard, texts, strict=True))
-    if world > 1:
-        from accelerate.utils import gather_object
+    texts = predict_texts(model, processor, samples, recipe, accelerator, accelerator.is_local_main_process)
+    return score_samples(samples, texts, _cached_mask_codec(recipe.eval.vae_path)).metrics
 
-        pairs = gather_object(pairs)
-    predictions = dict(pairs)  # keyed by sample index: no duplicates, whatever the sharding
-    return score(samples, [predictions[i] for i in range(len(samples))])
+
+# --- loading a model to evaluate ---------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: Any
+    kind: str
+    """``adapter`` (base + peft adapter), ``merged`` (a full checkpoint dir) or ``base``."""
+    description: str
+    recipe: Recipe | None = None
+    """The recipe saved beside an adapter, if any."""
+
+
+def _adapter_recipe(adapter_dir: Path) -> Recipe | None:
+    path = adapter_dir / "recipe.yaml"
+    if not path.is_file():
+        return None
+    return parse_recipe(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+
+
+def load_for_eval(
+    model_ref: str | None, recipe: Recipe | None = None, device: str | None = None
+) -> LoadedModel:
+    """Load what ``--model`` names, ready for generation (eval mode, on ``device``).
+
+    - a folder with ``adapter_config.json``: a peft adapter; its base is ``model`` of the
+      ``recipe.yaml`` saved beside it (else of ``recipe``, else the adapter config's base), loaded
+      with ``load_model`` and wrapped with ``peft.PeftModel.from_pretrained``; the processor comes from
+      the adapter folder when saved there;
+    - a folder with ``config.json`` (a merged model or a base checkpoint), a hub id or a tiny preset
+      name: loaded as is with the recipe's dtype;
+    - None: the recipe's own ``model``.
+    """
+    from pg_tune.models.paligemma import load_model, load_processor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_config = recipe.model if recipe is not None else ModelConfig()
+    saved_recipe = None
+    if model_ref is None:
+        if recipe is None:
+            raise ValueError("nothing to evaluate: give a recipe or --model")
+        model, processor = load_model(model_config), load_processor(model_config)
+        kind, description = "base", f"base model {model_config.name_or_path}"
+    elif (Path(model_ref) / "adapter_config.json").is_file():
+        import peft
+
+        adapter_dir = Path(model_ref)
+        saved_recipe = _adapter_recipe(adapter_dir)
+        if saved_recipe is not None:
+            base_config = saved_recipe.model
+        elif recipe is not None:
+            base_config = recipe.model
+        else:
+            adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+            base_config = ModelConfig(name_or_path=adapter_config["base_model_name_or_path"])
+        base = load_model(base_config)
+        model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+        has_processor = (adapter_dir / "tokenizer_config.json").is_file()
+        processor = load_processor(ModelConfig(name_or_path=str(adapter_dir))) if has_processor else None
+        processor = processor or load_processor(base_config)
+        kind, description = "adapter", f"adapter {adapter_dir} on base {base_config.name_or_path}"
+    else:
+        ref_config = ModelConfig(
+            name_or_path=model_ref,
+            dtype=model_config.dtype,
+            attn_implementation=model_config.attn_implementation,
+        )
+        model, processor = load_model(ref_config), load_processor(ref_config)
+        kind = "merged" if (Path(model_ref) / "config.json").is_file() else "base"
+        description = f"{kind} model {model_ref}"
+    model.to(device).eval()
+    return LoadedModel(model, processor, kind, description, saved_recipe)
+
+
+# --- pg-tune eval ------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, float]
+    """Over all eval samples together, exactly as the training loop computes them."""
+    per_dataset: dict[str, dict[str, float]]
+    out_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def dataset_name(index: int, entry) -> str:
+    options = entry.options
+    detail = getattr(options, "path", None) or getattr(options, "name", None) or ""
+    return f"eval[{index}] {entry.format}" + (f" {Path(str(detail)).name}" if detail else "")
+
+
+def evaluate_recipe(
+    recipe: Recipe,
+    model_ref: str | None,
+    out_dir: str | Path,
+    vae_path: str | None = None,
+    report_limit: int = 200,
+    progress: bool = True,
+) -> EvalOutcome:
+    """Evaluate every ``data.eval`` dataset of ``recipe`` and write the outputs into ``out_dir``.
+
+    ``metrics.json``: ``{"model", "metrics" (all samples), "datasets" {name: metrics}, "notes"}``;
+    ``predictions.jsonl``: one record per sample (``data_formats/predictions.md``);
+    ``report/index.html``: summary and gallery, worst samples first.
+    """
+    from pg_tune.data.bad_rows import BadRows
+    from pg_tune.data.build import build_samples
+    from pg_tune.evaluate.predictions import write_predictions
+    from pg_tune.evaluate.report import write_report
+
+    if not recipe.data.eval:
+        raise ValueError("data.eval: the recipe names no eval dataset to evaluate")
+    started = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bad_rows = BadRows(recipe.data.on_bad_row)
+    datasets: list[tuple[str, list[Sample]]] = []
+    for index, entry in enumerate(recipe.data.eval):
+        samples = build_samples([entry], "eval", bad_rows, seed=recipe.train.seed)
+        if recipe.eval.limit is not None:
+            samples = samples[: recipe.eval.limit]
+        datasets.append((dataset_name(index, entry), samples))
+    loaded = load_for_eval(model_ref, recipe)
+    mask_codec = _cached_mask_codec(vae_path or recipe.eval.vae_path)
+
+    all_samples: list[Sample] = []
+    all_texts: list[str] = []
+    dataset_of: list[str] = []
+    per_dataset: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
+    for name, samples in datasets:
+        if not samples:
+            notes.append(f"{name}: no samples")
+            continue
+        texts = predict_texts(loaded.model, loaded.processor, samples, recipe, progress=progress)
+        scored = score_samples(samples, texts, mask_codec)
+        per_dataset[name] = scored.metrics
+        notes += [f"{name}: {n}" for n in scored.notes]
+        all_samples += samples
+        all_texts += texts
+        dataset_of += [name] * len(samples)
+    overall: Scored = score_samples(all_samples, all_texts, mask_codec)
+    for record, name in zip(overall.records, dataset_of, strict=True):
+        record["dataset"] = name
+    summary = {
+        "model": loaded.description,
+        "metrics": overall.metrics,
+        "datasets": per_dataset,
+        "notes": notes,
+        "num_samples": len(all_samples),
+        "bad_rows": bad_rows.report(),
+        "seconds": round(time.time() - started, 1),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_predictions(out_dir / "predictions.jsonl", overall.records)
+    write_report(
+        out_dir / "report",
+        title=f"pg_tune evaluation: {loaded.description}",
+        metrics_by_dataset=per_dataset,
+        records=overall.records,
+        images=[s.image for s in all_samples],
+        notes=notes,
+        mask_codec=mask_codec,
+        limit=report_limit,
+    )
+    return EvalOutcome(overall.metrics, per_dataset, out_dir, notes)

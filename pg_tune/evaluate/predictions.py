@@ -1,0 +1,100 @@
+"""``predictions.jsonl``: one scored sample a line, written by ``pg-tune eval``, re-scored without a model.
+
+The format is specified in ``data_formats/predictions.md``. Reading validates every line and names
+the file, line and field of anything wrong; only ``task``, ``prediction``, ``references`` (and
+``image_size`` for box and mask tasks) are needed to recompute the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pg_tune.data.sample import TASKS, DataError
+from pg_tune.evaluate.scoring import BOX_TASKS, Item, Scored, score_items
+
+_SCORING_KEYS = ("task", "prediction", "references", "image_size")
+
+
+def write_predictions(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write records (from ``score_items``) as JSON lines, UTF-8, keys in a stable order."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def _item(row: Any, where: str) -> Item:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("task", "prediction", "references"):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r}")
+    task, prediction, references = row["task"], row["prediction"], row["references"]
+    if task not in TASKS:
+        raise DataError(f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+    if not isinstance(prediction, str):
+        raise DataError(f"{where}: field 'prediction' must be a string, got {prediction!r}")
+    if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+        raise DataError(
+            f"{where}: field 'references' must be a non-empty list of strings, got {references!r}"
+        )
+    size = row.get("image_size")
+    if size is not None:
+        if (
+            not isinstance(size, list)
+            or len(size) != 2
+            or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in size
+            )
+        ):
+            raise DataError(f"{where}: field 'image_size' must be [width, height] in pixels, got {size!r}")
+        size = (int(size[0]), int(size[1]))
+    elif task in BOX_TASKS:
+        raise DataError(f"{where}: field 'image_size' [width, height] is required for task {task!r}")
+    extra = {
+        k: v
+        for k, v in row.items()
+        if k not in _SCORING_KEYS + ("parsed", "score", "reference_parsed", "box_iou")
+    }
+    extra.setdefault("source", where)
+    return Item(task, prediction, references, size, extra=extra)
+
+
+def read_predictions(path: str | Path) -> list[Item]:
+    """Every line of a predictions file as a scoring ``Item``; raises ``DataError`` naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: predictions file not found")
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            items.append(_item(row, where))
+    if not items:
+        raise DataError(f"{path}: no predictions in the file")
+    return items
+
+
+def rescore(path: str | Path, mask_codec: Any | None = None) -> tuple[Scored, dict[str, dict[str, float]]]:
+    """Metrics of a saved predictions file: over all lines, and per ``dataset`` when lines name one."""
+    items = read_predictions(path)
+    overall = score_items(items, mask_codec)
+    per_dataset: dict[str, dict[str, float]] = {}
+    names = [item.extra.get("dataset") for item in items]
+    if any(names):
+        for name in dict.fromkeys(names):
+            subset = [item for item, n in zip(items, names, strict=True) if n == name]
+            per_dataset[str(name)] = score_items(subset, mask_codec).metrics
+    return overall, per_dataset

@@ -1,0 +1,146 @@
+"""Generation sees the training prefix mask, batches like single samples, and honours its budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pg_tune.data.collate import PaliGemmaCollator
+from pg_tune.data.formats.shapes import draw_shape
+from pg_tune.data.sample import Sample
+from pg_tune.evaluate.generate import batch_inputs, generate, max_new_tokens_for
+from pg_tune.models.layout import EOS_ID
+from pg_tune.models.tiny import build_model
+
+PROMPTS = [
+    ("caption en", "a red circle", "caption"),
+    ("answer en what colour is the shape in the picture", "red", "vqa"),
+    ("detect circle", "<loc0100><loc0200><loc0300><loc0400> circle", "detect"),
+]
+
+
+def _samples() -> list[Sample]:
+    import random
+
+    rng = random.Random(3)
+    out = []
+    for i, (prefix, suffix, task) in enumerate(PROMPTS):
+        image, *_ = draw_shape(rng, 112)
+        out.append(Sample(image=image, prefix=prefix, suffix=suffix, source=f"test[{i}]", task=task))
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny-paligemma", "tiny-paligemma2"])
+def model_and_processor(request):
+    return build_model(request.param, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pg2_model_and_processor():
+    return build_model("tiny-paligemma2", seed=1)
+
+
+def test_prefill_logits_equal_training_mode_prefix_logits(model_and_processor):
+    model, processor = model_and_processor
+    samples = _samples()
+    train_collator = PaliGemmaCollator(processor, 64, train=True)
+    batch = train_collator(list(enumerate(samples)))
+    with torch.no_grad():
+        train_logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            pixel_values=batch["pixel_values"],
+        ).logits
+    # The last prefix token ("\n") is the last 0 in token_type_ids among the real tokens of each row.
+    last_prefix = [int(((row == 0) & (mask == 1)).nonzero().max()) for row, mask in
+                   zip(batch["token_type_ids"], batch["attention_mask"], strict=True)]  # fmt: skip
+    expected = torch.stack([train_logits[i, p] for i, p in enumerate(last_prefix)])
+
+    inputs = batch_inputs(
+        PaliGemmaCollator(processor, 64, train=False), samples, torch.device("cpu"), torch.float32
+    )
+    assert (inputs["attention_mask"][:, 0] == 0).any(), "prompts of different lengths must be left-padded"
+    out = model.generate(
+        **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        pad_token_id=0,
+    )  # fmt: skip
+    torch.testing.assert_close(out.logits[0], expected, atol=1e-4, rtol=1e-4)
+
+    # The check has teeth: a causal prefill (no token_type_ids) gives different logits.
+    causal_inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    causal = model.generate(
+        **causal_inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        pad_token_id=0,
+    )  # fmt: skip
+    assert not torch.allclose(causal.logits[0], expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_batched_left_padded_generation_equals_one_by_one(model_and_processor, num_beams):
+    model, processor = model_and_processor
+    samples = [dataclasses.replace(s, task="caption") for s in _samples()]  # one batch
+    batched = generate(model, processor, samples, batch_size=8, max_new_tokens=6, num_beams=num_beams)
+    single = [generate(model, processor, [s], max_new_tokens=6, num_beams=num_beams)[0] for s in samples]
+    assert batched == single
+    assert any(batched), "a random tiny model still emits some tokens"
+
+
+def test_per_task_budget_and_input_order(pg2_model_and_processor, monkeypatch):
+    model, processor = pg2_model_and_processor
+    samples = _samples()
+    budgets = {"caption": 1, "vqa": 3}
+    calls = []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        out = real_generate(**kwargs)
+        calls.append((kwargs["max_new_tokens"], out.shape[1] - kwargs["input_ids"].shape[1]))
+        return out
+
+    monkeypatch.setattr(model, "generate", spy)
+    texts = generate(model, processor, samples, max_new_tokens=5, max_new_tokens_per_task=budgets)
+    assert sorted(budget for budget, _ in calls) == [1, 3, 5]  # one batch per task, each with its budget
+    assert all(new_tokens <= budget for budget, new_tokens in calls)
+    # Order is the input order even though samples are grouped per task.
+    again = [
+        generate(model, processor, [s], max_new_tokens=5, max_new_tokens_per_task=budgets)[0] for s in samples
+    ]
+    assert texts == again
+    assert max_new_tokens_for("detect", 32, {"detect": 128}) == 128
+    assert max_new_tokens_for("vqa", 32, {"detect": 128}) == 32
+
+
+def test_stops_at_eos_and_keeps_loc_tokens(pg2_model_and_processor, monkeypatch):
+    model, processor = pg2_model_and_processor
+    loc = processor.tokenizer.convert_tokens_to_ids("<loc0007>")
+    word = processor.tokenizer.convert_tokens_to_ids("▁cat")
+    real_generate = model.generate
+
+    def fake_generate(**kwargs):
+        prompt = kwargs["input_ids"]
+        tail = torch.tensor([[loc, word, EOS_ID, word, 0]] * prompt.shape[0])
+        return torch.cat([prompt, tail], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    try:
+        assert generate(model, processor, _samples()[:1]) == ["<loc0007> cat"]
+    finally:
+        monkeypatch.setattr(model, "generate", real_generate)
+
+
+def test_peft_wrapped_and_merged_models_generate_like_the_base(pg2_model_and_processor):
+    import copy
+
+    import peft
+
+    base, processor = pg2_model_and_processor
+    samples = _samples()[:2]
+    expected = generate(base, processor, samples, max_new_tokens=4)
+    config = peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    wrapped = peft.get_peft_model(copy.deepcopy(base), config)  # LoRA B starts at 0: same function
+    assert generate(wrapped, processor, samples, max_new_tokens=4) == expected
+    merged = wrapped.merge_and_unload()
+    assert generate(merged, processor, samples, max_new_tokens=4) == expected
