@@ -39,7 +39,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ResumeError as e:
         print(f"pg-tune: error: {e}", file=sys.stderr)
         return 2
-    print(_summary(result))
+    if result.is_main_process:
+        print(_summary(result))
     return 0
 
 

@@ -64,6 +64,7 @@ class TrainResult:
     metrics_before: dict[str, float] = field(default_factory=dict)
     metrics_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    is_main_process: bool = True
     model: Any = field(default=None, repr=False)
     """The trained peft model, for callers using pg_tune as a library."""
 
@@ -99,6 +100,17 @@ def _tracker_run_ids(accelerator: Accelerator, trackers: list[str]) -> dict[str,
         if getattr(run, "id", None):
             ids["wandb"] = run.id
     return ids
+
+
+def _adapter_state_for_saving(accelerator: Accelerator, loss_module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP or DeepSpeed the parameters are sharded: gather a full state dict (every rank
+    takes part) so the main process writes a normal PEFT adapter. ``None`` means "read the model"."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    state = accelerator.get_state_dict(loss_module)  # keys of the SuffixLoss wrapper: "model.<peft key>"
+    return {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
 
 
 def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = None) -> TrainResult:
@@ -152,7 +164,11 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
         raise ValueError("data.train produced no samples")
 
     processor = load_processor(recipe.model)
-    model = load_model(recipe.model, recipe.quantization)
+    # A quantized base cannot be moved after loading: each rank loads (and quantizes) its own
+    # copy straight onto its own device.
+    quantized = recipe.quantization.mode != "none"
+    device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
+    model = load_model(recipe.model, recipe.quantization, device_map=device_map)
     set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
     model = prepare_model(model, recipe)
     say(trainable_summary(model))
@@ -407,8 +423,9 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
     # --- save --------------------------------------------------------------------------------
     adapter_dir = output_dir / "adapter"
     accelerator.wait_for_everyone()
+    full_state = _adapter_state_for_saving(accelerator, loss_module)  # a collective under FSDP/ZeRO-3
     if main:
-        peft_model.save_pretrained(adapter_dir)
+        peft_model.save_pretrained(adapter_dir, state_dict=full_state)
         processor.save_pretrained(adapter_dir)
         (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
 
@@ -430,6 +447,7 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
         metrics_before,
         metrics_after,
         time.time() - started,
+        is_main_process=main,
         model=peft_model,
     )
     if main:

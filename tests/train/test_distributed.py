@@ -82,3 +82,39 @@ def test_two_processes_match_one(tmp_path, shapes_jsonl):
     # Evaluation gathered every rank's predictions once: 7 samples, not 8 (no padding duplicates).
     assert two["metrics_after"]["caption/count"] == one["metrics_after"]["caption/count"] == 7
     assert two["metrics_after"] == one["metrics_after"]
+
+
+@pytest.mark.slow
+def test_qlora_under_two_processes(tmp_path, shapes_jsonl, tiny_checkpoint):
+    """Each rank loads and quantizes its own 4-bit copy; the run trains and writes one adapter."""
+    out = tmp_path / "qlora"
+    recipe = tmp_path / "qlora.yaml"
+    recipe.write_text(
+        RECIPE.format(out=out, jsonl=shapes_jsonl, batch=4, accum=1).replace(
+            "model: {name_or_path: tiny-paligemma2}",
+            f"model: {{name_or_path: {tiny_checkpoint}}}\n"
+            "quantization: {mode: 4bit, bnb_4bit_compute_dtype: float32}",
+        )
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "pg_tune",
+        "train",
+        str(recipe),
+        "train.max_steps=2",
+        "train.gradient_checkpointing=true",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("14 linear layers quantized (nf4") == 2  # one quantized copy per rank
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert torch.isfinite(torch.tensor(summary["last_loss"]))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
