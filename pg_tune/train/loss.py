@@ -38,6 +38,24 @@ from pg_tune.models.paligemma import base_model_of
 DEFAULT_CHUNK_ROWS = 256
 
 
+def _softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
+    """Turn ``logits`` into softmax probabilities in place; return each row's log-sum-exp.
+
+    No second full-vocabulary buffer is allocated. On CPU the rows go a few at a time so each
+    block (4 x 257,216 fp32 = 4 MB) stays in cache across the max / exp / sum / divide passes.
+    """
+    block = 4 if logits.device.type == "cpu" else logits.shape[0]
+    lse = logits.new_empty(logits.shape[0])
+    for start in range(0, logits.shape[0], block):
+        rows = logits[start : start + block]
+        row_max = rows.amax(dim=-1, keepdim=True)
+        rows.sub_(row_max).exp_()
+        total = rows.sum(dim=-1, keepdim=True)
+        rows.div_(total)
+        lse[start : start + block] = (row_max + total.log()).squeeze(-1)
+    return lse
+
+
 def _chunk_loss_and_grads(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -49,19 +67,21 @@ def _chunk_loss_and_grads(
     """Summed cross-entropy of one chunk, and the gradients of that sum (logits never leave here)."""
     # At least fp32: bf16 logits over 257,216 classes lose the loss's precision.
     logits = (hidden.to(weight.dtype) @ weight.T).to(torch.promote_types(weight.dtype, torch.float32))
+    capped_tanh = None
     if softcap:
         logits.div_(softcap).tanh_()
-        capped_tanh = logits.clone() if (want_hidden_grad or want_weight_grad) else None
+        if want_hidden_grad or want_weight_grad:
+            capped_tanh = logits.clone()
         logits.mul_(softcap)
-    log_probs = torch.log_softmax(logits, dim=-1)
-    del logits
     rows = torch.arange(targets.numel(), device=targets.device)
-    loss = -log_probs[rows, targets].sum()
+    target_logits = logits[rows, targets]
+    lse = _softmax_in_place(logits)  # logits now hold the softmax
+    loss = (lse - target_logits).sum()
     if not (want_hidden_grad or want_weight_grad):
         return loss, None, None
-    grad_logits = log_probs.exp_()  # softmax, in place: one full-vocabulary buffer per chunk
+    grad_logits = logits
     grad_logits[rows, targets] -= 1.0
-    if softcap:
+    if capped_tanh is not None:
         # d(c * tanh(z / c)) / dz = 1 - tanh(z / c)^2
         grad_logits.mul_(capped_tanh.square_().neg_().add_(1.0))
         del capped_tanh
