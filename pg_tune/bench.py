@@ -85,16 +85,24 @@ def make_samples(root: Path, count: int, seed: int = 0):
 
 
 def step_flops(
-    config, batch_size: int, seq_len: int, supervised: int, vision_trainable: bool = False
+    config,
+    batch_size: int,
+    seq_len: int,
+    supervised: int,
+    vision_trainable: bool = False,
+    vision_cached: bool = False,
 ) -> float:
-    """Model FLOPs of one training step of a LoRA'd PaliGemma (frozen base, frozen head)."""
+    """Model FLOPs of one training step of a LoRA'd PaliGemma (frozen base, frozen head).
+
+    ``vision_cached``: image features come from the feature cache, so SigLIP costs nothing.
+    """
     v, t = config.vision_config, config.text_config
     n_img = (v.image_size // v.patch_size) ** 2
     vision = 2 * n_img * 3 * v.patch_size**2 * v.hidden_size
     per_layer = 2 * n_img * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     per_layer += 2 * 2 * n_img * n_img * v.hidden_size  # scores + weighted sum
     vision += v.num_hidden_layers * per_layer + 2 * n_img * v.hidden_size * t.hidden_size
-    vision *= batch_size * (3 if vision_trainable else 1)
+    vision *= batch_size * (3 if vision_trainable else 1) * (0 if vision_cached else 1)
     q = t.num_attention_heads * t.head_dim
     kv = t.num_key_value_heads * t.head_dim
     lm_token = 2 * (t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size)
@@ -308,7 +316,10 @@ def run_side(args) -> SideResult:
 
     config = build_config(PRESETS[args.preset])
     shapes = tokens[args.warmup :]
-    flops = statistics.mean(step_flops(config, args.batch_size, length, sup) for _, length, sup in shapes)
+    cached = args.side == "pg_tune" and bool(args.feature_cache)
+    flops = statistics.mean(
+        step_flops(config, args.batch_size, length, sup, vision_cached=cached) for _, length, sup in shapes
+    )
     peak, kind = _peak_memory_gb(device)
     return SideResult(
         side=args.side,
