@@ -56,6 +56,26 @@ def _softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
     return lse
 
 
+class LogitsWorkspace:
+    """One logits buffer reused step after step.
+
+    A fresh 80 x 257,216 fp32 tensor is a new memory mapping every step on CPU: its first write
+    page-faults 82 MB, which made the head's forward matmul 40 % slower than the same-size backward
+    one (67 vs 47 ms on bench-mini). Reusing the buffer removes that and the allocator churn.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        need = rows * cols
+        buf = self._buffer
+        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != device:
+            self._buffer = buf = None  # free the old buffer before allocating the larger one
+            self._buffer = buf = torch.empty(need, dtype=dtype, device=device)
+        return buf[:need].view(rows, cols)
+
+
 def _chunk_loss_and_grads(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -63,10 +83,16 @@ def _chunk_loss_and_grads(
     softcap: float | None,
     want_hidden_grad: bool,
     want_weight_grad: bool,
+    workspace: LogitsWorkspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Summed cross-entropy of one chunk, and the gradients of that sum (logits never leave here)."""
     # At least fp32: bf16 logits over 257,216 classes lose the loss's precision.
-    logits = (hidden.to(weight.dtype) @ weight.T).to(torch.promote_types(weight.dtype, torch.float32))
+    logits_dtype = torch.promote_types(weight.dtype, torch.float32)
+    if workspace is not None and logits_dtype == weight.dtype:
+        logits = workspace.get(hidden.shape[0], weight.shape[0], logits_dtype, hidden.device)
+        torch.mm(hidden.to(weight.dtype), weight.T, out=logits)
+    else:
+        logits = (hidden.to(weight.dtype) @ weight.T).to(logits_dtype)
     capped_tanh = None
     if softcap:
         logits.div_(softcap).tanh_()
@@ -95,7 +121,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     """Sum over rows of CE(softcap(hidden @ weight.T), targets), with gradients made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_rows):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_rows, workspace):
         want_hidden_grad = ctx.needs_input_grad[0]
         want_weight_grad = ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
@@ -112,6 +138,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                     softcap,
                     want_hidden_grad,
                     want_weight_grad,
+                    workspace,
                 )
                 total += loss
                 if g_h is not None:
@@ -127,7 +154,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         out_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
         out_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
-        return out_hidden, out_weight, None, None, None
+        return out_hidden, out_weight, None, None, None, None
 
 
 def head_cross_entropy_sum(
@@ -136,18 +163,20 @@ def head_cross_entropy_sum(
     targets: torch.Tensor,
     softcap: float | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    workspace: LogitsWorkspace | None = None,
 ) -> torch.Tensor:
     """Summed token cross-entropy of ``softcap(hidden @ weight.T)`` against ``targets`` (fp32).
 
     ``hidden`` is ``[rows, hidden_size]`` (supervised positions only), ``weight`` the
     ``[vocab, hidden_size]`` head. Differentiable in ``hidden`` (and ``weight`` if it requires grad).
+    ``workspace`` (optional) holds the logits buffer between calls.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     return _FusedHeadCrossEntropy.apply(
-        hidden, weight, targets, float(softcap) if softcap else None, chunk_rows
+        hidden, weight, targets, float(softcap) if softcap else None, chunk_rows, workspace
     )
 
 
@@ -177,6 +206,7 @@ class SuffixLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.workspace = LogitsWorkspace()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         core = base_model_of(self.model)
@@ -196,5 +226,7 @@ class SuffixLoss(nn.Module):
         mask = targets != IGNORE_INDEX
         hidden = outputs.last_hidden_state[:, :-1][mask]
         softcap = getattr(core.config.get_text_config(), "final_logit_softcapping", None)
-        total = head_cross_entropy_sum(hidden, core.lm_head.weight, targets[mask], softcap, self.chunk_size)
+        total = head_cross_entropy_sum(
+            hidden, core.lm_head.weight, targets[mask], softcap, self.chunk_size, self.workspace
+        )
         return total, mask.sum()

@@ -12,7 +12,7 @@ from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.sample import Sample
 from pg_tune.models.tiny import build_model
 from pg_tune.train.adapters import apply_lora
-from pg_tune.train.loss import SuffixLoss, head_cross_entropy_sum
+from pg_tune.train.loss import LogitsWorkspace, SuffixLoss, head_cross_entropy_sum
 
 
 def _batch(processor, n: int = 3) -> dict[str, torch.Tensor]:
@@ -121,3 +121,20 @@ def test_fused_head_without_grad_and_without_rows():
     assert float(empty.detach()) == 0.0
     with pytest.raises(ValueError, match="chunk_rows"):
         head_cross_entropy_sum(torch.randn(3, 4), weight, torch.tensor([0, 1, 2]), chunk_rows=0)
+
+
+def test_workspace_is_reused_and_changes_nothing():
+    torch.manual_seed(0)
+    weight = torch.randn(300, 8)
+    workspace = LogitsWorkspace()
+    for rows in (7, 5, 7):
+        hidden = torch.randn(rows, 8, requires_grad=True)
+        targets = torch.randint(0, 300, (rows,))
+        plain = head_cross_entropy_sum(hidden, weight, targets, chunk_rows=4)
+        (expected,) = torch.autograd.grad(plain, hidden)
+        reused = head_cross_entropy_sum(hidden, weight, targets, chunk_rows=4, workspace=workspace)
+        (got,) = torch.autograd.grad(reused, hidden)
+        torch.testing.assert_close(reused, plain)
+        torch.testing.assert_close(got, expected)
+    first = workspace.get(4, 300, torch.float32, torch.device("cpu"))
+    assert first.data_ptr() == workspace.get(2, 300, torch.float32, torch.device("cpu")).data_ptr()
