@@ -24,9 +24,12 @@ def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
     import bitsandbytes as bnb
 
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}.get(train.optimizer)
+    eight_bit = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    cls = eight_bit.get(train.optimizer)
     if cls is None:
-        raise ValueError(f"train.optimizer: unknown optimizer {train.optimizer!r}")
+        raise ValueError(
+            f"train.optimizer: unknown optimizer {train.optimizer!r} (adamw, {', '.join(eight_bit)})"
+        )
     return cls(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
