@@ -32,6 +32,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pg_tune.data.collate import IGNORE_INDEX
+from pg_tune.data.feature_cache import vision_is_frozen
 from pg_tune.models.paligemma import base_model_of
 
 # 256 rows x 257,216 fp32 logits = 263 MB: the largest full-vocabulary tensor the head creates.
@@ -180,16 +181,9 @@ def head_cross_entropy_sum(
     )
 
 
-def _image_features_frozen(core: nn.Module) -> bool:
-    """True when no parameter of the vision tower or the projector is trainable."""
-    inner = core.model
-    modules = (inner.vision_tower, inner.multi_modal_projector)
-    return not any(p.requires_grad for m in modules for p in m.parameters())
-
-
 def image_features(core: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected image features ``[batch, image_tokens, text_hidden]``; no autograd if frozen."""
-    grad_context = torch.no_grad() if _image_features_frozen(core) else contextlib.nullcontext()
+    grad_context = torch.no_grad() if vision_is_frozen(core) else contextlib.nullcontext()
     with grad_context:
         return core.model.get_image_features(pixel_values.to(core.dtype)).pooler_output
 
