@@ -80,6 +80,11 @@ class DataConfig:
     """``stop`` at the first bad row, or ``skip`` it and count it; counts are always printed."""
     num_workers: int = 0
     """DataLoader worker processes decoding and resizing images."""
+    group_by_length: bool = False
+    """Batch rows of similar text length together (less padding); order stays random."""
+    feature_cache: str | None = None
+    """Directory caching projected image features when the vision tower is frozen, so training
+    skips SigLIP (docs/performance.md says when it pays)."""
 
 
 @dataclass
@@ -98,6 +103,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """``auto``: bf16 autocast where the GPU supports it, none on CPU."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes' 8-bit states (paged: spill to CPU under
+    GPU memory pressure)."""
     gradient_checkpointing: bool = False
     log_every: int = 10
     save_every: int | None = None

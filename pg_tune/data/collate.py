@@ -90,9 +90,14 @@ class PaliGemmaCollator:
         )
 
     def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
-        rows = [self.encode(sample) for _, sample in batch]
+        out = self.text_batch(batch)
         images = [load_image(sample.image, sample.source) for _, sample in batch]
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        out["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return out
+
+    def text_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+        """Everything but ``pixel_values`` (the feature cache supplies image features instead)."""
+        rows = [self.encode(sample) for _, sample in batch]
         length = max(len(r.input_ids) for r in rows)
         input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -110,7 +115,6 @@ class PaliGemmaCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "token_type_ids": token_type_ids,
-            "pixel_values": pixel_values,
             "sample_index": torch.tensor([index for index, _ in batch], dtype=torch.long),
             "truncated": torch.tensor([r.truncated for r in rows], dtype=torch.bool),
         }

@@ -1,4 +1,10 @@
-"""The training DataLoader: shuffling seeded by the recipe, collation in worker processes."""
+"""The training DataLoader: shuffling seeded by the recipe, collation in worker processes.
+
+Options from the recipe's ``data`` section: ``num_workers`` (image decode and resize happen in the
+collator, i.e. in the workers), ``group_by_length`` (``pg_tune.data.sampler``) and, through
+``feature_cache``, a ``FeatureCache`` that replaces images by precomputed features
+(``pg_tune.data.feature_cache``). Pinned memory when a GPU is present.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +15,47 @@ from torch.utils.data import DataLoader
 
 from pg_tune.config.recipe import Recipe
 from pg_tune.data.collate import PaliGemmaCollator, SampleDataset
+from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
 from pg_tune.data.sample import Sample
+from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
 
 
-def build_train_loader(samples: Sequence[Sample], processor, recipe: Recipe) -> DataLoader:
+def build_train_loader(
+    samples: Sequence[Sample], processor, recipe: Recipe, feature_cache: FeatureCache | None = None
+) -> DataLoader:
     """Batches of the recipe's micro-batch size; images decode and resize in the workers."""
     generator = torch.Generator().manual_seed(recipe.train.seed)
+    collator = PaliGemmaCollator(processor, recipe.data.max_text_length, train=True)
+    workers = recipe.data.num_workers
+    common = dict(
+        collate_fn=CachedFeatureCollator(collator, feature_cache) if feature_cache is not None else collator,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+    if recipe.data.group_by_length:
+        batch_sampler = LengthGroupedBatchSampler(
+            text_lengths(samples, processor.tokenizer), recipe.train.batch_size, generator=generator
+        )
+        return DataLoader(SampleDataset(samples), batch_sampler=batch_sampler, **common)
     return DataLoader(
         SampleDataset(samples),
         batch_size=recipe.train.batch_size,
         shuffle=True,
         generator=generator,
-        collate_fn=PaliGemmaCollator(processor, recipe.data.max_text_length, train=True),
-        num_workers=recipe.data.num_workers,
-        pin_memory=torch.cuda.is_available(),
         drop_last=False,
+        **common,
+    )
+
+
+def prepare_feature_cache(samples: Sequence[Sample], model, processor, recipe: Recipe) -> FeatureCache | None:
+    """The recipe's feature cache, built (or completed) for ``samples``; None when not configured."""
+    if not recipe.data.feature_cache:
+        return None
+    return FeatureCache.build(
+        recipe.data.feature_cache,
+        samples,
+        model,
+        processor.image_processor,
+        batch_size=recipe.train.batch_size,
     )

@@ -1,0 +1,181 @@
+"""A disk cache of projected image features, so training can skip SigLIP (``data.feature_cache``).
+
+When the vision tower and the projector are frozen (no ``lora.vision``, projector not in
+``lora.modules_to_save``) and preprocessing is deterministic (resize + scale, no augmentation:
+pg_tune's only image pipeline), the projector's output for an image never changes during a run.
+``FeatureCache.build`` runs the tower once over every distinct image and writes the features as
+memory-mapped ``.npy`` shards; the training collator then reads rows from them instead of decoding,
+resizing and encoding images.
+
+Entries are keyed by the image's bytes (sha256 of the file, or of the pixels of an in-memory
+image), and the cache directory by a fingerprint of the vision weights and of the image processor's
+settings, so a changed checkpoint, resolution or normalisation never reads stale features.
+
+Layout: ``DIR/<weights-fingerprint>-<preprocessing-fingerprint>/``
+``index.json`` (``{"dtype": ..., "entries": {image_key: [shard, row]}}``) and ``shard-00000.npy`` ...
+(``[images, image_tokens, text_hidden]``; bfloat16 is stored as its raw 16 bits).
+See docs/performance.md for when it pays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pg_tune.data.collate import PaliGemmaCollator
+from pg_tune.data.images import load_image
+from pg_tune.data.sample import Sample
+
+_STORED = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+def image_key(image: str | Path | Image.Image) -> str:
+    """Content key of one image: the same bytes give the same key wherever the file lives."""
+    digest = hashlib.sha256()
+    if isinstance(image, Image.Image):
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    else:
+        with open(image, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def preprocessing_fingerprint(image_processor) -> str:
+    """Hash of the image processor's settings (size, resample, mean/std, rescale)."""
+    settings = json.dumps(image_processor.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(core: torch.nn.Module) -> str:
+    """Hash of the vision tower and projector weights (names, shapes and a strided value sample)."""
+    digest = hashlib.sha256()
+    modules = {"vision_tower": core.model.vision_tower, "projector": core.model.multi_modal_projector}
+    for prefix, module in modules.items():
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+            digest.update(f"{prefix}.{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def vision_is_frozen(core: torch.nn.Module) -> bool:
+    """True when nothing that produces image features trains (the cache would go stale otherwise)."""
+    modules = (core.model.vision_tower, core.model.multi_modal_projector)
+    return not any(p.requires_grad for m in modules for p in m.parameters())
+
+
+class FeatureCache:
+    """Memory-mapped projected image features; ``features(samples)`` returns ``[b, tokens, hidden]``."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = json.loads((self.directory / "index.json").read_text())
+        self.dtype = getattr(torch, index["dtype"])
+        self.entries: dict[str, tuple[int, int]] = {k: tuple(v) for k, v in index["entries"].items()}
+        self._shards: dict[int, np.ndarray] = {}
+        self._keys: dict[object, str] = {}  # image path (or id) -> key: each file is hashed once per process
+
+    @classmethod
+    def build(
+        cls,
+        root: str | Path,
+        samples: Sequence[Sample],
+        model: torch.nn.Module,
+        image_processor,
+        batch_size: int = 8,
+    ) -> FeatureCache:
+        """Encode every image of ``samples`` not yet cached under ``root``; return the cache."""
+        from pg_tune.models.paligemma import base_model_of
+
+        core = base_model_of(model)
+        if not vision_is_frozen(core):
+            raise ValueError(
+                "data.feature_cache: the vision tower or projector is trainable (lora.vision or "
+                "modules_to_save), so its features change while training; turn one of them off"
+            )
+        directory = Path(root) / f"{weights_fingerprint(core)}-{preprocessing_fingerprint(image_processor)}"
+        directory.mkdir(parents=True, exist_ok=True)
+        index_path = directory / "index.json"
+        index = json.loads(index_path.read_text()) if index_path.exists() else {"entries": {}}
+        entries = index["entries"]
+        missing: dict[str, Sample] = {}
+        for sample in samples:
+            key = image_key(sample.image)
+            if key not in entries:
+                missing.setdefault(key, sample)
+        if missing:
+            shard = 1 + max((int(v[0]) for v in entries.values()), default=-1)
+            keys = list(missing)
+            out = None
+            device = next(core.parameters()).device
+            for start in range(0, len(keys), batch_size):
+                chunk = [missing[k] for k in keys[start : start + batch_size]]
+                images = [load_image(s.image, s.source) for s in chunk]
+                pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+                with torch.no_grad():
+                    feats = core.model.get_image_features(pixels.to(device, core.dtype)).pooler_output
+                if out is None:
+                    out = np.lib.format.open_memmap(
+                        directory / f"shard-{shard:05d}.npy",
+                        mode="w+",
+                        dtype=_STORED[feats.dtype],
+                        shape=(len(keys), *feats.shape[1:]),
+                    )
+                    index["dtype"] = str(feats.dtype).removeprefix("torch.")
+                values = feats.cpu()
+                values = values.view(torch.int16) if values.dtype == torch.bfloat16 else values
+                out[start : start + len(chunk)] = values.numpy().view(out.dtype)
+            out.flush()
+            entries.update({k: [shard, row] for row, k in enumerate(keys)})
+            tmp = index_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, index_path)  # readers never see a half-written index
+        return cls(directory)
+
+    def _shard(self, shard: int) -> np.ndarray:
+        # Opened lazily, so DataLoader workers each map the file themselves instead of pickling it.
+        if shard not in self._shards:
+            self._shards[shard] = np.load(self.directory / f"shard-{shard:05d}.npy", mmap_mode="r")
+        return self._shards[shard]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_shards": {}}
+
+    def features(self, samples: Sequence[Sample]) -> torch.Tensor:
+        rows = []
+        for sample in samples:
+            handle = str(sample.image) if isinstance(sample.image, (str, Path)) else id(sample.image)
+            key = self._keys.get(handle)
+            if key is None:
+                key = self._keys[handle] = image_key(sample.image)
+            if key not in self.entries:
+                raise KeyError(
+                    f"{sample.source}: image {sample.image!r} is not in the feature cache {self.directory}"
+                )
+            shard, row = self.entries[key]
+            rows.append(np.asarray(self._shard(shard)[row]))
+        values = torch.from_numpy(np.stack(rows))
+        return values.view(torch.bfloat16) if self.dtype == torch.bfloat16 else values
+
+
+class CachedFeatureCollator:
+    """The training collator with ``image_features`` from the cache in place of ``pixel_values``."""
+
+    def __init__(self, collator: PaliGemmaCollator, cache: FeatureCache):
+        self.collator = collator
+        self.cache = cache
+
+    def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+        out = self.collator.text_batch(batch)
+        out["image_features"] = self.cache.features([sample for _, sample in batch])
+        return out

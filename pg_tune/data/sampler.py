@@ -1,0 +1,77 @@
+"""Length-grouped batching (``data.group_by_length``): batches of rows with similar text lengths.
+
+The image part of every PaliGemma row is the same length at one resolution (256 / 1024 / 4096
+tokens), so padding comes from the text alone. Rows are shuffled, cut into "mega-batches" of
+``mega_batch_mult`` batches, sorted by text length inside each mega-batch and cut into batches;
+the batch order is then shuffled, with the longest batch first so an out-of-memory shows at step
+one, not hours in. Order stays random across epochs (a fresh draw from the seeded generator each
+epoch) while each batch pads little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from pg_tune.data.sample import Sample
+
+
+def text_lengths(samples: Sequence[Sample], tokenizer) -> list[int]:
+    """Text tokens of each training row: bos + prefix + "\\n" + suffix + eos (images excluded)."""
+    if not samples:
+        return []
+    prefixes = tokenizer([s.prefix + "\n" for s in samples], add_special_tokens=False)["input_ids"]
+    suffixes = tokenizer([s.suffix for s in samples], add_special_tokens=False)["input_ids"]
+    return [len(p) + len(s) + 2 for p, s in zip(prefixes, suffixes, strict=True)]
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Yields lists of row indices (a ``batch_sampler`` for ``DataLoader``), grouped by length."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        mega_batch_mult: int = 50,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1 or mega_batch_mult < 1:
+            raise ValueError(
+                f"batch_size and mega_batch_mult must be >= 1, got {batch_size}, {mega_batch_mult}"
+            )
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.mega_batch_mult = mega_batch_mult
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.lengths) // self.batch_size
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        mega = self.batch_size * self.mega_batch_mult
+        batches: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            group = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            batches.extend(group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size))
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if not batches:
+            return iter(())
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+        longest = max(range(len(shuffled)), key=lambda i: max(self.lengths[j] for j in shuffled[i]))
+        shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
+        return iter(shuffled)
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Share of text positions that are padding when each batch pads to its longest row."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1.0 - real / padded if padded else 0.0

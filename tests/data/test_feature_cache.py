@@ -1,0 +1,83 @@
+"""The image-feature cache: same features as the tower, keyed by content, refused when stale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pg_tune.config.recipe import DataConfig, LoraConfig, Recipe, TrainConfig
+from pg_tune.data.collate import PaliGemmaCollator
+from pg_tune.data.feature_cache import FeatureCache, image_key
+from pg_tune.data.loader import build_train_loader, prepare_feature_cache
+from pg_tune.data.sample import Sample
+from pg_tune.models.tiny import build_model
+from pg_tune.train.adapters import apply_lora
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_model("tiny-paligemma2")
+    return model.requires_grad_(False), processor  # frozen, as under LoRA
+
+
+def _samples(tmp_path, n=5):
+    samples = []
+    for i in range(n):
+        path = tmp_path / f"img{i % 3}.png"  # 3 distinct files, reused
+        if not path.exists():
+            rng = np.random.default_rng(i % 3)
+            Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(path)
+        samples.append(Sample(image=str(path), prefix="caption en", suffix="a red circle", source=f"r{i}"))
+    return samples
+
+
+def test_cached_features_equal_the_tower_and_skip_images(tmp_path, tiny):
+    model, processor = tiny
+    samples = _samples(tmp_path)
+    cache = FeatureCache.build(tmp_path / "cache", samples, model, processor.image_processor, batch_size=2)
+    assert len(cache.entries) == 3
+    assert len(list(cache.directory.glob("shard-*.npy"))) == 1
+    collator = PaliGemmaCollator(processor, 32)
+    batch = collator(list(enumerate(samples)))
+    with torch.no_grad():
+        expected = model.model.get_image_features(batch["pixel_values"]).pooler_output
+    torch.testing.assert_close(cache.features(samples), expected)
+
+    recipe = Recipe(output_dir="unused", data=DataConfig(feature_cache=str(tmp_path / "cache")))
+    recipe.train = TrainConfig(batch_size=5)
+    again = prepare_feature_cache(samples, model, processor, recipe)
+    assert again.directory == cache.directory and len(list(cache.directory.glob("shard-*.npy"))) == 1
+    cached_batch = next(iter(build_train_loader(samples, processor, recipe, feature_cache=again)))
+    assert "pixel_values" not in cached_batch and cached_batch["image_features"].shape == expected.shape
+
+
+def test_new_images_extend_and_keys_follow_content(tmp_path, tiny):
+    model, processor = tiny
+    samples = _samples(tmp_path, n=2)
+    cache = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor)
+    more = _samples(tmp_path, n=3)
+    bigger = FeatureCache.build(tmp_path / "c", more, model, processor.image_processor)
+    assert bigger.directory == cache.directory and len(bigger.entries) == 3
+    copy = tmp_path / "copy.png"
+    copy.write_bytes((tmp_path / "img0.png").read_bytes())
+    assert (
+        image_key(str(copy)) == image_key(str(tmp_path / "img0.png")) != image_key(str(tmp_path / "img1.png"))
+    )
+    with pytest.raises(KeyError, match="r9"):
+        bigger.features([Sample(image=Image.new("RGB", (4, 4)), prefix="p", suffix="s", source="r9")])
+
+
+def test_changed_weights_use_another_directory_and_trainable_tower_is_refused(tmp_path):
+    model, processor = build_model("tiny-paligemma")
+    model.requires_grad_(False)
+    samples = _samples(tmp_path, n=1)
+    first = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor)
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear.weight.add_(0.1)
+    second = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor)
+    assert first.directory != second.directory
+    peft_model = apply_lora(model, LoraConfig(r=2, vision=True), "tiny-paligemma")
+    with pytest.raises(ValueError, match="lora.vision"):
+        FeatureCache.build(tmp_path / "c", samples, peft_model, processor.image_processor)

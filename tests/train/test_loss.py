@@ -1,0 +1,140 @@
+"""SuffixLoss against the model's own loss, and the fused head against plain autograd."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pg_tune.config.recipe import LoraConfig
+from pg_tune.data.collate import PaliGemmaCollator
+from pg_tune.data.sample import Sample
+from pg_tune.models.tiny import build_model
+from pg_tune.train.adapters import apply_lora
+from pg_tune.train.loss import LogitsWorkspace, SuffixLoss, head_cross_entropy_sum
+
+
+def _batch(processor, n: int = 3) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    suffixes = ["a red circle", "two blue squares on the left of the picture", "cat"]
+    samples = [
+        Sample(
+            image=Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)),
+            prefix="caption en" if i % 2 else "answer en what is in the image",
+            suffix=suffixes[i % len(suffixes)],
+            source=f"test[{i}]",
+        )
+        for i in range(n)
+    ]
+    return PaliGemmaCollator(processor, max_text_length=32)(list(enumerate(samples)))
+
+
+def _reference_loss(model, batch) -> torch.Tensor:
+    keys = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "labels")
+    return model(**{k: batch[k] for k in keys}).loss
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_suffix_loss_equals_model_loss_and_gradients(tiny_preset, softcap):
+    model, processor = build_model(tiny_preset)
+    if softcap is not None:
+        if tiny_preset != "tiny-paligemma2":
+            pytest.skip("final-logit soft-capping exists in Gemma 2 only")
+        model.config.text_config.final_logit_softcapping = softcap
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), tiny_preset)
+    # Non-zero LoRA B so the adapter gradients depend on the whole path.
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    batch = _batch(processor)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    reference = _reference_loss(model, batch)
+    ref_grads = torch.autograd.grad(reference, trainable)
+
+    loss_sum, count = SuffixLoss(model, chunk_size=7)(batch)  # several chunks, one ragged
+    assert int(count) == int((batch["labels"][:, 1:] != -100).sum()) > 0
+    ours = loss_sum / count
+    grads = torch.autograd.grad(ours, trainable)
+
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_head_and_vision_get_no_gradient():
+    model, processor = build_model("tiny-paligemma")
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), "tiny-paligemma")
+    model.train()
+    loss_sum, count = SuffixLoss(model)(_batch(processor))
+    (loss_sum / count).backward()
+    core = model.get_base_model()
+    assert not core.lm_head.weight.requires_grad and core.lm_head.weight.grad is None
+    assert all(p.grad is None for p in core.model.vision_tower.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n
+    )
+
+
+def test_cached_image_features_give_the_same_loss():
+    model, processor = build_model("tiny-paligemma2")
+    batch = _batch(processor)
+    with torch.no_grad():
+        direct, _ = SuffixLoss(model)(batch)
+        features = model.model.get_image_features(batch["pixel_values"]).pooler_output
+        cached_batch = {k: v for k, v in batch.items() if k != "pixel_values"} | {"image_features": features}
+        cached, _ = SuffixLoss(model)(cached_batch)
+    torch.testing.assert_close(cached, direct)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_head_matches_autograd_including_weight_gradient(softcap):
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    exp_h, exp_w = torch.autograd.grad(expected * 0.7, (hidden, weight))
+
+    got = head_cross_entropy_sum(hidden, weight, targets, softcap, chunk_rows=4)
+    got_h, got_w = torch.autograd.grad(got * 0.7, (hidden, weight))
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_h, exp_h)
+    torch.testing.assert_close(got_w, exp_w)
+
+
+def test_fused_head_without_grad_and_without_rows():
+    weight = torch.randn(10, 4)
+    with torch.no_grad():
+        value = head_cross_entropy_sum(torch.randn(3, 4), weight, torch.tensor([0, 5, 9]))
+    assert value.ndim == 0 and value > 0
+    empty = head_cross_entropy_sum(
+        torch.zeros(0, 4, requires_grad=True), weight, torch.zeros(0, dtype=torch.long)
+    )
+    assert float(empty.detach()) == 0.0
+    with pytest.raises(ValueError, match="chunk_rows"):
+        head_cross_entropy_sum(torch.randn(3, 4), weight, torch.tensor([0, 1, 2]), chunk_rows=0)
+
+
+def test_workspace_is_reused_and_changes_nothing():
+    torch.manual_seed(0)
+    weight = torch.randn(300, 8)
+    workspace = LogitsWorkspace()
+    for rows in (7, 5, 7):
+        hidden = torch.randn(rows, 8, requires_grad=True)
+        targets = torch.randint(0, 300, (rows,))
+        plain = head_cross_entropy_sum(hidden, weight, targets, chunk_rows=4)
+        (expected,) = torch.autograd.grad(plain, hidden)
+        reused = head_cross_entropy_sum(hidden, weight, targets, chunk_rows=4, workspace=workspace)
+        (got,) = torch.autograd.grad(reused, hidden)
+        torch.testing.assert_close(reused, plain)
+        torch.testing.assert_close(got, expected)
+    first = workspace.get(4, 300, torch.float32, torch.device("cpu"))
+    assert first.data_ptr() == workspace.get(2, 300, torch.float32, torch.device("cpu")).data_ptr()
