@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from pg_tune.config.recipe import Recipe
 from pg_tune.data.collate import PaliGemmaCollator, SampleDataset
 from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
+from pg_tune.data.mix import MixSampler
 from pg_tune.data.sample import Sample
 from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
 
@@ -23,8 +24,15 @@ from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
 def build_train_loader(
     samples: Sequence[Sample], processor, recipe: Recipe, feature_cache: FeatureCache | None = None
 ) -> DataLoader:
-    """Batches of the recipe's micro-batch size; images decode and resize in the workers."""
-    generator = torch.Generator().manual_seed(recipe.train.seed)
+    """Batches of the recipe's micro-batch size; images decode and resize in the workers.
+
+    Rows are drawn by ``MixSampler`` (datasets mixed by ``weight``, one caption/answer per group
+    per epoch; a plain seeded shuffle when every weight is 1), optionally grouped by length. The
+    order depends only on ``train.seed`` and the epoch, so resumed and multi-process runs agree.
+    """
+    parts = getattr(samples, "parts", None) or [samples]
+    weights = [e.weight for e in recipe.data.train] if len(parts) == len(recipe.data.train) else [1.0]
+    sampler = MixSampler(parts, weights, seed=recipe.train.seed)
     collator = PaliGemmaCollator(processor, recipe.data.max_text_length, train=True)
     workers = recipe.data.num_workers
     common = dict(
@@ -35,16 +43,14 @@ def build_train_loader(
     )
     if recipe.data.group_by_length:
         batch_sampler = LengthGroupedBatchSampler(
-            text_lengths(samples, processor.tokenizer), recipe.train.batch_size, generator=generator
+            text_lengths(samples, processor.tokenizer),
+            recipe.train.batch_size,
+            sampler=sampler,
+            seed=recipe.train.seed,
         )
         return DataLoader(SampleDataset(samples), batch_sampler=batch_sampler, **common)
     return DataLoader(
-        SampleDataset(samples),
-        batch_size=recipe.train.batch_size,
-        shuffle=True,
-        generator=generator,
-        drop_last=False,
-        **common,
+        SampleDataset(samples), batch_size=recipe.train.batch_size, sampler=sampler, drop_last=False, **common
     )
 
 

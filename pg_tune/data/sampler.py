@@ -4,12 +4,13 @@ The image part of every PaliGemma row is the same length at one resolution (256 
 tokens), so padding comes from the text alone. Rows are shuffled, cut into "mega-batches" of
 ``mega_batch_mult`` batches, sorted by text length inside each mega-batch and cut into batches;
 the batch order is then shuffled, with the longest batch first so an out-of-memory shows at step
-one, not hours in. Order stays random across epochs (a fresh draw from the seeded generator each
-epoch) while each batch pads little.
+one, not hours in. Order stays random across epochs (drawn from the seed and the epoch number
+alone, so resuming reproduces it) while each batch pads little.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -27,14 +28,37 @@ def text_lengths(samples: Sequence[Sample], tokenizer) -> list[int]:
     return [len(p) + len(s) + 2 for p, s in zip(prefixes, suffixes, strict=True)]
 
 
+class _EpochPermutation(Sampler[int]):
+    """A shuffle of ``range(n)`` that depends only on (seed, epoch): resumable, same on every rank."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Yields lists of row indices (a ``batch_sampler`` for ``DataLoader``), grouped by length."""
+    """Yields lists of row indices (a ``batch_sampler`` for ``DataLoader``), grouped by length.
+
+    Rows come from ``sampler`` (e.g. the weighted ``MixSampler``; default: a seeded shuffle), and
+    every random choice depends only on (seed, epoch), so a resumed run sees the same batches.
+    """
 
     def __init__(
         self,
         lengths: Sequence[int],
         batch_size: int,
-        generator: torch.Generator | None = None,
+        sampler: Sampler[int] | None = None,
+        seed: int = 0,
         mega_batch_mult: int = 50,
         drop_last: bool = False,
     ):
@@ -44,17 +68,26 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             )
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.generator = generator
+        self.sampler = sampler if sampler is not None else _EpochPermutation(len(self.lengths), seed)
+        self.seed = seed
+        self.epoch = 0
         self.mega_batch_mult = mega_batch_mult
         self.drop_last = drop_last
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
     def __len__(self) -> int:
         if self.drop_last:
-            return len(self.lengths) // self.batch_size
-        return -(-len(self.lengths) // self.batch_size)
+            return len(self.sampler) // self.batch_size
+        return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        epoch = self.epoch
+        self.epoch += 1
+        order = list(iter(self.sampler))
         mega = self.batch_size * self.mega_batch_mult
         batches: list[list[int]] = []
         for start in range(0, len(order), mega):
@@ -64,10 +97,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches = [b for b in batches if len(b) == self.batch_size]
         if not batches:
             return iter(())
-        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
-        longest = max(range(len(shuffled)), key=lambda i: max(self.lengths[j] for j in shuffled[i]))
-        shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
-        return iter(shuffled)
+        random.Random(f"{self.seed}:batches:{epoch}").shuffle(batches)
+        longest = max(range(len(batches)), key=lambda i: max(self.lengths[j] for j in batches[i]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+        return iter(batches)
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pg_tune.config.recipe import Recipe
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
-from pg_tune.data.loader import build_train_loader
+from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
 from pg_tune.data.sample import DataError
 from pg_tune.evaluate.run import evaluate_samples
@@ -177,7 +177,13 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
         stored = json.loads(fp.read_text()) if (fp := resume_from / "fingerprint.json").is_file() else None
         check_fingerprint(resume_from, stored, fingerprint)
 
-    train_loader = build_train_loader(train_samples, processor, recipe)
+    feature_cache = None
+    if recipe.data.feature_cache:
+        if not quantized:
+            model.to(accelerator.device)
+        with accelerator.main_process_first():  # one rank writes the cache, the others then read it
+            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe)
+    train_loader = build_train_loader(train_samples, processor, recipe, feature_cache=feature_cache)
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     train_loader.collate_fn = SafeCollator(train_loader.collate_fn, recipe.data.on_bad_row)
     loss_module = SuffixLoss(model)
