@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pg_tune.config.recipe import DatasetEntry
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import FORMATS, BuildContext
-from pg_tune.data.sample import Sample
+from pg_tune.data.sample import LazySamples, Sample
 
 
-class ConcatSamples(Sequence[Sample]):
+class ConcatSamples(LazySamples):
     """Several entries' samples as one sequence; ``parts`` keeps them apart for weighted mixing."""
 
     def __init__(self, parts: Sequence[Sequence[Sample]]):
@@ -27,13 +27,7 @@ class ConcatSamples(Sequence[Sample]):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _sample(self, index: int) -> Sample:
         part = bisect.bisect_right(self.offsets, index) - 1
         return self.parts[part][index - self.offsets[part]]
 

@@ -6,7 +6,7 @@ sample into model inputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,3 +45,22 @@ class Sample:
 
 class DataError(ValueError):
     """A bad row or file; the message names the file and line (or dataset row) and the field."""
+
+
+class LazySamples(Sequence[Sample]):
+    """A sequence of samples made on access (``_sample(i)``), for sets too large to hold in RAM.
+
+    Handles negative indices and slices once, for every lazy view (mixes, memory-mapped tables).
+    """
+
+    def _sample(self, index: int) -> Sample:
+        raise NotImplementedError
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._sample(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._sample(index)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import glob
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from PIL import Image
 
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats._common import format_prompt
-from pg_tune.data.sample import DataError, Sample
+from pg_tune.data.sample import DataError, LazySamples, Sample
 
 _CONTRACT = ("image", "prefix", "suffix")
 
@@ -75,7 +74,7 @@ def _load(options: HfOptions):
     return datasets.Dataset.from_parquet(files)  # memory-mapped Arrow cache, not a RAM copy
 
 
-class HfSamples(Sequence[Sample]):
+class HfSamples(LazySamples):
     """A lazy view: ``Sample``s made per row on access from the memory-mapped dataset."""
 
     def __init__(self, ds, options: HfOptions, where: str):
@@ -104,13 +103,7 @@ class HfSamples(Sequence[Sample]):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _sample(self, index: int) -> Sample:
         return self.row_to_sample(self.ds[index], index)
 
     def row_to_sample(self, row: dict[str, Any], index: int) -> Sample:
