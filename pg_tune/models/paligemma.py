@@ -76,8 +76,7 @@ def load_model(
                 "quantization needs a checkpoint on disk: save the tiny preset first "
                 "(python -m pg_tune.models.tiny DIR) and point model.name_or_path at it"
             )
-        model, _ = tiny.build_model(model_config.name_or_path)
-        return model.to(dtype)
+        return tiny.build_base(model_config.name_or_path).to(dtype)
     kwargs = {}
     if quantization is not None and quantization.mode != "none":
         from pg_tune.models.quantize import bnb_config

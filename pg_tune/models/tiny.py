@@ -237,17 +237,22 @@ def build_config(preset: TinyPreset) -> PaliGemmaConfig:
     )
 
 
+def build_base(preset_name: str, seed: int = 0) -> PaliGemmaForConditionalGeneration:
+    """A randomly initialised PaliGemma of the named preset (fp32, CPU), the same for a given seed."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown tiny preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(build_config(PRESETS[preset_name]))
+    model.eval()
+    return model
+
+
 def build_model(
     preset_name: str, seed: int = 0
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
-    """A randomly initialised PaliGemma of the named preset and its processor (fp32, CPU)."""
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown tiny preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    preset = PRESETS[preset_name]
-    torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(build_config(preset))
-    model.eval()
-    return model, build_processor(preset)
+    """``build_base`` and the preset's processor."""
+    model = build_base(preset_name, seed)
+    return model, build_processor(PRESETS[preset_name])
 
 
 def save_checkpoint(preset_name: str, out_dir: str | Path, seed: int = 0) -> Path:
