@@ -60,6 +60,7 @@ def _summary(result) -> str:
         lines.append(f"{name + ':':<15} {fmt(before)} (before) -> {fmt(after)} (after)")
     lines += [
         f"adapter:        {result.adapter_dir}",
+        *([f"best:           {result.best_checkpoint}"] if result.best_checkpoint else []),
         f"metrics log:    {result.output_dir / 'metrics.jsonl'}",
     ]
     return "\n".join(lines)

@@ -130,7 +130,7 @@ def best_checkpoint(checkpoints_dir: Path, best: BestPolicy) -> Path | None:
         return None
     pick = max if best.mode == "max" else min
     # Ties go to the earliest checkpoint: a later one must improve to replace it.
-    return pick(reversed(scored), key=lambda pair: pair[0])[1]
+    return pick(scored, key=lambda pair: pair[0])[1]
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep_last: int, best: BestPolicy | None = None) -> None:

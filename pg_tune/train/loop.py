@@ -34,7 +34,7 @@ from pg_tune.evaluate.run import evaluate_samples
 from pg_tune.hub import push_from_training
 from pg_tune.models.paligemma import load_model, load_processor, resolve_dtype
 from pg_tune.train.adapters import prepare_model, trainable_summary
-from pg_tune.train.checkpoint import BestPolicy, load_checkpoint, read_state, save_checkpoint
+from pg_tune.train.checkpoint import BestPolicy, best_checkpoint, load_checkpoint, read_state, save_checkpoint
 from pg_tune.train.logbook import MetricsLog
 from pg_tune.train.loss import SuffixLoss
 from pg_tune.train.optim import build_optimizer, build_scheduler
@@ -65,6 +65,7 @@ class TrainResult:
     metrics_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     is_main_process: bool = True
+    best_checkpoint: Path | None = None
     model: Any = field(default=None, repr=False)
     """The trained peft model, for callers using pg_tune as a library."""
 
@@ -456,6 +457,10 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
         is_main_process=main,
         model=peft_model,
     )
+    if best and main:
+        result.best_checkpoint = best_checkpoint(checkpoints_dir, best)
+        if result.best_checkpoint:
+            say(f"best checkpoint by {best.metric} ({best.mode}): {result.best_checkpoint} ({best_value})")
     if main:
         (output_dir / "summary.json").write_text(
             json.dumps(
@@ -470,6 +475,8 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
                     "dtype": str(resolve_dtype(recipe.model.dtype)),
                     "nonfinite_skipped": nonfinite_skipped,
                     "bad_rows": {"build": dict(bad_rows.counts), "training": dict(train_bad.counts)},
+                    "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+                    "best_value": best_value,
                 },
                 indent=2,
             )

@@ -158,3 +158,18 @@ def test_truncate_metrics_log_drops_lost_future(tmp_path):
     )
     assert truncate_metrics_log(log, 2) == 2
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_best_checkpoint_ties_go_to_the_earliest(tmp_path):
+    """A later checkpoint must improve on the metric to become the best (what the loop assumes)."""
+    import json
+
+    from pg_tune.train.checkpoint import COMPLETE_MARKER, BestPolicy, best_checkpoint
+
+    for step, value in [(4, 0.5), (8, 0.7), (12, 0.7), (16, 0.2)]:
+        folder = tmp_path / f"step-{step:07d}"
+        folder.mkdir()
+        (folder / "state.json").write_text(json.dumps({"step": step, "eval_metrics": {"m": value}}))
+        (folder / COMPLETE_MARKER).write_text("{}")
+    assert best_checkpoint(tmp_path, BestPolicy("m", "max")).name == "step-0000008"
+    assert best_checkpoint(tmp_path, BestPolicy("m", "min")).name == "step-0000016"
