@@ -85,3 +85,16 @@ def test_validate_command(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     assert "unknown key 'lora.rnk' — did you mean 'r'?" in capsys.readouterr().err
     assert main(["validate", str(path), "lora={r: 4}"]) == 0
+
+
+def test_readme_recipe_example_validates():
+    """The recipe shown in README.md must stay a valid recipe."""
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### A recipe", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    recipe = parse_recipe(yaml.safe_load(block))
+    assert recipe.model.name_or_path == "google/paligemma2-3b-pt-224"
+    assert recipe.logging.trackers == ["tensorboard", "wandb"]
