@@ -114,7 +114,7 @@ def build_model_card(
     parts = [
         f"# {title}\n",
         f"{'A LoRA adapter' if kind == 'adapter' else 'Merged weights'} for {base_text}, fine-tuned with "
-        f"pg_tune by {method}" + (f" for {steps} optimizer steps" if steps else "") + ".\n",
+        f"pg_tune ({method}" + (f", {steps} optimizer steps" if steps else "") + ").\n",
         "Prompts follow PaliGemma's layout: the image, then the task prefix (e.g. `caption en`) and a "
         "newline; the model writes the suffix.\n",
         "## Usage\n",

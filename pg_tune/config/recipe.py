@@ -32,7 +32,6 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = True
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05

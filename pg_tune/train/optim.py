@@ -18,7 +18,9 @@ def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     """
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters: is lora.enabled false with nothing else to train?")
+        raise ValueError(
+            "no trainable parameters: no module matched the LoRA targets (lora.targets, lora.vision)"
+        )
     if train.optimizer == "adamw":
         # foreach: one fused kernel per group instead of a Python loop over LoRA's many tiny tensors.
         return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)

@@ -81,7 +81,6 @@ def run_fingerprint(recipe: Recipe, model: torch.nn.Module) -> dict[str, Any]:
     return {
         "model.name_or_path": recipe.model.name_or_path,
         "model.revision": recipe.model.revision,
-        "lora.enabled": lora.enabled,
         "lora.r": lora.r,
         "lora.alpha": lora.alpha,
         "lora.targets": lora.targets,
