@@ -62,7 +62,8 @@ def test_suffix_loss_equals_model_loss_and_gradients(tiny_preset, softcap):
 
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order: elements near zero differ by ~1e-6 in absolute terms.
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=5e-6)
 
 
 def test_frozen_head_and_vision_get_no_gradient():
