@@ -64,9 +64,10 @@ def predict_texts(
 def evaluate_samples(
     accelerator: Accelerator, model, processor, samples: Sequence[Sample], recipe: Recipe
 ) -> dict[str, float]:
-    """Metrics over ``samples`` (at most ``eval.limit``); every rank returns the same dict."""
+    """Metrics over ``samples`` (at most ``eval.limit`` per eval dataset); every rank returns the same dict."""
     if recipe.eval.limit is not None:
-        samples = samples[: recipe.eval.limit]
+        parts = getattr(samples, "parts", None) or [samples]
+        samples = [s for part in parts for s in part[: recipe.eval.limit]]
     if not samples:
         return {}
     texts = predict_texts(model, processor, samples, recipe, accelerator, accelerator.is_local_main_process)
