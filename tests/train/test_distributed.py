@@ -34,27 +34,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(recipe, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    """`pg-tune train` in one process, or in `nproc` gloo ranks started by torch.distributed.run."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = []
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                    f"--master_port={_free_port()}"]  # fmt: skip
+    cmd = [sys.executable, *launcher, "-m", "pg_tune", "train", str(recipe), *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def _run(tmp_path, name, jsonl, batch, accum, nproc):
     out = tmp_path / name
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(RECIPE.format(out=out, jsonl=jsonl, batch=batch, accum=accum))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "pg_tune", "train", str(recipe)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            "-m",
-            "pg_tune",
-            "train",
-            str(recipe),
-        ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = _launch(recipe, nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     losses = [
@@ -96,22 +91,7 @@ def test_qlora_under_two_processes(tmp_path, shapes_jsonl, tiny_checkpoint):
             "quantization: {mode: 4bit, bnb_4bit_compute_dtype: float32}",
         )
     )
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "pg_tune",
-        "train",
-        str(recipe),
-        "train.max_steps=2",
-        "train.gradient_checkpointing=true",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = _launch(recipe, 2, "train.max_steps=2", "train.gradient_checkpointing=true")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("14 linear layers quantized (nf4") == 2  # one quantized copy per rank
     summary = json.loads((out / "summary.json").read_text())
