@@ -1,6 +1,6 @@
 """The recipe: a YAML file turned into small typed sections, validated before anything loads.
 
-Sections: ``model``, ``lora``, ``quantization``, ``data``, ``train``, ``eval``, ``logging``,
+Sections: ``model``, ``method`` (with ``lora`` / ``full`` / ``partial``), ``quantization``, ``data``, ``train``, ``eval``, ``logging``,
 ``hub``, ``output_dir``. Each dataset entry under ``data.train`` / ``data.eval`` names its ``format`` and
 carries that format's own keys (see ``data_formats/``).
 """
@@ -41,10 +41,36 @@ class LoraConfig:
     """Also adapt the SigLIP encoder's layers (same target set)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter, e.g. ``[multi_modal_projector]``."""
+    use_dora: bool = False
+    """DoRA (peft): a learned magnitude per output row besides the low-rank direction update.
+    Closer to full fine-tuning at low rank; each step costs more (about 1.2-2x on the adapted layers)."""
+    use_rslora: bool = False
+    """rsLoRA (peft): scale by ``alpha / sqrt(r)`` instead of ``alpha / r``, so high ranks
+    (64 and up) still learn; same cost as LoRA."""
 
-    def check(self, path: str) -> None:
-        if self.r < 1:
-            raise ConfigError(f"{path}.r: must be >= 1, got {self.r}")
+
+TRAIN_METHODS = ("lora", "full", "partial")
+PARAMETER_GROUPS = ("attention", "mlp", "llm", "projector", "vision")
+
+
+@dataclass
+class FullConfig:
+    """``method: full``: every weight of the language model and the projector trains."""
+
+    vision: bool = False
+    """Also train the SigLIP encoder (big_vision's transfers do; costs its weights' optimizer state)."""
+
+
+@dataclass
+class PartialConfig:
+    """``method: partial``: only the named groups train, the rest stays frozen."""
+
+    groups: list[Literal["attention", "mlp", "llm", "projector", "vision"]] = field(
+        default_factory=lambda: ["attention"]
+    )
+    """``attention``: the language model's attention projections (big_vision's T4 notebook);
+    ``mlp``: its MLPs; ``llm``: the whole language model, embeddings included; ``projector``: the
+    image-to-text projection; ``vision``: the SigLIP encoder."""
 
 
 @dataclass
@@ -111,6 +137,9 @@ class TrainConfig:
     """Write a checkpoint under ``checkpoints/`` every N optimizer steps."""
     keep_last: int = 2
     """Checkpoints kept besides the best one (see ``eval.best_metric``)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing (PyTorch's definition: ``eps`` spread over the whole vocabulary);
+    big_vision tunes it for some transfers. 0 = off."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss or gradient norm: ``stop`` (checkpoint the last good state, name the batch's
     rows, exit non-zero) or ``skip`` the optimizer step and count it."""
@@ -121,6 +150,8 @@ class TrainConfig:
                 raise ConfigError(f"{path}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"{path}.lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{path}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -184,7 +215,12 @@ class HubConfig:
 class Recipe:
     output_dir: str
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: Literal["lora", "full", "partial"] = "lora"
+    """What trains: ``lora`` adapters (section ``lora``), the ``full`` model (section ``full``), or
+    ``partial`` named groups (section ``partial``). See the README's "Training methods"."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    full: FullConfig = field(default_factory=FullConfig)
+    partial: PartialConfig = field(default_factory=PartialConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -195,6 +231,16 @@ class Recipe:
     def check(self, path: str) -> None:
         if not self.data.train:
             raise ConfigError("data.train: at least one dataset entry is needed")
+        # The lora section is only read (and only checked) when LoRA is the method.
+        if self.method == "lora" and self.lora.r < 1:
+            raise ConfigError(f"lora.r: must be >= 1, got {self.lora.r}")
+        if self.method != "lora" and self.quantization.mode != "none":
+            raise ConfigError(
+                f"method: {self.method!r} trains base weights, which cannot be {self.quantization.mode} "
+                "quantized; set quantization.mode=none, or method=lora for QLoRA"
+            )
+        if self.method == "partial" and not self.partial.groups:
+            raise ConfigError(f"partial.groups: name at least one of {', '.join(PARAMETER_GROUPS)}")
 
 
 def _parse_dataset_entry(raw: Any, path: str) -> DatasetEntry:
