@@ -105,6 +105,9 @@ class DataConfig:
     """``stop`` at the first bad row, or ``skip`` it and count it; counts are always printed."""
     num_workers: int = 0
     """DataLoader worker processes decoding and resizing images."""
+    shuffle: bool = True
+    """Shuffle the training rows (seeded by ``train.seed``). ``false``: every entry in its file
+    order, entries one after the other (curricula, debugging, comparing a stream with a table)."""
     group_by_length: bool = False
     """Batch rows of similar text length together (less padding); order stays random."""
     feature_cache: str | None = None
