@@ -23,6 +23,7 @@ downloads them again); it never needs the checkpoint to hold the buffer.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -126,6 +127,7 @@ class StreamingSamples(LazySamples):
         self.counts = [round(w * s.num_rows) for w, s in zip(self.weights, self.parts, strict=True)]
         self._labels: tuple[int, np.ndarray, np.ndarray] | None = None
         self._cursors: dict[int, _Cursor] = {}
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -165,6 +167,8 @@ class StreamingSamples(LazySamples):
         entry, position = self.locate(index)
         stream = self.parts[entry]
         pass_no, offset = divmod(position, stream.num_rows)
+        if self._pid != os.getpid():  # a forked DataLoader worker: open its own readers
+            self._cursors, self._pid = {}, os.getpid()
         cursor = self._cursors.get(entry)
         if cursor is None or cursor.pass_no != pass_no or cursor.offset > offset:
             cursor = self._cursors[entry] = _Cursor(stream, pass_no, self.shuffle)

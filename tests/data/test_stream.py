@@ -138,6 +138,44 @@ def test_random_access_and_fast_forward_equal_reading_in_order(repo):
         assert jumping[k].suffix == expected[k], k
 
 
+def test_dataloader_workers_and_resume_skip_read_the_same_rows(repo):
+    """Two workers each take every other batch (skipping the rest of the stream); a loader
+    resumed by accelerate's skip_first_batches starts mid-epoch: both see the single-process rows."""
+    from accelerate import skip_first_batches
+    from torch.utils.data import DataLoader
+
+    from pg_tune.data.collate import SampleDataset
+    from pg_tune.data.stream import EpochSampler
+
+    entries = _entries({"format": "hf", "path": str(repo), "streaming": True, "shuffle_buffer": 4})
+    samples = build_samples(entries, "train", BadRows(), seed=5)
+    samples[3]  # the parent has live readers before the workers fork
+
+    def loader(workers):
+        return DataLoader(
+            SampleDataset(samples),
+            batch_size=2,
+            sampler=EpochSampler(len(samples)),
+            collate_fn=lambda rows: [s.suffix for _, s in rows],
+            num_workers=workers,
+        )
+
+    expected = []
+    single = loader(0)
+    for epoch in range(2):
+        single.sampler.set_epoch(epoch)
+        expected += list(single)
+    parallel, got = loader(2), []
+    for epoch in range(2):
+        parallel.sampler.set_epoch(epoch)
+        got += list(parallel)
+    assert got == expected
+    assert len(expected) == 16 and expected[:8] != expected[8:]  # 8 batches an epoch, reshuffled
+    resumed = loader(0)
+    resumed.sampler.set_epoch(1)  # 8 batches an epoch: resume after batch 5 of epoch 1
+    assert list(skip_first_batches(resumed, 5)) == expected[8 + 5 :]
+
+
 def test_mixing_by_weight_draws_exact_counts_each_epoch(repo):
     entries = _entries(
         {"format": "hf", "path": str(repo), "streaming": True, "weight": 2},

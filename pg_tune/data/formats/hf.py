@@ -216,9 +216,7 @@ class HfStream:
         # A limit takes the first rows in file order, so only the buffer shuffles them.
         if shuffle and self.options.limit is None:
             random.Random(f"{self.seed}:{self.entry}:shards:{pass_no}").shuffle(shards)
-        rows = itertools.chain.from_iterable(
-            self.ds.shard(num_shards=len(shards), index=i, contiguous=True) for i in shards
-        )
+        rows = itertools.chain.from_iterable(_shard_rows(self.ds, len(shards), i) for i in shards)
         rows = itertools.islice(rows, self._num_rows)
         if not shuffle:
             return rows
@@ -229,6 +227,15 @@ class HfStream:
 
     def to_sample(self, row: dict[str, Any], position: int) -> Sample:
         return self.reader.row_to_sample(row, position)
+
+
+def _shard_rows(ds, num_shards: int, index: int, batch_rows: int = 64):
+    """Every row of one shard, as dicts. ``IterableDataset.iter`` rather than ``iter(ds)``: inside a
+    DataLoader worker the latter yields only that worker's share of the shards, and every worker
+    here must read the whole stream (it skips the rows other workers decode)."""
+    for batch in ds.shard(num_shards=num_shards, index=index, contiguous=True).iter(batch_size=batch_rows):
+        columns = list(batch)
+        yield from (dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True))
 
 
 def _stream_rows(ds, options: HfOptions) -> int | None:
