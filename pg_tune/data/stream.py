@@ -161,6 +161,10 @@ class StreamingSamples(LazySamples):
         entry = int(labels[j])
         return entry, epoch * self.counts[entry] + int(rank[j])
 
+    def entry_of(self, index: int) -> int:
+        """Which recipe entry row ``index`` comes from (as ``ConcatSamples.entry_of``)."""
+        return self.locate(index)[0]
+
     def _sample(self, index: int) -> Sample:
         if index < 0:
             raise IndexError(index)

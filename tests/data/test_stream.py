@@ -109,6 +109,8 @@ def test_stream_without_shuffle_is_the_table_in_file_order(repo):
     assert isinstance(stream, StreamingSamples) and len(stream) == 15  # sized from the parquet footers
     stream.shuffle = False
     assert _suffixes(stream, 0, 30) == [s.suffix for s in table] * 2  # epoch 1 is the same pass again
+    # Rows are named by shard and row (bad-row messages must point at the data, not at the stream).
+    assert stream[7].source == f"{repo}[shard 1 row 2]"
 
 
 def test_stream_shuffle_is_a_permutation_per_pass_fixed_by_the_seed(repo):

@@ -212,7 +212,10 @@ def test_full_run_saves_a_model_folder_transformers_loads_and_push_plans_it(tmp_
 
     recipe, resolved = _method_recipe(tmp_path, "run", "full", four_rows)
     recipe.train.max_steps, recipe.train.save_every = 2, None
+    recipe.data.eval = recipe.data.train  # evaluation (generation) runs on the plain, unwrapped model
+    recipe.eval.max_new_tokens = 3
     result = train(recipe, resolved)
+    assert result.metrics_after and "caption/exact_match" in str(result.metrics_after)
     run = tmp_path / "run"
     assert result.adapter_dir == run / "model" and not (run / "adapter").exists()
     names = {p.name for p in (run / "model").iterdir()}

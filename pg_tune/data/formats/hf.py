@@ -159,7 +159,7 @@ class HfSamples(LazySamples):
     def _sample(self, index: int) -> Sample:
         return self.row_to_sample(self.ds[index], index)
 
-    def row_to_sample(self, row: dict[str, Any], index: int) -> Sample:
+    def row_to_sample(self, row: dict[str, Any], index: int | str) -> Sample:
         where = f"{self.where}[{index}]"
         suffix = row[self.col["suffix"]]
         references: tuple[str, ...] = ()
@@ -225,17 +225,21 @@ class HfStream:
         rng = random.Random(f"{self.seed}:{self.entry}:buffer:{pass_no}")
         return buffer_shuffled(rows, self.options.shuffle_buffer, rng)
 
-    def to_sample(self, row: dict[str, Any], position: int) -> Sample:
-        return self.reader.row_to_sample(row, position)
+    def to_sample(self, row: tuple[str, dict[str, Any]], position: int) -> Sample:
+        where, values = row  # named by shard and row, wherever the shuffle put it
+        return self.reader.row_to_sample(values, where)
 
 
 def _shard_rows(ds, num_shards: int, index: int, batch_rows: int = 64):
-    """Every row of one shard, as dicts. ``IterableDataset.iter`` rather than ``iter(ds)``: inside a
-    DataLoader worker the latter yields only that worker's share of the shards, and every worker
-    here must read the whole stream (it skips the rows other workers decode)."""
+    """Every row of one shard as ``("shard S row R", row dict)``. ``IterableDataset.iter`` rather
+    than ``iter(ds)``: inside a DataLoader worker the latter yields only that worker's share of the
+    shards, and every worker here must read the whole stream (it skips the rows others decode)."""
+    row_no = 0
     for batch in ds.shard(num_shards=num_shards, index=index, contiguous=True).iter(batch_size=batch_rows):
         columns = list(batch)
-        yield from (dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True))
+        for values in zip(*batch.values(), strict=True):
+            yield f"shard {index} row {row_no}", dict(zip(columns, values, strict=True))
+            row_no += 1
 
 
 def _stream_rows(ds, options: HfOptions) -> int | None:
