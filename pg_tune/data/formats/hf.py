@@ -101,7 +101,7 @@ def _load(options: HfOptions):
                 raise DataError(f"{path}: set split to one of {sorted(ds)} (got {options.split!r})")
             ds = ds[options.split]
         return ds
-    if not path.is_dir() and glob.has_magic(options.path) or options.path.endswith(".parquet"):
+    if (not path.is_dir() and glob.has_magic(options.path)) or options.path.endswith(".parquet"):
         files = sorted(glob.glob(options.path))
         if not files:
             raise DataError(f"{options.path}: no such parquet file")
