@@ -17,6 +17,7 @@ that cannot fit starts (``pg-tune plan``, where present, gives the detailed budg
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -156,11 +157,16 @@ def memory_warning(model: nn.Module, recipe: Recipe, capacity: tuple[int, str] |
         "partial": "fewer partial.groups, or method: lora",
         "lora": "quantization.mode=4bit (QLoRA) or a smaller lora.r",
     }[recipe.method]
+    plan = (
+        " `pg-tune plan RECIPE` gives the detailed budget."
+        if importlib.util.find_spec("pg_tune.plan")
+        else ""
+    )
     return (
         f"method {recipe.method!r} needs about {estimate.describe()}, more than the {available / 1e9:.1f} GB "
         f"of {where}. It will likely run out of memory: try {hints}, train.optimizer=adamw_8bit, "
         "or shard the states (recipes/accelerate/deepspeed_zero2.yaml / fsdp.yaml; this estimate is "
-        "before sharding)."
+        f"before sharding).{plan}"
     )
 
 
