@@ -114,6 +114,13 @@ class DataConfig:
     """Directory caching projected image features when the vision tower is frozen, so training
     skips SigLIP (docs/performance.md says when it pays)."""
 
+    def check(self, path: str) -> None:
+        if not self.shuffle and self.group_by_length:
+            raise ConfigError(
+                f"{path}.shuffle: false keeps the rows in file order, {path}.group_by_length reorders "
+                "them by length; set one of the two"
+            )
+
 
 @dataclass
 class TrainConfig:

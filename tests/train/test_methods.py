@@ -43,6 +43,10 @@ def test_lora_rank_is_only_checked_when_lora_is_the_method():
         ({"method": "partial", "partial": {"groups": ["attn"]}}, r"partial.groups\[0\]"),
         ({"train": {"label_smoothing": 1.0}}, r"train.label_smoothing: must be in \[0, 1\)"),
         ({"full": {"vison": True}}, r"unknown key 'full.vison'"),
+        (
+            {"data": {"train": [{"format": "shapes"}], "shuffle": False, "group_by_length": True}},
+            r"data.shuffle: false keeps the rows in file order",
+        ),
     ],
 )
 def test_method_config_errors_name_the_field(sections, message):
