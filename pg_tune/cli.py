@@ -11,7 +11,7 @@ import sys
 
 from pg_tune import commands_export
 from pg_tune.commands_data import add_data_parser
-from pg_tune.commands_eval import add_eval_parser, add_predict_parser
+from pg_tune.commands_eval import add_eval_parser, add_predict_parser, add_remote_code_argument
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
 
@@ -31,6 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pg_tune.train.signals import TrainingStopped
 
     recipe, resolved_recipe = load_recipe(args.recipe, args.overrides)
+    recipe.model.trust_remote_code = args.trust_remote_code
     try:
         result = train(recipe, resolved_recipe, resume=args.resume)
     except TrainingStopped as e:
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|PATH",
         help="continue from the newest complete checkpoint of output_dir (auto) or from PATH",
     )
+    add_remote_code_argument(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe (keys, types, dataset formats)")

@@ -9,12 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pg_tune.commands_eval import add_remote_code_argument
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from pg_tune.export import ExportError, export_merged
 
     try:
-        export_merged(args.run_dir, args.out, dtype=args.dtype, num_samples=args.samples, device=args.device)
+        export_merged(
+            args.run_dir, args.out, dtype=args.dtype, num_samples=args.samples, device=args.device,
+            trust_remote_code=args.trust_remote_code,
+        )  # fmt: skip
     except ExportError as e:
         print(f"pg-tune export: error: {e}", file=sys.stderr)
         return 2
@@ -55,6 +60,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--samples", type=int, default=4, help="samples in the parity check")
     p.add_argument("--device", default=None, help="where to merge (default: cuda if available, else cpu)")
+    add_remote_code_argument(p)
     p.set_defaults(func=_cmd_export)
 
 

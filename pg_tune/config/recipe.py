@@ -27,7 +27,16 @@ class ModelConfig:
     """``auto``: bfloat16 on a GPU that supports it, float32 on CPU. float16 gives NaNs on Gemma."""
     attn_implementation: Literal["eager", "sdpa"] | None = None
     trust_remote_code: bool = False
-    """PaliGemma is native to transformers; remote code stays off unless asked for explicitly."""
+    """Set only by the ``--trust-remote-code`` flag, never by a recipe: recipes travel with adapters
+    (``pg-tune push`` uploads them), so a file must not be able to switch on code execution."""
+
+    def check(self, path: str) -> None:
+        if self.trust_remote_code:
+            raise ConfigError(
+                f"{path}.trust_remote_code: a recipe cannot switch on remote code (recipes travel with "
+                "adapters); remove the key and pass --trust-remote-code on the command line if you "
+                "trust the model's code"
+            )
 
 
 @dataclass
