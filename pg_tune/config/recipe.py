@@ -171,6 +171,7 @@ class HubConfig:
     repo_id: str | None = None
     """``OWNER/NAME``; nothing is pushed while unset."""
     private: bool = True
+    """Create the repo private (the default, as for ``pg-tune push``); ``false`` makes it public."""
     revision: str | None = None
     """Branch to push to (created if missing); default ``main``."""
     push_at_end: bool = True
