@@ -72,7 +72,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             recipe, args.model, out_dir, args.vae_path, args.report_limit,
             trust_remote_code=args.trust_remote_code, base=args.base,
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing/unloadable model or file: one line, no traceback
         if isinstance(e, (ConfigError, DataError)):
             raise
         print(f"pg-tune: error: {e}", file=sys.stderr)
@@ -142,7 +142,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             args.model, args.image, args.prompt, args.max_new_tokens, args.num_beams, args.vae_path, args.draw,
             trust_remote_code=args.trust_remote_code, base=args.base,
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing/unloadable model or file: one line, no traceback
         if isinstance(e, (ConfigError, DataError)):
             raise
         print(f"pg-tune: error: {e}", file=sys.stderr)

@@ -130,3 +130,13 @@ def test_pickle_only_model_folder_is_refused_with_a_conversion_hint(tmp_path, ca
     assert "pg-tune: error:" in err and "use_safetensors=False" in err and "Traceback" not in err
     (folder / "model.safetensors").write_bytes(b"")
     require_safetensors(str(folder))  # safetensors present: loading goes ahead
+
+
+def test_unloadable_model_is_one_line(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    (tmp_path / "empty").mkdir()
+    for ref, message in ((tmp_path / "nope", "no such folder"), (tmp_path / "empty", "model.safetensors")):
+        assert main(["predict", "--model", str(ref), "--image", str(image), "--prompt", "caption en"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pg-tune: error:") and message in err and err.count("\n") == 1

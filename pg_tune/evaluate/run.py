@@ -87,6 +87,10 @@ class LoadedModel:
     description: str
 
 
+def _looks_like_path(ref: str) -> bool:
+    return Path(ref).is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
+
+
 def load_for_eval(
     model_ref: str | None,
     recipe: Recipe | None = None,
@@ -117,6 +121,8 @@ def load_for_eval(
         raise ValueError(
             "--base applies to an adapter folder given with --model (one with adapter_config.json)"
         )
+    if model_ref is not None and not Path(model_ref).exists() and _looks_like_path(model_ref):
+        raise FileNotFoundError(f"--model {model_ref}: no such folder (a hub id is OWNER/NAME)")
     if model_ref is None:
         if recipe is None:
             raise ValueError("nothing to evaluate: give a recipe or --model")
