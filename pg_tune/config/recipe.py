@@ -120,7 +120,7 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 1
     max_steps: int | None = None
-    """Optimizer steps; overrides ``epochs`` when set."""
+    """Optimizer steps (>= 1); overrides ``epochs`` when set. Unset (null) trains by ``epochs``."""
     batch_size: int = 8
     """Per-process micro-batch."""
     grad_accum: int = 1
@@ -137,7 +137,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     log_every: int = 10
     save_every: int | None = None
-    """Write a checkpoint under ``checkpoints/`` every N optimizer steps."""
+    """Write a checkpoint under ``checkpoints/`` every N (>= 1) optimizer steps; unset: none."""
     keep_last: int = 2
     """Checkpoints kept besides the best one (see ``eval.best_metric``)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
