@@ -41,6 +41,11 @@ def _units(part: Sequence[Sample]) -> list[list[int]]:
     return units
 
 
+def _pick(unit: list[int], rng_key: str) -> int:
+    """One sample of a unit (one caption of an image, ...), drawn with ``rng_key`` as the seed."""
+    return unit[0] if len(unit) == 1 else random.Random(rng_key).choice(unit)
+
+
 def build_train_index(
     weights: Sequence[float],
     samples_per_entry: Sequence[Sequence[Sample]],
@@ -67,12 +72,7 @@ def build_train_index(
             for position in range(start, start + count):
                 pass_no, k = divmod(position, len(units))
                 unit = units[_pass_order(seed, entry, pass_no, len(units))[k] if shuffle else k]
-                pick = (
-                    unit[0]
-                    if len(unit) == 1
-                    else random.Random(f"{seed}:{entry}:{epoch}:{position}").choice(unit)
-                )
-                index.append(offset + pick)
+                index.append(offset + _pick(unit, f"{seed}:{entry}:{epoch}:{position}"))
         offset += len(part)
     if shuffle:
         random.Random(f"{seed}:mix:{epoch}").shuffle(index)

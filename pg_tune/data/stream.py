@@ -84,16 +84,12 @@ class SequenceStream:
         return len(self.units)
 
     def rows(self, pass_no: int, shuffle: bool) -> Iterator[int]:
-        from pg_tune.data.mix import _pass_order
+        from pg_tune.data.mix import _pass_order, _pick
 
         order = _pass_order(self.seed, self.entry, pass_no, len(self.units)) if shuffle else None
         for k in range(len(self.units)):
             unit = self.units[order[k] if order is not None else k]
-            yield (
-                unit[0]
-                if len(unit) == 1
-                else random.Random(f"{self.seed}:{self.entry}:{pass_no}:{k}").choice(unit)
-            )
+            yield _pick(unit, f"{self.seed}:{self.entry}:{pass_no}:{k}")
 
     def to_sample(self, row: int, position: int) -> Sample:
         return self.samples[row]
