@@ -90,8 +90,10 @@ def read_run(run_dir: str | Path) -> Run:
         raise ExportError(f"{run_dir}: recipe.yaml is missing (looked in the run folder and adapter/)")
     resolved = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
     recipe = parse_recipe(resolved)
-    # The base comes from the recipe, which must name the one the adapter was trained on.
-    adapter_base(adapter_dir, recipe.model.name_or_path, f"{recipe_path} (model.name_or_path)")
+    # The base comes from the recipe, which must name the one the adapter was trained on (a full or
+    # partial run's folder is the whole model: no base to check).
+    if recipe.method == "lora":
+        adapter_base(adapter_dir, recipe.model.name_or_path, f"{recipe_path} (model.name_or_path)")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     return Run(run_dir, recipe, resolved, adapter_dir, summary)
