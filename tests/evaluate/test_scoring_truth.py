@@ -129,3 +129,16 @@ def test_old_prediction_files_without_targets_still_score_from_the_reference_tex
     ref = encode_box((0, 0, 100, 100), SIZE)
     out = score_items([Item("refer_detect", ref, [ref], SIZE)])
     assert out.metrics["refer_detect/acc@0.5"] == 1.0
+
+
+def test_predictions_file_keeps_the_true_ground_truth_for_rescoring(codec, tmp_path):
+    from pg_tune.evaluate.predictions import rescore, write_predictions
+
+    truth = _ellipse()
+    sample = _sample("refer_segment", [ObjectTarget("", (20.0, 20.0, 100.0, 80.0), mask_to_rle(truth))])
+    prediction = PG.render_target(sample, codec)
+    scored = score_samples([sample], [prediction], codec, PG)
+    path = write_predictions(tmp_path / "predictions.jsonl", scored.records)
+    again, _ = rescore(path, codec)
+    assert again.metrics["refer_segment/miou"] == pytest.approx(scored.metrics["refer_segment/miou"])
+    assert again.metrics["refer_segment/miou"] < 0.99
