@@ -291,6 +291,14 @@ def family_for(source: Any) -> ModelFamily:
             if source in family.tiny_presets or source == family.name:
                 return family()
     model_type = _model_type_of(unwrap_model(source) if isinstance(source, nn.Module) else source)
+    if model_type is None and isinstance(source, (str, Path)) and Path(source).is_dir():
+        from pg_tune.model_source import require_safetensors
+
+        require_safetensors(str(source))  # pickled weights only: the conversion hint
+        raise FileNotFoundError(
+            f"{source}: not a model folder in the Hugging Face layout: config.json (naming its model_type) "
+            "and model.safetensors are needed, plus the processor files"
+        )
     if model_type is None and isinstance(source, (str, Path)):
         try:
             from transformers import AutoConfig
