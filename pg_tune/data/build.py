@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pg_tune.config.recipe import DatasetEntry
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import FORMATS, BuildContext
-from pg_tune.data.sample import LazySamples, Sample
+from pg_tune.data.sample import DataError, LazySamples, Sample
 from pg_tune.data.stream import StreamingSamples, as_streams
 
 
@@ -38,15 +38,21 @@ class ConcatSamples(LazySamples):
 
 
 def build_samples(
-    entries: list[DatasetEntry], split: str, bad_rows: BadRows, seed: int = 0
+    entries: list[DatasetEntry], split: str, bad_rows: BadRows, seed: int = 0, family=None
 ) -> ConcatSamples | StreamingSamples:
     """All samples of one split, concatenated in recipe order.
 
     When a training entry streams (``hf`` with ``streaming: true``), the split is a
     ``StreamingSamples``: every entry read as a stream and mixed by weight (``pg_tune.data.stream``).
+
+    With a model ``family``, rows whose text holds one of its control tokens (``<image>``, ``<eos>``,
+    ...) are bad rows (reason ``reserved_token``) now, under ``data.on_bad_row``; lazily read
+    entries are checked by the family's collator when each row is read.
     """
     ctx = BuildContext(split=split, bad_rows=bad_rows, seed=seed)
     parts = [FORMATS[entry.format].build(entry.options, ctx) for entry in entries]
+    if family is not None:
+        parts = [_drop_reserved(part, family, bad_rows) for part in parts]
     if any(_is_stream(p) for p in parts):
         streams = as_streams(parts, seed, _is_stream)
         for i, stream in enumerate(streams):
@@ -57,6 +63,21 @@ def build_samples(
 
 def _is_stream(part: object) -> bool:
     return hasattr(part, "rows") and hasattr(part, "to_sample")
+
+
+def _drop_reserved(part: Sequence[Sample], family, bad_rows: BadRows) -> Sequence[Sample]:
+    if not isinstance(part, list):
+        return part
+    reserved = family.reserved_tokens(None)
+    kept = []
+    for sample in part:
+        try:
+            family.check_text(sample, reserved)
+        except DataError as e:
+            bad_rows.bad("reserved_token", str(e))
+            continue
+        kept.append(sample)
+    return kept
 
 
 def train_order(

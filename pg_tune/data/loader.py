@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pg_tune.config.recipe import Recipe
-from pg_tune.data.collate import PaliGemmaCollator, SampleDataset
+from pg_tune.data.collate import SampleDataset
 from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
 from pg_tune.data.mix import MixSampler
 from pg_tune.data.sample import DataError, Sample
@@ -23,15 +23,26 @@ from pg_tune.data.stream import EpochSampler, StreamingSamples
 
 
 def build_train_loader(
-    samples: Sequence[Sample], processor, recipe: Recipe, feature_cache: FeatureCache | None = None
+    samples: Sequence[Sample],
+    processor,
+    recipe: Recipe,
+    feature_cache: FeatureCache | None = None,
+    family=None,
 ) -> DataLoader:
     """Batches of the recipe's micro-batch size; images decode and resize in the workers.
 
     Rows are drawn by ``MixSampler`` (datasets mixed by ``weight``, one caption/answer per group
     per epoch; a plain seeded shuffle when every weight is 1), optionally grouped by length. The
     order depends only on ``train.seed`` and the epoch, so resumed and multi-process runs agree.
+    The collator is the model family's (default: the family of ``model.name_or_path``), with the
+    mask codec of ``model.vae_path`` for segmentation targets.
     """
-    collator = PaliGemmaCollator(processor, recipe.data.max_text_length, train=True)
+    if family is None:
+        from pg_tune.models.family import family_for
+
+        family = family_for(recipe.model.name_or_path)
+    mask_codec = family.load_mask_codec(recipe.model.vae_path)
+    collator = family.collator(processor, recipe.data.max_text_length, train=True, mask_codec=mask_codec)
     if isinstance(samples, StreamingSamples):
         return _streaming_loader(samples, collator, recipe, feature_cache)
     parts = getattr(samples, "parts", None) or [samples]
@@ -46,7 +57,7 @@ def build_train_loader(
     )
     if recipe.data.group_by_length:
         batch_sampler = LengthGroupedBatchSampler(
-            text_lengths(samples, processor.tokenizer),
+            text_lengths(samples, processor.tokenizer, lambda s: family.render_target(s, mask_codec)),
             recipe.train.batch_size,
             sampler=sampler,
             seed=recipe.train.seed,
@@ -58,7 +69,7 @@ def build_train_loader(
 
 
 def _streaming_loader(
-    samples: StreamingSamples, collator: PaliGemmaCollator, recipe: Recipe, feature_cache: FeatureCache | None
+    samples: StreamingSamples, collator, recipe: Recipe, feature_cache: FeatureCache | None
 ) -> DataLoader:
     """Streamed entries: rows in the stream's own order (shuffled by its buffer), read sequentially.
 
@@ -87,7 +98,9 @@ def _streaming_loader(
     )
 
 
-def prepare_feature_cache(samples: Sequence[Sample], model, processor, recipe: Recipe) -> FeatureCache | None:
+def prepare_feature_cache(
+    samples: Sequence[Sample], model, processor, recipe: Recipe, family=None
+) -> FeatureCache | None:
     """The recipe's feature cache, built (or completed) for ``samples``; None when not configured."""
     if not recipe.data.feature_cache:
         return None
@@ -97,4 +110,5 @@ def prepare_feature_cache(samples: Sequence[Sample], model, processor, recipe: R
         model,
         processor.image_processor,
         batch_size=recipe.train.batch_size,
+        family=family,
     )

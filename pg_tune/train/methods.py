@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pg_tune.config.recipe import Recipe
-from pg_tune.models.paligemma import base_model_of
+from pg_tune.models.family import family_for
 
 
 class TrainingMemoryWarning(UserWarning):
@@ -44,7 +44,9 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     ``llm`` holds every language-model weight: embeddings (tied to the output head in PaliGemma),
     layers and final norm, plus the head when it is not tied.
     """
-    core = base_model_of(model)
+    # Module names as in transformers' PaliGemma (and Gemma 3): model.language_model,
+    # model.multi_modal_projector, model.vision_tower, lm_head.
+    core = family_for(model).unwrap(model)
 
     def params(modules: list[nn.Module]) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -81,7 +83,7 @@ def unfreeze_groups(model: nn.Module, groups: list[str]) -> nn.Module:
         p.requires_grad_(False)
     for group in groups:
         if not available[group]:
-            raise ValueError(f"parameter group {group!r} is empty in {type(base_model_of(model)).__name__}")
+            raise ValueError(f"parameter group {group!r} is empty in {type(model).__name__}")
         for p in available[group]:
             p.requires_grad_(True)
     return model
