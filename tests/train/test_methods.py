@@ -209,9 +209,10 @@ def test_full_run_saves_a_model_folder_transformers_loads_and_push_plans_it(tmp_
     from PIL import Image
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    from pg_tune.data import PaliGemmaCollator, Sample
+    from pg_tune.data import Sample
     from pg_tune.export import export_merged
     from pg_tune.hub import upload_plan
+    from pg_tune.models.paligemma import PaliGemmaCollator
     from pg_tune.train.loop import train
 
     recipe, resolved = _method_recipe(tmp_path, "run", "full", four_rows)
