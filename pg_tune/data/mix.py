@@ -41,10 +41,23 @@ def _units(part: Sequence[Sample]) -> list[list[int]]:
     return units
 
 
+def _pick(unit: list[int], rng_key: str) -> int:
+    """One sample of a unit (one caption of an image, ...), drawn with ``rng_key`` as the seed."""
+    return unit[0] if len(unit) == 1 else random.Random(rng_key).choice(unit)
+
+
 def build_train_index(
-    weights: Sequence[float], samples_per_entry: Sequence[Sequence[Sample]], seed: int, epoch: int
+    weights: Sequence[float],
+    samples_per_entry: Sequence[Sequence[Sample]],
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
 ) -> list[int]:
-    """One epoch's order: indices into the concatenation of ``samples_per_entry``."""
+    """One epoch's order: indices into the concatenation of ``samples_per_entry``.
+
+    ``shuffle=False`` (``data.shuffle: false``): each entry's units in order, entries one after the
+    other; weights still set how many rows each epoch takes.
+    """
     if len(weights) != len(samples_per_entry):
         raise ValueError(f"{len(weights)} weights for {len(samples_per_entry)} datasets")
     index: list[int] = []
@@ -58,16 +71,11 @@ def build_train_index(
             start = epoch * count
             for position in range(start, start + count):
                 pass_no, k = divmod(position, len(units))
-                order = _pass_order(seed, entry, pass_no, len(units))
-                unit = units[order[k]]
-                pick = (
-                    unit[0]
-                    if len(unit) == 1
-                    else random.Random(f"{seed}:{entry}:{epoch}:{position}").choice(unit)
-                )
-                index.append(offset + pick)
+                unit = units[_pass_order(seed, entry, pass_no, len(units))[k] if shuffle else k]
+                index.append(offset + _pick(unit, f"{seed}:{entry}:{epoch}:{position}"))
         offset += len(part)
-    random.Random(f"{seed}:mix:{epoch}").shuffle(index)
+    if shuffle:
+        random.Random(f"{seed}:mix:{epoch}").shuffle(index)
     return index
 
 
@@ -94,11 +102,16 @@ class MixSampler(Sampler[int]):
     """
 
     def __init__(
-        self, samples_per_entry: Sequence[Sequence[Sample]], weights: Sequence[float], seed: int = 0
+        self,
+        samples_per_entry: Sequence[Sequence[Sample]],
+        weights: Sequence[float],
+        seed: int = 0,
+        shuffle: bool = True,
     ):
         self.samples_per_entry = samples_per_entry
         self.weights = list(weights)
         self.seed = seed
+        self.shuffle = shuffle
         self.epoch = 0
         self._length = sum(
             round(w * len(_units(p))) for w, p in zip(self.weights, samples_per_entry, strict=True)
@@ -111,6 +124,6 @@ class MixSampler(Sampler[int]):
         return self._length
 
     def __iter__(self) -> Iterator[int]:
-        index = build_train_index(self.weights, self.samples_per_entry, self.seed, self.epoch)
+        index = build_train_index(self.weights, self.samples_per_entry, self.seed, self.epoch, self.shuffle)
         self.epoch += 1
         return iter(index)

@@ -188,7 +188,7 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
     train_loader = build_train_loader(train_samples, processor, recipe, feature_cache, family)
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     train_loader.collate_fn = SafeCollator(train_loader.collate_fn, recipe.data.on_bad_row)
-    loss_module = SuffixLoss(model, family=family)
+    loss_module = SuffixLoss(model, family=family, label_smoothing=recipe.train.label_smoothing)
     optimizer = build_optimizer(model.parameters(), recipe.train)
     loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / recipe.train.grad_accum)
@@ -429,7 +429,8 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
         say(f"note: {nonfinite_skipped} optimizer steps skipped for a non-finite loss or gradient norm")
 
     # --- save --------------------------------------------------------------------------------
-    adapter_dir = output_dir / "adapter"
+    # LoRA saves the adapter; full / partial runs save the complete model (transformers alone loads it).
+    adapter_dir = output_dir / ("adapter" if recipe.method == "lora" else "model")
     accelerator.wait_for_everyone()
     full_state = _adapter_state_for_saving(accelerator, loss_module)  # a collective under FSDP/ZeRO-3
     if main:

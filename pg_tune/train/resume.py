@@ -78,17 +78,29 @@ def run_fingerprint(recipe: Recipe, model: torch.nn.Module) -> dict[str, Any]:
     shapes = sorted((n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
     lora = recipe.lora
-    return {
+    out: dict[str, Any] = {
         "model.name_or_path": recipe.model.name_or_path,
         "model.revision": recipe.model.revision,
-        "lora.r": lora.r,
-        "lora.alpha": lora.alpha,
-        "lora.targets": lora.targets,
-        "lora.vision": lora.vision,
-        "lora.modules_to_save": list(lora.modules_to_save),
         "quantization.mode": recipe.quantization.mode,
         "trainable_parameters": digest,
     }
+    if recipe.method == "lora":
+        out.update(
+            {
+                "lora.r": lora.r,
+                "lora.alpha": lora.alpha,
+                "lora.targets": lora.targets,
+                "lora.vision": lora.vision,
+                "lora.modules_to_save": list(lora.modules_to_save),
+            }
+        )
+        # Only when on, so checkpoints written before these switches existed still resume.
+        out.update({f"lora.{k}": True for k in ("use_dora", "use_rslora") if getattr(lora, k)})
+    else:
+        from pg_tune.train.methods import method_groups
+
+        out.update({"method": recipe.method, "method.groups": method_groups(recipe)})
+    return out
 
 
 def check_fingerprint(checkpoint: Path, stored: dict[str, Any] | None, current: dict[str, Any]) -> None:
