@@ -19,6 +19,7 @@ can recover (possibly ``[]``).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -64,7 +65,12 @@ def _check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
         width, height = image_size
     except (TypeError, ValueError):
         raise ValueError(f"image_size must be (width, height), got {image_size!r}") from None
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (width, height)):
+    # numbers.Real covers Python and numpy scalars (np.int64 from an array's shape, np.float32);
+    # bool is a Real too but never a size.
+    if not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in (width, height)
+    ):
         raise ValueError(f"image_size must be two positive numbers (width, height), got {image_size!r}")
     return int(width), int(height)
 
