@@ -39,7 +39,6 @@ from pg_tune.evaluate.metrics import (
     cider_d,
     coco_map,
     mask_iou,
-    normalize_vqa_answer,
     vqa_accuracy,
 )
 
@@ -139,10 +138,7 @@ def _score_caption(group: list[tuple[int, Item]], out: Scored) -> None:
 
 
 def _vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    # The official leave-one-out rule scores any answer against a single reference as 0 (no subset
-    # keeps it), so one-answer datasets are scored by exact match after the official normalisation.
-    if len(answers) == 1:
-        return float(normalize_vqa_answer(prediction) == normalize_vqa_answer(answers[0]))
+    # One rule per answer count (10: official, 1: exact match, else min(matches/3, 1)): see metrics/vqa.py.
     return vqa_accuracy(prediction, answers)
 
 

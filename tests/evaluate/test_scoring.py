@@ -43,6 +43,27 @@ def test_vqa_accuracy_official_rule_and_single_answer_exact_match():
     assert out.metrics["vqa/accuracy"] == pytest.approx(1.9 / 3)
 
 
+def test_vqa_three_answer_rows_from_jsonl_score_like_big_vision(tmp_path):
+    # Custom VQA data with 3 answers (jsonl "references"): unanimous and right scores 1.0, not 0.67.
+    from PIL import Image
+
+    from pg_tune.data.bad_rows import BadRows
+    from pg_tune.data.formats import BuildContext
+    from pg_tune.data.formats.jsonl import JsonlOptions, build
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [
+        {"image": "a.png", "prefix": "answer en what color?", "suffix": "red", "task": "vqa",
+         "references": ["red", "red", "red"]},
+        {"image": "a.png", "prefix": "answer en how many?", "suffix": "2", "task": "vqa",
+         "references": ["2", "two", "3"]},
+    ]  # fmt: skip
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    samples = build(JsonlOptions(path=str(tmp_path / "vqa.jsonl")), BuildContext("eval", BadRows()))
+    out = score_samples(samples, ["red", "2"])
+    assert [r["score"] for r in out.records] == pytest.approx([1.0, 2 / 3])
+
+
 def test_docvqa_anls_hand_computed():
     # "helo" vs "hello": edit distance 1 over 5 chars -> 1 - 0.2 = 0.8; "xyz" vs "abc": NL 1 -> 0.
     out = score_items([Item("docvqa", "helo", ["hello", "hi"]), Item("docvqa", "xyz", ["abc"])])
