@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pg_tune.data.sample import TASKS, DataError
-from pg_tune.evaluate.scoring import BOX_TASKS, Item, Scored, score_items
+from pg_tune.evaluate.scoring import BOX_TASKS, TEXT_TASKS, Item, Scored, score_items
 
 _SCORING_KEYS = ("task", "prediction", "references", "image_size")
 
@@ -39,7 +39,13 @@ def _item(row: Any, where: str) -> Item:
         raise DataError(f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
     if not isinstance(prediction, str):
         raise DataError(f"{where}: field 'prediction' must be a string, got {prediction!r}")
-    if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+    # Text tasks may have none (a DocVQA test row: written, counted as unscored); box tasks need one.
+    empty_ok = task in TEXT_TASKS
+    if (
+        not isinstance(references, list)
+        or not (references or empty_ok)
+        or not all(isinstance(r, str) for r in references)
+    ):
         raise DataError(
             f"{where}: field 'references' must be a non-empty list of strings, got {references!r}"
         )

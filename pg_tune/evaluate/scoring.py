@@ -239,8 +239,16 @@ def _score_detect(group: list[tuple[int, Item]], out: Scored) -> None:
     out.metrics["detect/unparsed"] = float(unparsed)
 
 
+TEXT_TASKS = ("caption", "vqa", "docvqa", "ocr")
+"""Tasks whose rows may come without ground truth (DocVQA's test split withholds its answers)."""
+
+
 def score_items(items: Sequence[Item], mask_codec: Any | None = None) -> Scored:
-    """Metrics per task plus one record per item; unparseable predictions are counted, never raised."""
+    """Metrics per task plus one record per item; unparseable predictions are counted, never raised.
+
+    A text-task item with no references (e.g. a DocVQA test question) is not scored: its record keeps
+    ``score: None``, it is left out of the task's metrics and counted in ``{task}/unscored``.
+    """
     records = [
         {
             **item.extra,
@@ -255,14 +263,24 @@ def score_items(items: Sequence[Item], mask_codec: Any | None = None) -> Scored:
     ]
     out = Scored(metrics={}, records=records)
     by_task: dict[str, list[tuple[int, Item]]] = {}
+    unscored: dict[str, int] = {}
     for i, item in enumerate(items):
         if item.task not in TASKS:
             raise ValueError(f"item {i}: unknown task {item.task!r} (one of {', '.join(TASKS)})")
         if not item.references:
+            if item.task in TEXT_TASKS:
+                unscored[item.task] = unscored.get(item.task, 0) + 1
+                by_task.setdefault(item.task, [])
+                continue
             where = item.extra.get("source") or f"item {i}"
             raise ValueError(f"{where}: no references to score against")
         by_task.setdefault(item.task, []).append((i, item))
     for task, group in sorted(by_task.items()):
+        if task in unscored:
+            out.metrics[f"{task}/unscored"] = float(unscored[task])
+            out.notes.append(f"{task}: {unscored[task]} rows have no ground truth (not scored)")
+        if not group:
+            continue
         if task == "caption":
             _score_caption(group, out)
         elif task in ("vqa", "docvqa", "ocr"):
@@ -286,10 +304,12 @@ def sample_item(sample: Sample, prediction: str) -> Item:
 
         size = image_size(sample.image, sample.source)
     gt_mask = sample.meta.get("mask")
+    # No references and no suffix: no ground truth at all (a DocVQA test row), so nothing to score.
+    has_truth = bool(sample.references) or bool(sample.suffix)
     return Item(
         task=sample.task,
         prediction=prediction,
-        references=sample.all_references,
+        references=sample.all_references if has_truth else (),
         image_size=tuple(size) if size is not None else None,
         gt_mask=np.asarray(gt_mask, dtype=bool) if gt_mask is not None else None,
         extra={

@@ -7,7 +7,8 @@ One raw record of ``{split}_v1.0.json`` (under ``data``)::
 
 Training sees one answer per question per epoch (drawn by the training sampler, as big_vision's
 ``choice(inkey="answers")``); evaluation keeps every answer in ``references`` for ANLS. Test-split
-questions have no answers: evaluation rows then carry empty references (prediction only).
+questions have no answers: evaluation rows then carry no references and an empty suffix, and
+scoring reports them as ``docvqa/unscored`` (predictions still written, left out of ANLS).
 The default prompt is ``answer en {question}``; big_vision's DocVQA transfer uses the raw question
 (``prompt: "{question}"``). Selected in a recipe by::
 
