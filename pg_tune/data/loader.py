@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pg_tune.config.recipe import Recipe
-from pg_tune.data.collate import PaliGemmaCollator, SampleDataset
+from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
 from pg_tune.data.mix import MixSampler
+from pg_tune.data.safe_collate import SafeSampleDataset
 from pg_tune.data.sample import Sample
 from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
 
@@ -34,6 +35,8 @@ def build_train_loader(
     weights = [e.weight for e in recipe.data.train] if len(parts) == len(recipe.data.train) else [1.0]
     sampler = MixSampler(parts, weights, seed=recipe.train.seed)
     collator = PaliGemmaCollator(processor, recipe.data.max_text_length, train=True)
+    # Lazy rows (hf) that fail while being read are counted by SafeCollator, not raised here.
+    dataset = SafeSampleDataset(samples, recipe.data.on_bad_row)
     workers = recipe.data.num_workers
     common = dict(
         collate_fn=CachedFeatureCollator(collator, feature_cache) if feature_cache is not None else collator,
@@ -48,10 +51,8 @@ def build_train_loader(
             sampler=sampler,
             seed=recipe.train.seed,
         )
-        return DataLoader(SampleDataset(samples), batch_sampler=batch_sampler, **common)
-    return DataLoader(
-        SampleDataset(samples), batch_size=recipe.train.batch_size, sampler=sampler, drop_last=False, **common
-    )
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, drop_last=False, **common)
 
 
 def prepare_feature_cache(samples: Sequence[Sample], model, processor, recipe: Recipe) -> FeatureCache | None:
