@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pg_tune.data.bad_rows import BadRows
-from pg_tune.data.sample import DataError
+from pg_tune.data.sample import DataError, Sample
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -112,6 +112,20 @@ def mask_codec(vae_path: str | None, where: str):
             raise DataError(f"{where}: vae_path {vae_path} not found (big_vision's vae-oid.npz)")
         _MASK_CODECS[vae_path] = MaskCodec.from_npz(vae_path)
     return _MASK_CODECS[vae_path]
+
+
+def limit_reached(samples: Sequence[Sample], limit: int | None) -> bool:
+    """True once ``samples`` holds ``limit`` samples: builders stop reading their source there."""
+    return limit is not None and len(samples) >= limit
+
+
+def apply_limit(samples: list[Sample], limit: int | None) -> list[Sample]:
+    """The one meaning of a format's ``limit``: at most this many emitted samples, in source order.
+
+    Counted after answer/caption/sentence expansion and bad-row skipping, so ``limit: 100`` gives
+    100 samples whatever the format (``data_formats/README.md``).
+    """
+    return samples if limit is None else samples[:limit]
 
 
 def format_prompt(template: str, where: str, **fields: str) -> str:

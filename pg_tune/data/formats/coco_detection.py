@@ -27,7 +27,7 @@ from typing import Literal
 
 from pg_tune.codecs import coco_bbox_to_xyxy, encode_objects
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import check_box, format_prompt, read_json
+from pg_tune.data.formats._common import apply_limit, check_box, format_prompt, limit_reached, read_json
 from pg_tune.data.sample import DataError, Sample
 
 
@@ -101,7 +101,7 @@ def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:
     root = Path(options.images)
     samples: list[Sample] = []
     for image_id, objs in objects.items():
-        if options.limit is not None and len(samples) >= options.limit:
+        if limit_reached(samples, options.limit):
             break
         if not objs and not options.keep_empty:
             continue
@@ -121,7 +121,7 @@ def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:
         prefix = format_prompt(options.prompt, where, classes=" ; ".join(names))
         meta = {"image_size": size, "image_id": image_id, "objects": tuple(objs)}
         samples.append(Sample(image, prefix, suffix, where, "detect", (suffix,), meta))
-    return samples
+    return apply_limit(samples, options.limit)
 
 
 def _ordered(objs, order: str, rng: random.Random):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import format_prompt, read_json
+from pg_tune.data.formats._common import apply_limit, format_prompt, limit_reached, read_json
 from pg_tune.data.sample import DataError, Sample
 
 
@@ -49,7 +49,7 @@ def build(options: DocvqaOptions, ctx: BuildContext) -> list[Sample]:
     root = Path(options.images)
     samples: list[Sample] = []
     for i, record in enumerate(records):
-        if options.limit is not None and len(samples) >= options.limit:
+        if limit_reached(samples, options.limit):
             break
         where = f"{path}[data][{i}]"
         if not isinstance(record, dict):
@@ -84,4 +84,4 @@ def build(options: DocvqaOptions, ctx: BuildContext) -> list[Sample]:
         else:
             suffix = answers[0] if answers else ""
             samples.append(Sample(image, prefix, suffix, where, "docvqa", tuple(answers), meta))
-    return samples
+    return apply_limit(samples, options.limit)

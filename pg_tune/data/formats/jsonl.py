@@ -33,7 +33,14 @@ from pathlib import Path
 
 from pg_tune.codecs import encode_box
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import check_box, coco_segmentation_to_mask, mask_box, mask_codec
+from pg_tune.data.formats._common import (
+    apply_limit,
+    check_box,
+    coco_segmentation_to_mask,
+    limit_reached,
+    mask_box,
+    mask_codec,
+)
 from pg_tune.data.images import image_size, load_image
 from pg_tune.data.sample import TASKS, DataError, Sample
 
@@ -76,9 +83,9 @@ def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:
             sample = _row_to_sample(row, where, root, options, ctx)
             if sample is not None:
                 samples.append(sample)
-            if options.limit is not None and len(samples) >= options.limit:
+            if limit_reached(samples, options.limit):
                 break
-    return samples
+    return apply_limit(samples, options.limit)
 
 
 def _row_to_sample(

@@ -42,9 +42,11 @@ from typing import Any, Literal
 from pg_tune.codecs import coco_bbox_to_xyxy, encode_box
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats._common import (
+    apply_limit,
     check_box,
     coco_segmentation_to_mask,
     format_prompt,
+    limit_reached,
     mask_codec,
     read_json,
 )
@@ -129,7 +131,7 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
     codec = mask_codec(options.vae_path, "refcoco") if options.task == "segment" else None
     samples: list[Sample] = []
     for row in rows:
-        if options.limit is not None and len(samples) >= options.limit:
+        if limit_reached(samples, options.limit):
             break
         where, size = row["where"], row["size"]
         box = check_box(row["box"], size, f"{where}: field 'box'", ctx.bad_rows)
@@ -161,7 +163,7 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
             samples.append(
                 Sample(row["image"], prefix, suffix, f"{where}[sentence {k}]", task, (suffix,), meta)
             )
-    return samples
+    return apply_limit(samples, options.limit)
 
 
 def _refer_rows(options: RefcocoOptions, ctx: BuildContext) -> Iterator[dict[str, Any]]:
