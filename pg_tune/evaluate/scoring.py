@@ -8,7 +8,8 @@ The metric family comes from the task (``Sample.task``)::
     ocr            ocr/anls
     refer_detect   refer_detect/acc@0.5, refer_detect/acc@0.75, refer_detect/box_miou (mean box IoU)
     refer_segment  refer_segment/miou (mask mIoU, needs the VQ-VAE), refer_segment/acc@0.5 (boxes)
-    detect         detect/map, detect/map_50, detect/map_75 (COCO, pycocotools)
+    detect         detect/map, detect/map_50, detect/map_75 (COCO, pycocotools; boxes ranked by
+                   token log-probabilities), detect/precision@0.5, recall@0.5, unknown_labels
 
 Text tasks also report ``{task}/exact_match``; every task reports ``{task}/count`` and, where
 outputs are parsed (boxes, masks), ``{task}/unparsed``: how many predictions gave no usable box or
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pg_tune.codecs.boxes import Detection, parse_detections
+from pg_tune.codecs.boxes import Detection, parse_detection_spans, parse_detections
 from pg_tune.data.sample import TASKS, Sample
 from pg_tune.evaluate.metrics import (
     anls_score,
@@ -39,6 +40,8 @@ from pg_tune.evaluate.metrics import (
     cider_d,
     coco_map,
     mask_iou,
+    matches_at,
+    object_confidence,
     vqa_accuracy,
 )
 
@@ -218,25 +221,51 @@ def _f1_at_half(predicted: Sequence[Detection], truth: Sequence[Detection]) -> f
 
 
 def _score_detect(group: list[tuple[int, Item]], out: Scored) -> None:
-    preds, truths, unparsed = [], [], 0
+    # Rules (scores from token log-probabilities, crowd regions, labels outside the category set):
+    # pg_tune.evaluate.metrics.detection's module docstring and docs/evaluation.md.
+    preds, truths, crowds, unparsed, unscored = [], [], [], 0, 0
+    categories: set[str] = set()
     for i, item in group:
         size = _require_size(item, i)
         truth = _reference_objects(item, i)
-        predicted = parse_detections(item.prediction, size)
+        crowd = [(c["label"], tuple(c["box"])) for c in item.extra.get("crowd") or ()]
+        categories.update(item.extra.get("categories") or ())
+        categories.update(d.label for d in truth)
+        categories.update(label for label, _ in crowd)
+        spans = parse_detection_spans(item.prediction, size)
+        logprobs = item.extra.get("token_logprobs")
+        scores = [object_confidence(span, logprobs) if logprobs else None for _, span in spans]
+        unscored += sum(score is None for score in scores)
+        predicted = [d for d, _ in spans]
         unparsed += bool(item.prediction.strip()) and not predicted
         record = out.records[i]
-        record["parsed"] = detections_json(predicted)
+        record["parsed"] = [
+            {**entry, "score": score} for entry, score in zip(detections_json(predicted), scores, strict=True)
+        ]
         record["reference_parsed"] = detections_json(truth)
         record["score"] = _f1_at_half(predicted, truth)
-        preds.append([(d.label, d.box, None) for d in predicted])
+        preds.append([(d.label, d.box, score) for d, score in zip(predicted, scores, strict=True)])
         truths.append([(d.label, d.box) for d in truth])
+        crowds.append(crowd)
     if any(truths):
-        stats = coco_map(preds, truths)
+        stats = coco_map(preds, truths, crowds=crowds)
         for name in ("map", "map_50", "map_75"):
             out.metrics[f"detect/{name}"] = stats[name]
+        counts = [matches_at(p, t, c) for p, t, c in zip(preds, truths, crowds, strict=True)]
+        hits, false, n_truth = (sum(column) for column in zip(*counts, strict=True))
+        out.metrics["detect/precision@0.5"] = hits / (hits + false) if hits + false else 0.0
+        out.metrics["detect/recall@0.5"] = hits / n_truth
     else:
         out.notes.append("detect: no ground-truth boxes in any reference; mAP not computed")
     out.metrics["detect/unparsed"] = float(unparsed)
+    out.metrics["detect/unknown_labels"] = float(
+        sum(label not in categories for image in preds for label, _, _ in image)
+    )
+    if unscored:
+        out.notes.append(
+            f"detect: {unscored} boxes have no token log-probabilities (e.g. a predictions file "
+            "without token_logprobs); they were ranked with score 1.0, so mAP depends on their order"
+        )
 
 
 TEXT_TASKS = ("caption", "vqa", "docvqa", "ocr")
@@ -306,9 +335,19 @@ def sample_item(sample: Sample, prediction: str) -> Item:
     gt_mask = sample.meta.get("mask")
     # No references and no suffix: no ground truth at all (a DocVQA test row), so nothing to score.
     has_truth = bool(sample.references) or bool(sample.suffix)
+    detect_extra = {}
+    if sample.task == "detect":
+        # What detection scoring needs beyond text, carried in the record so a predictions file
+        # re-scores to the same numbers: token log-probabilities (box confidences), crowd regions.
+        logprobs = getattr(prediction, "token_logprobs", None)
+        detect_extra = {
+            "token_logprobs": [list(t) for t in logprobs] if logprobs is not None else None,
+            "crowd": [{"label": label, "box": list(box)} for label, box in sample.meta.get("crowd", ())],
+            "categories": list(sample.meta.get("categories", ())),
+        }
     return Item(
         task=sample.task,
-        prediction=prediction,
+        prediction=str(prediction),
         references=sample.all_references if has_truth else (),
         image_size=tuple(size) if size is not None else None,
         gt_mask=np.asarray(gt_mask, dtype=bool) if gt_mask is not None else None,
@@ -316,6 +355,7 @@ def sample_item(sample: Sample, prediction: str) -> Item:
             "source": sample.source,
             "image": str(sample.image) if isinstance(sample.image, (str, Path)) else None,
             "prefix": sample.prefix,
+            **detect_extra,
         },
     )
 

@@ -98,7 +98,8 @@ def test_per_task_budget_and_input_order(pg2_model_and_processor, monkeypatch):
 
     def spy(**kwargs):
         out = real_generate(**kwargs)
-        calls.append((kwargs["max_new_tokens"], out.shape[1] - kwargs["input_ids"].shape[1]))
+        sequences = getattr(out, "sequences", out)  # detect asks for scores: a generate output object
+        calls.append((kwargs["max_new_tokens"], sequences.shape[1] - kwargs["input_ids"].shape[1]))
         return out
 
     monkeypatch.setattr(model, "generate", spy)
@@ -145,3 +146,49 @@ def test_peft_wrapped_and_merged_models_generate_like_the_base(pg2_model_and_pro
     assert generate(wrapped, processor, samples, max_new_tokens=4) == expected
     merged = wrapped.merge_and_unload()
     assert generate(merged, processor, samples, max_new_tokens=4) == expected
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_detect_generations_carry_token_logprobs_of_the_model(
+    pg2_model_and_processor, num_beams, monkeypatch
+):
+    # Each token's log-probability must be what a teacher-forced forward pass over prompt + output
+    # gives at that position (log-softmax of the logits), for greedy and for beam search alike.
+    import pickle
+
+    from pg_tune.evaluate.generate import Generation
+
+    model, processor = pg2_model_and_processor
+    sample = _samples()[2]
+    assert sample.task == "detect"
+    outputs = []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        outputs.append((kwargs, real_generate(**kwargs)))
+        return outputs[-1][1]
+
+    monkeypatch.setattr(model, "generate", spy)
+    (text,) = generate(model, processor, [sample], max_new_tokens=6, num_beams=num_beams)
+    monkeypatch.setattr(model, "generate", real_generate)
+    assert isinstance(text, Generation) and text.token_logprobs
+    spans = [(a, b) for a, b, _ in text.token_logprobs]
+    assert "".join(text[a:b] for a, b in spans) == text  # spans tile the text in order
+    ((inputs, out),) = outputs
+    prompt_length = inputs["input_ids"].shape[1]
+    generated = out.sequences[:, prompt_length : prompt_length + len(spans)]
+    n = generated.shape[1]
+    full = {
+        "input_ids": torch.cat([inputs["input_ids"], generated], dim=1),
+        "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(generated)], dim=1),
+        "token_type_ids": torch.cat([inputs["token_type_ids"], torch.ones_like(generated)], dim=1),
+        "pixel_values": inputs["pixel_values"],
+    }
+    with torch.no_grad():
+        logits = model(**full).logits[0, -n - 1 : -1]
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(1, generated[0, :, None])[:, 0]
+    assert_close_to_scale(torch.tensor([lp for _, _, lp in text.token_logprobs]), expected)
+    # Other tasks stay plain strings; a Generation survives pickling (gathered across ranks).
+    caption = dataclasses.replace(sample, task="caption")
+    assert type(generate(model, processor, [caption], max_new_tokens=2)[0]) is str
+    assert pickle.loads(pickle.dumps(text)).token_logprobs == text.token_logprobs
