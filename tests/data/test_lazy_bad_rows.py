@@ -27,9 +27,14 @@ def dataset_dir(tmp_path_factory):
     png = io.BytesIO()
     good.cast_column("image", datasets.Image(decode=True))[0]["image"].save(png, format="PNG")
     rows = good.cast_column("image", datasets.Image(decode=False)).to_dict()
-    rows["image"] += [rows["image"][0], None, {"bytes": png.getvalue()[:60], "path": None}]
-    rows["question"] += ["what is the date?", "what is the total?", "what is written?"]
-    rows["answers"] += [[], ["$ 42.00"], ["STOP"]]
+    rows["image"] += [
+        rows["image"][0],
+        None,
+        {"bytes": png.getvalue()[:60], "path": None},  # a PNG cut short: fails when decoded (collator)
+        {"bytes": b"not an image", "path": None},  # fails when the row is read (__getitem__)
+    ]
+    rows["question"] += ["what is the date?", "what is the total?", "what is written?", "and here?"]
+    rows["answers"] += [[], ["$ 42.00"], ["STOP"], ["GO"]]
     features = good.features.copy()
     features["image"] = datasets.Image(decode=False)
     path = tmp_path_factory.mktemp("hf_bad") / "docs"
@@ -65,21 +70,23 @@ def test_skip_counts_bad_rows_at_build_time_and_mid_training(dataset_dir):
     bad = BadRows("skip")
     samples = build_samples(recipe.data.train, "train", bad)
     assert dict(bad.counts) == {"empty_suffix": 1, "missing_image": 1}
-    assert len(samples) == 3  # rows 0, 1 and the corrupt-bytes row 4, found only when read
+    assert len(samples) == 4  # rows 0, 1 and the corrupt-bytes rows 4, 5, found only when read
     assert [samples[i].source.rsplit("[", 1)[1] for i in range(2)] == ["0]", "1]"]
     rows, rejected = 0, []
     for batch in _loader(samples, recipe):
         rejected += batch.pop(BAD_ROWS_KEY, [])
         rows += int(batch["input_ids"].shape[0])
     assert rows == 2
-    assert [reason for reason, _ in rejected] == ["corrupt_image"]
-    assert "docs[4]" in rejected[0][1]
+    assert sorted((reason, message.split(":")[0][-7:]) for reason, message in rejected) == [
+        ("corrupt_image", "docs[4]"),
+        ("corrupt_image", "docs[5]"),
+    ]
 
 
 def test_stop_names_the_row_that_fails_mid_training(dataset_dir):
     recipe = _recipe(dataset_dir, "stop")
     skip = _recipe(dataset_dir, "skip")
     samples = build_samples(skip.data.train, "train", BadRows("skip"))  # build-time rows skipped
-    with pytest.raises(DataError, match=r"docs\[4\]: cannot decode the image bytes.*on_bad_row=stop"):
+    with pytest.raises(DataError, match=r"docs\[[45]\]: (cannot decode|the image bytes)"):
         for _ in _loader(samples, recipe):
             pass

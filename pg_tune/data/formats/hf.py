@@ -144,14 +144,13 @@ class HfSamples(LazySamples):
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, dict) and value.get("bytes"):
-            # Decoded here, so a corrupt image is a counted DataError (SafeSampleDataset) rather
-            # than an OSError deep in the collator.
+            # Only the header is read here (pixels decode in the collator, where a truncated image is
+            # a counted bad row); bytes that are no image at all fail now, inside __getitem__, and
+            # SafeSampleDataset counts them the same way.
             try:
-                image = Image.open(io.BytesIO(value["bytes"]))
-                image.load()
+                return Image.open(io.BytesIO(value["bytes"]))
             except (OSError, SyntaxError, ValueError) as e:
-                raise data_error("corrupt_image", f"{where}: cannot decode the image bytes: {e}") from None
-            return image
+                raise data_error("corrupt_image", f"{where}: the image bytes are not an image: {e}") from None
         path = value.get("path") if isinstance(value, dict) else value
         if not isinstance(path, str):
             raise DataError(
