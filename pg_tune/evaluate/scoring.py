@@ -65,7 +65,16 @@ METRIC_NAMES = {
     "ocr": ("anls", "exact_match", "empty", "count"),
     "refer_detect": ("acc@0.5", "acc@0.75", "box_miou", "unparsed", "count"),
     "refer_segment": ("miou", "acc@0.5", "acc@0.75", "box_miou", "unparsed", "count"),
-    "detect": ("map", "map_50", "map_75", "unparsed", "count"),
+    "detect": (
+        "map",
+        "map_50",
+        "map_75",
+        "precision@0.5",
+        "recall@0.5",
+        "unknown_labels",
+        "unparsed",
+        "count",
+    ),
 }
 """Every metric each task reports, as ``{task}/{name}``: what ``eval.best_metric`` may name
 (tests/test_config.py checks it against what ``score_items`` really returns)."""
