@@ -87,7 +87,7 @@ def test_combined_training_set_excludes_every_eval_image_and_merges_objects(comb
     recipe = _recipe(refs=combined, split="train")
     samples = build_samples(recipe.data.train, "train", BadRows())
     # Image 139 is val in RefCOCO and test in RefCOCOg: its RefCOCO+ train ref is left out.
-    assert {s.meta["image_size"] for s in samples} == {(80, 80)}
+    assert {s.image_size for s in samples} == {(80, 80)}
     assert sorted(s.prefix for s in samples) == [
         "detect a blue square", "detect square shaped dog", "detect the big blue square",
     ]  # fmt: skip

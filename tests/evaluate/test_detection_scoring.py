@@ -17,10 +17,9 @@ from pg_tune.codecs import encode_box, parse_detections
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats.coco_detection import CocoDetectionOptions, build
-from pg_tune.evaluate.generate import Generation
 from pg_tune.evaluate.metrics import coco_map
 from pg_tune.evaluate.predictions import rescore, write_predictions
-from pg_tune.evaluate.scoring import score_samples
+from pg_tune.evaluate.scoring import score_samples as _score_samples
 
 COCO_DIR = Path(__file__).resolve().parents[2] / "data_formats" / "samples" / "coco_detection"
 ANNOTATIONS = COCO_DIR / "instances_val2017.json"
@@ -34,9 +33,23 @@ def samples():
     return rows
 
 
+class Generation(str):
+    """A prediction with its ``(start, end, logprob)`` tokens, as ``Generated.scored_tokens()`` gives."""
+
+    def __new__(cls, text, token_logprobs):
+        obj = super().__new__(cls, text)
+        obj.token_logprobs = token_logprobs
+        return obj
+
+
+def score_samples(samples, texts):
+    logprobs = [getattr(t, "token_logprobs", None) for t in texts]
+    return _score_samples(samples, [str(t) for t in texts], token_logprobs=logprobs)
+
+
 def _generation(sample, objects) -> Generation:
     """Model output writing ``objects`` [(label, box, p)]: every token of an object at probability p."""
-    size = sample.meta["image_size"]
+    size = sample.image_size
     parts, logprobs, cursor = [], [], 0
     for k, (label, box, p) in enumerate(objects):
         if k:
@@ -77,7 +90,7 @@ def test_map_does_not_depend_on_image_order(samples):
     backward = score_samples(samples[::-1], texts[::-1]).metrics["detect/map"]
     assert forward == pytest.approx(backward, abs=1e-12)
     # Without confidences (the old rule: every box 1.0) the same boxes score differently per order.
-    plain = [str(t) for t in texts]
+    plain = [str(t) for t in texts]  # no token_logprobs
     old_forward = score_samples(samples, plain).metrics["detect/map"]
     old_backward = score_samples(samples[::-1], plain[::-1]).metrics["detect/map"]
     assert abs(old_forward - old_backward) > 0.01
@@ -91,7 +104,7 @@ def _pycocotools_map(texts, samples) -> float:
         unknown = max(names.values()) + 1
         results = []
         for text, sample in zip(texts, samples, strict=True):
-            for d in parse_detections(text, sample.meta["image_size"]):
+            for d in parse_detections(text, sample.image_size):
                 x0, y0, x1, y1 = d.box
                 results.append(
                     {
@@ -128,8 +141,8 @@ def test_crowd_regions_are_ignored_as_pycocotools_does(samples):
     # ... and equals COCOeval on the raw file, where the crowd region is an iscrowd=1 RLE annotation.
     assert scored["detect/map"] == pytest.approx(_pycocotools_map(with_crowd_box, samples), abs=1e-9)
     # Old rule (crowd dropped from the ground truth) made it a top-ranked false positive.
-    truths = [[(label, box) for label, box in s.meta["objects"]] for s in samples]
-    preds = [[(d.label, d.box, _confidence(t, d)) for d in parse_detections(t, s.meta["image_size"])]
+    truths = [[(o.label, o.box) for o in s.targets] for s in samples]
+    preds = [[(d.label, d.box, _confidence(t, d)) for d in parse_detections(t, s.image_size)]
              for t, s in zip(with_crowd_box, samples, strict=True)]  # fmt: skip
     assert coco_map(preds, truths)["map"] < scored["detect/map"] - 0.01
 

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.formats.shapes import draw_shape
 from pg_tune.data.sample import Sample
 from pg_tune.evaluate.generate import batch_inputs, generate, max_new_tokens_for
 from pg_tune.models.layout import EOS_ID
+from pg_tune.models.paligemma import PaliGemmaCollator
 from pg_tune.models.tiny import build_model
 from tests.numerics import assert_close_to_scale
 
@@ -98,8 +98,7 @@ def test_per_task_budget_and_input_order(pg2_model_and_processor, monkeypatch):
 
     def spy(**kwargs):
         out = real_generate(**kwargs)
-        sequences = getattr(out, "sequences", out)  # detect asks for scores: a generate output object
-        calls.append((kwargs["max_new_tokens"], sequences.shape[1] - kwargs["input_ids"].shape[1]))
+        calls.append((kwargs["max_new_tokens"], out.shape[1] - kwargs["input_ids"].shape[1]))
         return out
 
     monkeypatch.setattr(model, "generate", spy)
@@ -148,15 +147,50 @@ def test_peft_wrapped_and_merged_models_generate_like_the_base(pg2_model_and_pro
     assert generate(merged, processor, samples, max_new_tokens=4) == expected
 
 
+def test_generate_with_logprobs_gives_each_kept_token_its_log_probability(pg2_model_and_processor):
+    from pg_tune.evaluate.generate import generate_with_logprobs
+
+    model, processor = pg2_model_and_processor
+    samples = _samples()
+    generated = generate_with_logprobs(model, processor, samples, max_new_tokens=6)
+    assert [g.text for g in generated] == generate(model, processor, samples, max_new_tokens=6)
+    for sample in samples:
+        (g,) = generate_with_logprobs(model, processor, [sample], max_new_tokens=6)  # same padding as below
+        inputs = batch_inputs(
+            PaliGemmaCollator(processor, 64, train=False), [sample], torch.device("cpu"), torch.float32
+        )
+        out = model.generate(
+            **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            eos_token_id=EOS_ID, pad_token_id=0,
+        )  # fmt: skip
+        ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        kept = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
+        expected = [
+            float(torch.log_softmax(out.logits[step][0].float(), -1)[ids[step]]) for step in range(kept)
+        ]
+        assert len(g.token_logprobs) == kept
+        assert g.token_logprobs == pytest.approx(expected, abs=1e-4)
+        assert all(v <= 0 for v in g.token_logprobs)
+
+
+def test_generate_with_logprobs_under_beam_search_keeps_texts(pg2_model_and_processor):
+    from pg_tune.evaluate.generate import generate_with_logprobs
+
+    model, processor = pg2_model_and_processor
+    samples = _samples()
+    beams = generate_with_logprobs(model, processor, samples, max_new_tokens=5, num_beams=2)
+    assert [g.text for g in beams] == generate(model, processor, samples, max_new_tokens=5, num_beams=2)
+    assert all(g.token_logprobs and all(v <= 1e-6 for v in g.token_logprobs) for g in beams)
+
+
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_detect_generations_carry_token_logprobs_of_the_model(
     pg2_model_and_processor, num_beams, monkeypatch
 ):
     # Each token's log-probability must be what a teacher-forced forward pass over prompt + output
     # gives at that position (log-softmax of the logits), for greedy and for beam search alike.
-    import pickle
 
-    from pg_tune.evaluate.generate import Generation
+    from pg_tune.evaluate.generate import Generated, generate_with_logprobs
 
     model, processor = pg2_model_and_processor
     sample = _samples()[2]
@@ -169,11 +203,11 @@ def test_detect_generations_carry_token_logprobs_of_the_model(
         return outputs[-1][1]
 
     monkeypatch.setattr(model, "generate", spy)
-    (text,) = generate(model, processor, [sample], max_new_tokens=6, num_beams=num_beams)
+    (text,) = generate_with_logprobs(model, processor, [sample], max_new_tokens=6, num_beams=num_beams)
     monkeypatch.setattr(model, "generate", real_generate)
-    assert isinstance(text, Generation) and text.token_logprobs
-    spans = [(a, b) for a, b, _ in text.token_logprobs]
-    assert "".join(text[a:b] for a, b in spans) == text  # spans tile the text in order
+    assert isinstance(text, Generated) and text.token_logprobs
+    spans = list(text.token_spans)
+    assert "".join(text.text[a:b] for a, b in spans) == text.text  # spans tile the text in order
     ((inputs, out),) = outputs
     prompt_length = inputs["input_ids"].shape[1]
     generated = out.sequences[:, prompt_length : prompt_length + len(spans)]
@@ -187,8 +221,5 @@ def test_detect_generations_carry_token_logprobs_of_the_model(
     with torch.no_grad():
         logits = model(**full).logits[0, -n - 1 : -1]
     expected = torch.log_softmax(logits.float(), dim=-1).gather(1, generated[0, :, None])[:, 0]
-    assert_close_to_scale(torch.tensor([lp for _, _, lp in text.token_logprobs]), expected)
-    # Other tasks stay plain strings; a Generation survives pickling (gathered across ranks).
-    caption = dataclasses.replace(sample, task="caption")
-    assert type(generate(model, processor, [caption], max_new_tokens=2)[0]) is str
-    assert pickle.loads(pickle.dumps(text)).token_logprobs == text.token_logprobs
+    assert_close_to_scale(torch.tensor(text.token_logprobs), expected)
+    assert [lp for *_, lp in text.scored_tokens()] == list(text.token_logprobs)
