@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from pg_tune.config.recipe import Recipe
-from pg_tune.data.collate import SampleDataset
 from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
 from pg_tune.data.mix import MixSampler
+from pg_tune.data.safe_collate import SafeSampleDataset
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
 from pg_tune.data.stream import EpochSampler, StreamingSamples
@@ -48,6 +48,8 @@ def build_train_loader(
     parts = getattr(samples, "parts", None) or [samples]
     weights = [e.weight for e in recipe.data.train] if len(parts) == len(recipe.data.train) else [1.0]
     sampler = MixSampler(parts, weights, seed=recipe.train.seed, shuffle=recipe.data.shuffle)
+    # Lazy rows (hf) that fail while being read are counted by SafeCollator, not raised here.
+    dataset = SafeSampleDataset(samples, recipe.data.on_bad_row)
     workers = recipe.data.num_workers
     common = dict(
         collate_fn=CachedFeatureCollator(collator, feature_cache) if feature_cache is not None else collator,
@@ -62,10 +64,8 @@ def build_train_loader(
             sampler=sampler,
             seed=recipe.train.seed,
         )
-        return DataLoader(SampleDataset(samples), batch_sampler=batch_sampler, **common)
-    return DataLoader(
-        SampleDataset(samples), batch_size=recipe.train.batch_size, sampler=sampler, drop_last=False, **common
-    )
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, drop_last=False, **common)
 
 
 def _streaming_loader(
@@ -87,7 +87,7 @@ def _streaming_loader(
     samples.shuffle = recipe.data.shuffle
     workers = recipe.data.num_workers
     return DataLoader(
-        SampleDataset(samples),
+        SafeSampleDataset(samples, recipe.data.on_bad_row),
         batch_size=recipe.train.batch_size,
         sampler=EpochSampler(len(samples)),
         drop_last=False,

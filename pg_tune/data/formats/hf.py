@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 from PIL import Image
 
 from pg_tune.config.schema import ConfigError
+from pg_tune.data.bad_rows import data_error, reason_of
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats._common import format_prompt
 from pg_tune.data.sample import DataError, LazySamples, Sample
@@ -127,7 +129,7 @@ def _load(options: HfOptions):
 class HfSamples(LazySamples):
     """A lazy view: ``Sample``s made per row on access from the memory-mapped dataset."""
 
-    def __init__(self, ds, options: HfOptions, where: str):
+    def __init__(self, ds, options: HfOptions, where: str, ctx: BuildContext | None = None):
         import datasets
 
         self.options = options
@@ -148,19 +150,32 @@ class HfSamples(LazySamples):
             ds = ds.cast_column(self.col["image"], datasets.Image(decode=False))
         self.ds = ds
         self.root = Path(options.image_root) if options.image_root else None
+        self.train = ctx is not None and ctx.split == "train"
         if isinstance(ds, datasets.IterableDataset):
-            self.length = 0  # a stream: HfStream sizes it
+            self.rows: Sequence[int] = range(0)  # a stream: HfStream sizes it, rows are checked as read
         else:
-            self.length = len(ds) if options.limit is None else min(len(ds), options.limit)
+            # Table rows behind the samples: every row, or (with a BuildContext) the rows whose text
+            # and image reference pass the build-time scan, so bad rows are skipped or stop the build
+            # like in the eager formats. ``limit`` then caps emitted samples, as in every format.
+            rows = range(len(ds)) if ctx is None else scan_rows(self, ctx)
+            self.rows = rows[: options.limit] if options.limit is not None else rows
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.rows)
 
     def _sample(self, index: int) -> Sample:
-        return self.row_to_sample(self.ds[index], index)
+        row = self.rows[index]
+        return self.row_to_sample(self.ds[row], row)
 
     def row_to_sample(self, row: dict[str, Any], index: int | str) -> Sample:
         where = f"{self.where}[{index}]"
+        prefix, suffix, references = self.text_fields(row, where)
+        return Sample(
+            self._image(row[self.col["image"]], where), prefix, suffix, where, self.options.task, references
+        )
+
+    def text_fields(self, row: dict[str, Any], where: str) -> tuple[str, str, tuple[str, ...]]:
+        """(prefix, suffix, references) of one row; raises ``DataError`` naming the row and column."""
         suffix = row[self.col["suffix"]]
         references: tuple[str, ...] = ()
         if isinstance(suffix, list):
@@ -175,21 +190,65 @@ class HfSamples(LazySamples):
             prefix = row[self.col["prefix"]]
             if not isinstance(prefix, str):
                 raise DataError(f"{where}: column {self.col['prefix']!r} must hold a string")
-        return Sample(
-            self._image(row[self.col["image"]], where), prefix, suffix, where, self.options.task, references
-        )
+        if self.train and not suffix.strip():
+            raise data_error("empty_suffix", f"{where}: empty suffix: nothing to learn from this row")
+        return prefix, suffix, references
 
     def _image(self, value: Any, where: str) -> str | Path | Image.Image:
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, dict) and value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"]))
+            # Only the header is read here (pixels decode in the collator, where a truncated image is
+            # a counted bad row); bytes that are no image at all fail now, inside __getitem__, and
+            # SafeSampleDataset counts them the same way.
+            try:
+                return Image.open(io.BytesIO(value["bytes"]))
+            except (OSError, SyntaxError, ValueError) as e:
+                raise data_error("corrupt_image", f"{where}: the image bytes are not an image: {e}") from None
         path = value.get("path") if isinstance(value, dict) else value
         if not isinstance(path, str):
             raise DataError(
                 f"{where}: column {self.col['image']!r} holds no image (got {type(value).__name__})"
             )
         return self.root / path if self.root is not None else Path(path)
+
+
+def scan_rows(view: HfSamples, ctx: BuildContext, batch_size: int = 1024) -> list[int]:
+    """Rows whose text fields are valid and whose image cell is set, reading no image bytes.
+
+    A bad row goes to ``ctx.bad_rows`` (``stop`` raises naming it, ``skip`` counts it), exactly as
+    the eager formats do at build time; image bytes that fail to decode can only show up when the
+    row is read, and ``pg_tune.data.safe_collate.SafeSampleDataset`` counts those the same way.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    image_col = view.col["image"]
+    cells = view.ds.data.column(image_col)
+    if pa.types.is_struct(cells.type):
+        fields = [cells.combine_chunks().field(name) for name in ("bytes", "path")]
+        missing = pc.and_(pc.is_null(fields[0]), pc.is_null(fields[1]))
+        missing = pc.or_(missing, pc.is_null(cells.combine_chunks()))
+    else:
+        missing = pc.is_null(cells)
+    missing = missing.to_pylist()
+    text = view.ds.select_columns([c for c in view.ds.column_names if c != image_col])
+    keep: list[int] = []
+    for start in range(0, len(text), batch_size):
+        batch = text[start : start + batch_size]
+        for offset in range(len(next(iter(batch.values()))) if batch else 0):
+            index = start + offset
+            where = f"{view.where}[{index}]"
+            if missing[index]:
+                ctx.bad_rows.bad("missing_image", f"{where}: column {image_col!r} holds no image")
+                continue
+            try:
+                view.text_fields({k: v[offset] for k, v in batch.items()}, where)
+            except DataError as e:
+                ctx.bad_rows.bad(reason_of(e), str(e))
+                continue
+            keep.append(index)
+    return keep
 
 
 class HfStream:
@@ -277,7 +336,7 @@ def _data_files(options: HfOptions) -> list[str]:
 def build(options: HfOptions, ctx: BuildContext) -> HfSamples | HfStream | list[Sample]:
     where = f"{options.path}" + (f"[{options.split}]" if options.split else "")
     ds = _load(options)
-    reader = HfSamples(ds, options, where)
+    reader = HfSamples(ds, options, where, None if options.streaming else ctx)
     if not options.streaming:
         return reader
     if ctx.split != "train":
