@@ -150,13 +150,13 @@ def test_nonfinite_loss_stops_with_rows_and_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_nonfinite_loss_skipped_and_counted(tmp_path, monkeypatch):
-    from pg_tune.train.loop import train
+    from pg_tune.commands_train import run_training
 
     recipe, resolved = load_recipe(
         _write_recipe(tmp_path, "nanskip", train={"max_steps": 2, "save_every": None, "on_nonfinite": "skip"})
     )
     _poison_loss(monkeypatch, {2})
-    result = train(recipe, resolved)
+    result = run_training(recipe, resolved)
     assert result.steps == 2
     summary = json.loads((tmp_path / "nanskip" / "summary.json").read_text())
     assert summary["nonfinite_skipped"] == 1
