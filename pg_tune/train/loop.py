@@ -64,8 +64,9 @@ from pg_tune.train.storage import (
     remove_stale_temporaries,
 )
 
-FINAL_STATE_FILE = "training_state.json"
-"""Written into ``adapter/`` with the adapter: the final ``TrainState`` (how a finished run is known)."""
+FINAL_STATE_FILE = "final_state.json"
+"""Written into ``output_dir`` after the adapter: the final ``TrainState``, how ``--resume`` knows a
+run is finished (kept out of ``adapter/``, which is shared, as it names local paths)."""
 
 CheckpointCallback = Callable[[int, Path, Accelerator], None]
 """Called on every rank after each checkpoint is on disk: (step, folder, accelerator)."""
@@ -244,7 +245,7 @@ def train(
     )
     samples_seen, window_start, last_saved = 0, time.time(), -1
     loss_module.train()
-    with StopSignals() as stop:
+    with StopSignals() as stop, contextlib.closing(progress):
         for window in _windows(run, train_loader, state, steps_per_epoch):
             step_result = train_step(run, window)
             if step_result is None:  # every row of the window failed to load (one process): skip it
@@ -291,13 +292,11 @@ def train(
             if policies.should_checkpoint(state, recipe.train, new_best, stopping):
                 saved, last_saved = checkpoint(), state.step
             if stopping:
-                progress.close()
                 raise TrainingInterrupted(stop.received or signal.SIGTERM, state.step, saved)
             if early_stop:
                 stop_reason = early_stop
                 say(f"\n{early_stop}")
                 break
-    progress.close()
     bad = _finish_counts(run, state, bad_rows, eval_bad, recipe)
 
     adapter_dir = _save_adapter(
@@ -330,7 +329,7 @@ def train(
             say(
                 f"best checkpoint by {best.metric} ({best.mode}): {result.best_checkpoint} ({state.best_value})"
             )
-        _write_final_state(adapter_dir, result)
+        _write_final_state(output_dir, result)
     return result
 
 
@@ -529,8 +528,8 @@ def _finished_run(
 ) -> TrainResult | None:
     """A run whose adapter was saved at its end, for the same length: ``--resume`` has nothing left
     to do (with a larger ``train.max_steps``/``epochs`` it continues from the newest checkpoint)."""
-    path = output_dir / "adapter" / FINAL_STATE_FILE
-    if not path.is_file():
+    path = output_dir / FINAL_STATE_FILE
+    if not path.is_file() or not (output_dir / "adapter").is_dir():
         return None
     finished_recipe = yaml.safe_load((output_dir / "adapter" / "recipe.yaml").read_text()) or {}
     length = lambda r: {k: r.get("train", {}).get(k) for k in ("max_steps", "epochs")}  # noqa: E731
@@ -558,7 +557,7 @@ def _finished_run(
     )
 
 
-def _write_final_state(adapter_dir: Path, result: TrainResult) -> None:
+def _write_final_state(output_dir: Path, result: TrainResult) -> None:
     final = {
         "state": result.state.to_dict(),
         "metrics_after": result.metrics_after,
@@ -568,9 +567,9 @@ def _write_final_state(adapter_dir: Path, result: TrainResult) -> None:
         "world_size": result.world_size,
         "dtype": result.dtype,
     }
-    tmp = adapter_dir / f".{FINAL_STATE_FILE}.tmp"
+    tmp = output_dir / f".tmp-{FINAL_STATE_FILE}"
     tmp.write_text(json.dumps(final, indent=2))
-    tmp.replace(adapter_dir / FINAL_STATE_FILE)
+    tmp.replace(output_dir / FINAL_STATE_FILE)
 
 
 def _start_trackers(

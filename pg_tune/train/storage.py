@@ -28,7 +28,16 @@ TMP_PREFIX = ".tmp-"
 
 # What pg_tune writes into an output_dir (and ``--overwrite`` may remove). Tracker folders
 # (tensorboard events under the logging project's name, ``wandb/``) are added by the caller.
-RUN_ENTRIES = ("checkpoints", "adapter", "metrics.jsonl", "summary.json", "recipe.yaml", "wandb")
+RUN_ENTRIES = (
+    "checkpoints",
+    "adapter",
+    "metrics.jsonl",
+    "summary.json",
+    "recipe.yaml",
+    "final_state.json",
+    "eval",  # pg-tune eval's default output folder
+    "wandb",
+)
 _PROBE = f"{TMP_PREFIX}write-probe-"
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -37,13 +46,8 @@ class OutputDirError(ValueError):
     """``output_dir`` cannot be used as asked; the message says why and what to do."""
 
 
-class DiskFullError(TrainingStopped, OSError):
-    """No space left while writing a run's files."""
-
-    exit_code = 1
-
-    def __str__(self) -> str:
-        return str(self.strerror)
+class DiskFullError(TrainingStopped):
+    """No space left while writing a run's files (exit status 1)."""
 
 
 # --- the output folder ---------------------------------------------------------------------------
@@ -149,7 +153,6 @@ def disk_full_guard(path: Path) -> Iterator[None]:
         if not is_disk_full(e):
             raise
         raise DiskFullError(
-            errno.ENOSPC,
             f"no space left while writing {path} ({free_mb(path):.0f} MB free); free some space "
             "(old checkpoints: train.keep_last) and resume with --resume auto",
         ) from None
