@@ -2,11 +2,13 @@
 
 Run it with ``pg-tune train RECIPE [key.sub=value ...]``; the same command runs under
 ``accelerate launch -m pg_tune train RECIPE`` or ``torchrun -m pg_tune train RECIPE`` on many
-processes. ``train()`` is the whole story in one screen; what it calls lives below it (one
-accumulation window: ``train_step``) or in its own module: the run state a checkpoint saves
-(``state``), the decisions (``policies``), checkpoints (``checkpoint``), resume (``resume``),
-safe writes (``storage``), signals (``signals``). Writing ``summary.json`` and pushing to the Hub
-belong to the command that called ``train()`` (``pg_tune.commands_train``).
+processes. ``train()`` tells the whole story in one screen; one accumulation window is
+``train_step``. What they call lives in its own small module: the run state a checkpoint saves and
+a resume restores (``state``), the decisions — evaluate, best, early stop, checkpoint, non-finite
+(``policies``), checkpoints (``checkpoint``), resume (``resume``), the output folder, atomic writes
+and a full disk (``storage``), evaluation with bad eval rows (``evaluation``), signals (``signals``),
+the result (``result``). Writing ``summary.json`` and pushing to the Hub belong to the command that
+called ``train()`` (``pg_tune.commands_train``).
 """
 
 from __future__ import annotations
@@ -33,18 +35,18 @@ from pg_tune.config.recipe import Recipe, TrainConfig
 from pg_tune.config.schema import ConfigError
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
-from pg_tune.data.images import load_image
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
 from pg_tune.data.sample import DataError, Sample
-from pg_tune.evaluate.run import evaluate_samples
 from pg_tune.models.paligemma import load_model, load_processor, resolve_dtype
 from pg_tune.train import policies
 from pg_tune.train.adapters import prepare_model, trainable_summary
 from pg_tune.train.checkpoint import RECIPE_FILE, best_checkpoint, load_checkpoint, save_checkpoint
+from pg_tune.train.evaluation import evaluate_during_training, readable_eval_samples
 from pg_tune.train.logbook import MetricsLog
 from pg_tune.train.loss import SuffixLoss
 from pg_tune.train.optim import build_optimizer, build_scheduler
+from pg_tune.train.result import TrainResult, finished_run, write_final_state
 from pg_tune.train.resume import (
     capture_rng,
     check_fingerprint,
@@ -63,49 +65,10 @@ from pg_tune.train.storage import (
     remove_entries,
     remove_stale_temporaries,
 )
-
-FINAL_STATE_FILE = "final_state.json"
-"""Written into ``output_dir`` after the adapter: the final ``TrainState``, how ``--resume`` knows a
-run is finished (kept out of ``adapter/``, which is shared, as it names local paths)."""
+from pg_tune.train.trackers import start_trackers
 
 CheckpointCallback = Callable[[int, Path, Accelerator], None]
 """Called on every rank after each checkpoint is on disk: (step, folder, accelerator)."""
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    adapter_dir: Path
-    state: TrainState
-    metrics_after: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    is_main_process: bool = True
-    best_checkpoint: Path | None = None
-    stop_reason: str = ""
-    """Why training ended: the planned steps ran, or early stopping (and why)."""
-    bad_rows: dict[str, dict[str, int]] = field(default_factory=dict)
-    world_size: int = 1
-    dtype: str = ""
-    already_finished: bool = False
-    """``--resume`` found the run finished: nothing was trained or evaluated this time."""
-    model: Any = field(default=None, repr=False)
-    """The trained peft model, for callers using pg_tune as a library."""
-
-    @property
-    def steps(self) -> int:
-        return self.state.step
-
-    @property
-    def first_loss(self) -> float:
-        return self.state.first_loss
-
-    @property
-    def last_loss(self) -> float:
-        return self.state.last_loss
-
-    @property
-    def metrics_before(self) -> dict[str, float]:
-        return self.state.metrics_before
 
 
 @dataclass
@@ -121,6 +84,11 @@ class _Run:
     train_samples: Sequence[Sample]
     train_bad: BadRows
     """Rows dropped inside the collator (under ``stop`` the collator raises instead)."""
+    peft_model: Any
+    processor: Any
+    loader: Any
+    steps_per_epoch: int
+    fingerprint: dict[str, Any]
 
 
 def train(
@@ -140,98 +108,36 @@ def train(
     accelerator = _accelerator(recipe)
     main, say = accelerator.is_main_process, accelerator.print
     _prepare_output_dir(accelerator, recipe, resume, overwrite)
-    if resume and (finished := _finished_run(output_dir, accelerator, resolved_recipe)):
+    if resume and (finished := finished_run(output_dir, accelerator, resolved_recipe)):
         return finished
-    state = (
-        TrainState.from_dict(json.loads((resume_from / "state.json").read_text()))
-        if resume_from
-        else TrainState()
-    )
-    if resume_from:
-        stored_recipe = resume_from / RECIPE_FILE
-        notes += check_recipe_changes(
-            resume_from,
-            json.loads(stored_recipe.read_text()) if stored_recipe.is_file() else None,
-            resolved_recipe,
-        )
-    if main:
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
-        say(yaml.safe_dump(resolved_recipe, sort_keys=False))
-        for note in notes:
-            say(note)
-        # Log records after the checkpoint were written and then lost; with no checkpoint, all were.
-        dropped = truncate_metrics_log(output_dir / "metrics.jsonl", state.step if resume_from else -1)
-        if resume_from:
-            say(f"resuming from {resume_from} (step {state.step}); dropped {dropped} later log records")
-        elif resume:
-            say(f"--resume {resume}: no checkpoint under {output_dir / 'checkpoints'}, starting from scratch")
-    state.tracker_run_ids = _start_trackers(accelerator, recipe, resolved_recipe, state.tracker_run_ids)
+    state = _begin(accelerator, recipe, resolved_recipe, resume, resume_from, notes)
+    state.tracker_run_ids = start_trackers(accelerator, recipe, resolved_recipe, state.tracker_run_ids)
 
     bad_rows, eval_bad = BadRows(recipe.data.on_bad_row), BadRows(recipe.data.on_bad_row)
     train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed)
     eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed)
-    eval_samples = _readable_eval_samples(eval_samples, recipe.eval.limit, eval_bad)
+    eval_samples = readable_eval_samples(eval_samples, recipe.eval.limit, eval_bad)
     say(f"data: {len(train_samples)} train samples, {len(eval_samples)} eval samples; {bad_rows.report()}")
-    if eval_bad.counts:
-        say(f"data (eval images): {eval_bad.report()}")
     if not train_samples:
         raise DataError("data.train produced no samples")
-
-    processor = load_processor(recipe.model)
-    # A quantized base cannot be moved after loading: each rank loads its own copy onto its device.
-    quantized = recipe.quantization.mode != "none"
-    device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
-    model = load_model(recipe.model, recipe.quantization, device_map=device_map)
-    set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
-    model = prepare_model(model, recipe)
-    say(trainable_summary(model))
-    fingerprint = run_fingerprint(recipe, model)
-    if resume_from:
-        stored = json.loads(fp.read_text()) if (fp := resume_from / "fingerprint.json").is_file() else None
-        check_fingerprint(resume_from, stored, fingerprint)
-    feature_cache = None
-    if recipe.data.feature_cache:
-        if not quantized:
-            model.to(accelerator.device)
-        with accelerator.main_process_first():  # one rank writes the cache, the others then read it
-            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe)
-    train_loader = build_train_loader(train_samples, processor, recipe, feature_cache=feature_cache)
-    # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
-    train_loader.collate_fn = SafeCollator(train_loader.collate_fn, recipe.data.on_bad_row)
-    loss_module, optimizer, train_loader = accelerator.prepare(
-        SuffixLoss(model), build_optimizer(model.parameters(), recipe.train), train_loader
-    )
-    steps_per_epoch = math.ceil(len(train_loader) / recipe.train.grad_accum)
-    state.total_steps = _total_steps(recipe.train, steps_per_epoch)
-    scheduler = build_scheduler(optimizer, recipe.train, state.total_steps)
-    peft_model = accelerator.unwrap_model(loss_module).model
-    train_bad = BadRows("skip")
-    train_bad.counts.update(state.bad_rows_in_training)
-    run = _Run(
-        accelerator,
-        loss_module,
-        optimizer,
-        scheduler,
-        [p for p in peft_model.parameters() if p.requires_grad],
-        recipe.train,
-        train_samples,
-        train_bad,
-    )
-    state.data_layout = [accelerator.num_processes, recipe.train.batch_size, recipe.train.grad_accum]
+    run = _build_run(accelerator, recipe, train_samples, state, resume_from)
     log = MetricsLog(output_dir / "metrics.jsonl", enabled=main)
     best = policies.best_policy(recipe.eval)
-    pending_rng = _restore(run, resume_from, state) if resume_from else None
-    evaluate = lambda: _evaluate(accelerator, peft_model, processor, eval_samples, recipe, eval_bad)  # noqa: E731
+    pending_rng = _restore(run, resume_from) if resume_from else None
+
+    def evaluate(when: str) -> dict[str, float]:
+        metrics = evaluate_during_training(
+            accelerator, run.peft_model, run.processor, eval_samples, recipe, eval_bad
+        )
+        say(f"\neval {when}: {json.dumps(metrics)}")
+        log.write({"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        return metrics
 
     def checkpoint() -> Path:
-        return _checkpoint(
-            run, state, output_dir, peft_model, fingerprint, resolved_recipe, best, on_checkpoint
-        )
+        return _checkpoint(run, state, output_dir, resolved_recipe, best, on_checkpoint)
 
     if eval_samples and recipe.eval.before_training and not resume_from:
-        state.metrics_before = evaluate()
-        say(f"eval before training: {json.dumps(state.metrics_before)}")
-        log.write({"step": 0, **{f"eval/{k}": v for k, v in state.metrics_before.items()}})
+        state.metrics_before = evaluate("before training")
 
     # --- train -------------------------------------------------------------------------------
     if pending_rng is not None:
@@ -244,25 +150,24 @@ def train(
         disable=not accelerator.is_local_main_process,
     )
     samples_seen, window_start, last_saved = 0, time.time(), -1
-    loss_module.train()
+    run.loss_module.train()
     with StopSignals() as stop, contextlib.closing(progress):
-        for window in _windows(run, train_loader, state, steps_per_epoch):
+        for window in _windows(run, state):
             step_result = train_step(run, window)
             if step_result is None:  # every row of the window failed to load (one process): skip it
                 continue
             samples_seen += step_result.rows
             state.truncated += step_result.truncated
+            progress.update(1)
             if step_result.nonfinite:
                 _on_nonfinite(
                     run, state, step_result, log, checkpoint, already_saved=last_saved == state.step
                 )
-                progress.update(1)
                 continue
             state.step += 1
             state.tokens_seen += step_result.tokens
             state.first_loss = step_result.loss if state.step == 1 else state.first_loss
             state.last_loss = step_result.loss
-            progress.update(1)
             if state.step % recipe.train.log_every == 0 or state.step in (1, state.total_steps):
                 record = _step_record(run, state, step_result, samples_seen, time.time() - window_start)
                 progress.set_postfix(loss=f"{step_result.loss:.4f}", lr=f"{record['lr']:.2e}")
@@ -273,21 +178,11 @@ def train(
             # Evaluate before checkpointing, so the checkpoint records the metric that may make it the best.
             new_best, state.eval_metrics = False, {}
             if eval_samples and policies.should_evaluate(state.step, recipe.eval):
-                metrics = evaluate()
-                say(f"\neval at step {state.step}: {json.dumps(metrics)}")
-                log.write({"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
-                new_best = policies.record_evaluation(state, metrics, best)
-                if best and best.metric not in metrics:
-                    say(f"warning: eval.best_metric={best.metric!r} not among {sorted(metrics)}")
+                new_best = policies.record_evaluation(state, evaluate(f"at step {state.step}"), best)
+                if best and best.metric not in state.eval_metrics:
+                    say(f"warning: eval.best_metric={best.metric!r} not among {sorted(state.eval_metrics)}")
             early_stop = policies.early_stop_reason(state, recipe.eval)
-            stopping = (
-                int(
-                    accelerator.reduce(
-                        torch.tensor(int(stop.received is not None), device=accelerator.device), "sum"
-                    )
-                )
-                > 0
-            )
+            stopping = _any_rank(accelerator, stop.received is not None)
             saved = None
             if policies.should_checkpoint(state, recipe.train, new_best, stopping):
                 saved, last_saved = checkpoint(), state.step
@@ -299,14 +194,8 @@ def train(
                 break
     bad = _finish_counts(run, state, bad_rows, eval_bad, recipe)
 
-    adapter_dir = _save_adapter(
-        accelerator, loss_module, peft_model, processor, resolved_recipe, output_dir, state
-    )
-    metrics_after: dict[str, float] = {}
-    if eval_samples:
-        metrics_after = evaluate()
-        say(f"eval after training: {json.dumps(metrics_after)}")
-        log.write({"step": state.step, **{f"eval/{k}": v for k, v in metrics_after.items()}})
+    adapter_dir = _save_adapter(run, resolved_recipe, output_dir)
+    metrics_after = evaluate("after training") if eval_samples else {}
     if recipe.logging.trackers:
         accelerator.log({f"eval/{k}": v for k, v in metrics_after.items()}, step=state.step)
         accelerator.end_training()
@@ -321,7 +210,7 @@ def train(
         bad_rows=bad,
         world_size=accelerator.num_processes,
         dtype=str(resolve_dtype(recipe.model.dtype)),
-        model=peft_model,
+        model=run.peft_model,
     )
     if main:
         result.best_checkpoint = best_checkpoint(output_dir / "checkpoints", best) if best else None
@@ -329,7 +218,7 @@ def train(
             say(
                 f"best checkpoint by {best.metric} ({best.mode}): {result.best_checkpoint} ({state.best_value})"
             )
-        _write_final_state(output_dir, result)
+        write_final_state(output_dir, result)
     return result
 
 
@@ -405,12 +294,13 @@ def train_step(run: _Run, window: list[dict[str, Any]]) -> StepResult | None:
     return result
 
 
-def _windows(run: _Run, loader, state: TrainState, steps_per_epoch: int) -> Iterator[list[dict[str, Any]]]:
+def _windows(run: _Run, state: TrainState) -> Iterator[list[dict[str, Any]]]:
     """Accumulation windows from the resumed position to the last step; ``state.epoch`` and
     ``state.epoch_batches`` follow. Fetching never moves the training's RNG (``rng_isolated``)."""
+    loader = run.loader
     if state.epoch_batches >= len(loader):  # the checkpoint closed its epoch
         state.epoch, state.epoch_batches = state.epoch + 1, 0
-    for epoch in range(state.epoch, math.ceil(state.total_steps / steps_per_epoch)):
+    for epoch in range(state.epoch, math.ceil(state.total_steps / run.steps_per_epoch)):
         if state.step >= state.total_steps:
             return
         state.epoch = epoch
@@ -480,6 +370,98 @@ def _on_nonfinite(
 # --- setup, checkpoints, evaluation, the end ---------------------------------------------------------
 
 
+def _begin(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    resolved_recipe: dict[str, Any],
+    resume: str | None,
+    resume_from: Path | None,
+    notes: list[str],
+) -> TrainState:
+    """The state to start from (a checkpoint's, or a fresh one); refuse a resume whose recipe
+    changes what is trained; write ``recipe.yaml``; drop log records a crash left behind."""
+    output_dir, say = Path(recipe.output_dir), accelerator.print
+    state = TrainState()
+    if resume_from:
+        state = TrainState.from_dict(json.loads((resume_from / "state.json").read_text()))
+        stored = resume_from / RECIPE_FILE
+        notes += check_recipe_changes(
+            resume_from, json.loads(stored.read_text()) if stored.is_file() else None, resolved_recipe
+        )
+    if accelerator.is_main_process:
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
+        say(yaml.safe_dump(resolved_recipe, sort_keys=False))
+        for note in notes:
+            say(note)
+        # Log records after the checkpoint were written and then lost; with no checkpoint, all were.
+        dropped = truncate_metrics_log(output_dir / "metrics.jsonl", state.step if resume_from else -1)
+        if resume_from:
+            say(f"resuming from {resume_from} (step {state.step}); dropped {dropped} later log records")
+        elif resume:
+            say(f"--resume {resume}: no checkpoint under {output_dir / 'checkpoints'}, starting from scratch")
+    return state
+
+
+def _build_run(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    train_samples: Sequence[Sample],
+    state: TrainState,
+    resume_from: Path | None,
+) -> _Run:
+    """Model with adapters, loader, optimizer and schedule, prepared by Accelerate."""
+    processor = load_processor(recipe.model)
+    # A quantized base cannot be moved after loading: each rank loads its own copy onto its device.
+    quantized = recipe.quantization.mode != "none"
+    device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
+    model = load_model(recipe.model, recipe.quantization, device_map=device_map)
+    set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
+    model = prepare_model(model, recipe)
+    accelerator.print(trainable_summary(model))
+    fingerprint = run_fingerprint(recipe, model)
+    if resume_from:
+        stored = json.loads(fp.read_text()) if (fp := resume_from / "fingerprint.json").is_file() else None
+        check_fingerprint(resume_from, stored, fingerprint)
+    feature_cache = None
+    if recipe.data.feature_cache:
+        if not quantized:
+            model.to(accelerator.device)
+        with accelerator.main_process_first():  # one rank writes the cache, the others then read it
+            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe)
+    loader = build_train_loader(train_samples, processor, recipe, feature_cache=feature_cache)
+    # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
+    loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)
+    loss_module, optimizer, loader = accelerator.prepare(
+        SuffixLoss(model), build_optimizer(model.parameters(), recipe.train), loader
+    )
+    steps_per_epoch = math.ceil(len(loader) / recipe.train.grad_accum)
+    state.total_steps = _total_steps(recipe.train, steps_per_epoch)
+    state.data_layout = [accelerator.num_processes, recipe.train.batch_size, recipe.train.grad_accum]
+    train_bad = BadRows("skip")
+    train_bad.counts.update(state.bad_rows_in_training)
+    peft_model = accelerator.unwrap_model(loss_module).model
+    return _Run(
+        accelerator,
+        loss_module,
+        optimizer,
+        build_scheduler(optimizer, recipe.train, state.total_steps),
+        [p for p in peft_model.parameters() if p.requires_grad],
+        recipe.train,
+        train_samples,
+        train_bad,
+        peft_model,
+        processor,
+        loader,
+        steps_per_epoch,
+        fingerprint,
+    )
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (all ranks must agree to stop)."""
+    return int(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum")) > 0
+
+
 def _mixed_precision(recipe: Recipe) -> str:
     choice = recipe.train.mixed_precision
     if choice != "auto":
@@ -523,106 +505,16 @@ def _prepare_output_dir(
     accelerator.wait_for_everyone()
 
 
-def _finished_run(
-    output_dir: Path, accelerator: Accelerator, resolved_recipe: dict[str, Any]
-) -> TrainResult | None:
-    """A run whose adapter was saved at its end, for the same length: ``--resume`` has nothing left
-    to do (with a larger ``train.max_steps``/``epochs`` it continues from the newest checkpoint)."""
-    path = output_dir / FINAL_STATE_FILE
-    if not path.is_file() or not (output_dir / "adapter").is_dir():
-        return None
-    finished_recipe = yaml.safe_load((output_dir / "adapter" / "recipe.yaml").read_text()) or {}
-    length = lambda r: {k: r.get("train", {}).get(k) for k in ("max_steps", "epochs")}  # noqa: E731
-    if length(finished_recipe) != length(resolved_recipe):
-        return None
-    saved = json.loads(path.read_text())
-    state = TrainState.from_dict(saved["state"])
-    accelerator.print(
-        f"--resume: this run already finished at step {state.step} ({saved.get('stop_reason', '')}); adapter: "
-        f"{output_dir / 'adapter'}. Nothing to do; use --overwrite to train it again"
-    )
-    best = saved.get("best_checkpoint")
-    return TrainResult(
-        output_dir,
-        output_dir / "adapter",
-        state,
-        saved.get("metrics_after", {}),
-        is_main_process=accelerator.is_main_process,
-        best_checkpoint=Path(best) if best else None,
-        stop_reason=saved.get("stop_reason", ""),
-        bad_rows=saved.get("bad_rows", {}),
-        world_size=saved.get("world_size", 1),
-        dtype=saved.get("dtype", ""),
-        already_finished=True,
-    )
-
-
-def _write_final_state(output_dir: Path, result: TrainResult) -> None:
-    final = {
-        "state": result.state.to_dict(),
-        "metrics_after": result.metrics_after,
-        "stop_reason": result.stop_reason,
-        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-        "bad_rows": result.bad_rows,
-        "world_size": result.world_size,
-        "dtype": result.dtype,
-    }
-    tmp = output_dir / f".tmp-{FINAL_STATE_FILE}"
-    tmp.write_text(json.dumps(final, indent=2))
-    tmp.replace(output_dir / FINAL_STATE_FILE)
-
-
-def _start_trackers(
-    accelerator: Accelerator, recipe: Recipe, resolved_recipe: dict[str, Any], run_ids: dict[str, str]
-) -> dict[str, str]:
-    """Start wandb/tensorboard; a resumed wandb run continues under its id. Returns the run ids."""
-    trackers = list(recipe.logging.trackers)
-    if not trackers:
-        return {}
-    init_kwargs: dict[str, Any] = {}
-    if "wandb" in trackers:
-        init_kwargs["wandb"] = {
-            "name": recipe.logging.run_name,
-            "dir": recipe.output_dir,
-            "mode": recipe.logging.wandb_mode,
-        }
-        if run_id := run_ids.get("wandb"):
-            init_kwargs["wandb"].update(id=run_id, resume="allow")
-    accelerator.init_trackers(
-        recipe.logging.project, config=_flat_scalars(resolved_recipe), init_kwargs=init_kwargs
-    )
-    ids = {}
-    if "wandb" in trackers and accelerator.is_main_process:
-        wandb_run = accelerator.get_tracker("wandb", unwrap=True)
-        if getattr(wandb_run, "id", None):
-            ids["wandb"] = wandb_run.id
-    return ids
-
-
-def _flat_scalars(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat_scalars(value, f"{name}."))
-        elif isinstance(value, (int, float, str, bool)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
-
-
-def _restore(run: _Run, checkpoint: Path, state: TrainState) -> dict[str, Any] | None:
+def _restore(run: _Run, checkpoint: Path) -> dict[str, Any] | None:
     """Load weights, optimizer, scheduler and scaler; returns this rank's RNG state to restore
     when training starts."""
     acc = run.accelerator
-    peft_model = acc.unwrap_model(run.loss_module).model
-    loaded = load_checkpoint(checkpoint, peft_model, run.optimizer, run.scheduler, acc.scaler)
-    stored_layout = loaded.state.get("data_layout") or state.data_layout
-    if stored_layout[0] != state.data_layout[0]:
+    loaded = load_checkpoint(checkpoint, run.peft_model, run.optimizer, run.scheduler, acc.scaler)
+    processes = (loaded.state.get("data_layout") or [acc.num_processes])[0]
+    if processes != acc.num_processes:
         acc.print(
-            f"warning: the checkpoint was written by {stored_layout[0]} processes, this run has "
-            f"{state.data_layout[0]}: the data position in the epoch is approximate"
+            f"warning: the checkpoint was written by {processes} processes, this run has "
+            f"{acc.num_processes}: the data position in the epoch is approximate"
         )
     if not loaded.rng_states:
         return None
@@ -633,8 +525,6 @@ def _checkpoint(
     run: _Run,
     state: TrainState,
     output_dir: Path,
-    peft_model,
-    fingerprint: dict[str, Any],
     resolved_recipe: dict[str, Any],
     best,
     on_checkpoint: Sequence[CheckpointCallback],
@@ -648,14 +538,14 @@ def _checkpoint(
         save_checkpoint(
             output_dir / "checkpoints",
             state.step,
-            peft_model,
+            run.peft_model,
             run.optimizer,
             run.scheduler,
             state.to_dict(),
             run.train_config.keep_last,
             scaler=acc.scaler,
             rng_states=rng_states,
-            fingerprint=fingerprint,
+            fingerprint=run.fingerprint,
             recipe=resolved_recipe,
             best=best,
         )
@@ -663,50 +553,6 @@ def _checkpoint(
     for callback in on_checkpoint:
         callback(state.step, path, acc)
     return path
-
-
-def _readable_eval_samples(samples: Sequence[Sample], limit: int | None, bad: BadRows) -> Sequence[Sample]:
-    """The eval samples evaluation will use (``eval.limit`` per dataset), with every image opened
-    once now: under ``data.on_bad_row=skip`` an unreadable one is dropped and counted (the next
-    sample takes its place), under ``stop`` the run stops here, before training, naming the row."""
-    parts = getattr(samples, "parts", None) or [samples]
-    kept_parts = []
-    for part in parts:
-        kept: list[Sample] = []
-        for sample in part:
-            if limit is not None and len(kept) >= limit:
-                break
-            try:
-                load_image(sample.image, sample.source)
-            except DataError as e:
-                bad.bad(getattr(e, "reason", "bad_image"), str(e))
-                continue
-            kept.append(sample)
-        kept_parts.append(kept)
-    return _EvalSamples(kept_parts)
-
-
-class _EvalSamples(list):
-    """A flat list of eval samples that keeps its datasets apart (``parts``) for ``eval.limit``."""
-
-    def __init__(self, parts: list[list[Sample]]):
-        super().__init__(s for part in parts for s in part)
-        self.parts = parts
-
-
-def _evaluate(accelerator, model, processor, samples, recipe: Recipe, bad: BadRows) -> dict[str, float]:
-    """Evaluate; an image that became unreadable since the run started is dropped and counted under
-    ``skip`` (then evaluation runs again without it), named under ``stop``."""
-    while True:
-        try:
-            return evaluate_samples(accelerator, model, processor, samples, recipe)
-        except DataError:
-            if bad.policy == "stop" or accelerator.num_processes > 1:
-                raise
-            before = sum(bad.counts.values())
-            samples = _readable_eval_samples(samples, recipe.eval.limit, bad)
-            if sum(bad.counts.values()) == before:
-                raise
 
 
 def _finish_counts(
@@ -746,18 +592,16 @@ def _adapter_state_for_saving(accelerator: Accelerator, loss_module) -> dict[str
     return {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
 
 
-def _save_adapter(
-    accelerator, loss_module, peft_model, processor, resolved_recipe, output_dir: Path, state
-) -> Path:
+def _save_adapter(run: _Run, resolved_recipe: dict[str, Any], output_dir: Path) -> Path:
     """The final adapter, written atomically like a checkpoint (a full disk leaves no half-written
     folder beside a valid-looking one)."""
-    adapter_dir = output_dir / "adapter"
+    accelerator, adapter_dir = run.accelerator, output_dir / "adapter"
     accelerator.wait_for_everyone()
-    full_state = _adapter_state_for_saving(accelerator, loss_module)  # a collective under FSDP/ZeRO-3
+    full_state = _adapter_state_for_saving(accelerator, run.loss_module)  # a collective under FSDP/ZeRO-3
     if accelerator.is_main_process:
         with atomic_folder(adapter_dir) as tmp:
-            peft_model.save_pretrained(tmp, state_dict=full_state)
-            processor.save_pretrained(tmp)
+            run.peft_model.save_pretrained(tmp, state_dict=full_state)
+            run.processor.save_pretrained(tmp)
             (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
     accelerator.wait_for_everyone()
     return adapter_dir

@@ -277,14 +277,14 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path, capsys):
 def test_early_stopping_stops_exactly_when_patience_runs_out(
     tmp_path, capsys, monkeypatch, scores, min_delta, stop_step, best_step
 ):
-    import pg_tune.train.loop as loop
+    import pg_tune.train.evaluation as evaluation
 
     calls = iter(scores + [0.0])
 
     def scripted(*args, **kwargs):
         return {"caption/score": next(calls)}
 
-    monkeypatch.setattr(loop, "evaluate_samples", scripted)
+    monkeypatch.setattr(evaluation, "evaluate_samples", scripted)
     recipe = _recipe(
         tmp_path,
         data={"eval": [{"format": "shapes", "num_samples": 2}]},
