@@ -61,7 +61,10 @@ def finished_run(
     path = output_dir / FINAL_STATE_FILE
     if not path.is_file() or not (output_dir / "adapter").is_dir():
         return None
-    finished_recipe = yaml.safe_load((output_dir / "adapter" / "recipe.yaml").read_text()) or {}
+    saved_recipe = output_dir / "adapter" / "recipe.yaml"
+    finished_recipe = (
+        yaml.safe_load(saved_recipe.read_text()) or {} if saved_recipe.is_file() else resolved_recipe
+    )
     length = lambda r: {k: r.get("train", {}).get(k) for k in ("max_steps", "epochs")}  # noqa: E731
     if length(finished_recipe) != length(resolved_recipe):
         return None

@@ -137,8 +137,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize(
     ("name", "kill_after"),
     [
-        ("accum2", 1),  # mid-epoch, end of a full accumulation window, no evaluation
-        ("accum2", 2),  # mid-epoch, with an evaluation at that step
+        ("accum2", 2),  # mid-epoch, end of a full accumulation window, with an evaluation at that step
         ("accum2", 3),  # end of the epoch, a partial window, no evaluation
         ("plain", 3),  # end of the epoch, with an evaluation at that step
     ],
