@@ -43,9 +43,12 @@ def run_summary(result) -> dict[str, Any]:
 
 def write_summary(result) -> Path:
     """Write ``summary.json`` beside the adapter (atomically: it is read by scripts)."""
+    from pg_tune.train.storage import disk_full_guard
+
     path = Path(result.output_dir) / "summary.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(run_summary(result), indent=2))
+    with disk_full_guard(path):
+        tmp.write_text(json.dumps(run_summary(result), indent=2))
     tmp.replace(path)
     return path
 

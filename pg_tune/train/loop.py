@@ -62,6 +62,7 @@ from pg_tune.train.state import TrainState
 from pg_tune.train.storage import (
     atomic_folder,
     check_output_dir,
+    disk_full_guard,
     remove_entries,
     remove_stale_temporaries,
 )
@@ -389,7 +390,8 @@ def _begin(
             resume_from, json.loads(stored.read_text()) if stored.is_file() else None, resolved_recipe
         )
     if accelerator.is_main_process:
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
+        with disk_full_guard(output_dir / "recipe.yaml"):
+            (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
         say(yaml.safe_dump(resolved_recipe, sort_keys=False))
         for note in notes:
             say(note)

@@ -119,7 +119,10 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete ``.tmp-*`` leftovers of interrupted saves (they may be what filled the disk)."""
     stale = sorted(folder.glob(f"{TMP_PREFIX}*")) if folder.is_dir() else []
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 
