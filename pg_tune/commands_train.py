@@ -111,6 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pg_tune.train.storage import OutputDirError
 
     recipe, resolved_recipe = load_recipe(args.recipe, args.overrides)
+    recipe.model.trust_remote_code = args.trust_remote_code
     try:
         result = run_training(recipe, resolved_recipe, resume=args.resume, overwrite=args.overwrite)
     except TrainingStopped as e:  # a stop signal, a non-finite step, a full disk
@@ -132,6 +133,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(sub) -> None:
+    from pg_tune.commands_eval import add_remote_code_argument
+
     p = sub.add_parser("train", help="fine-tune from a recipe")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
@@ -149,4 +152,5 @@ def add_train_parser(sub) -> None:
         action="store_true",
         help="start clean: remove pg_tune's files from a non-empty output_dir first (listed before removal)",
     )
+    add_remote_code_argument(p)
     p.set_defaults(func=_cmd_train)

@@ -122,8 +122,16 @@ def test_ctrl_c_during_setup_is_a_clean_one_line_exit(tmp_path, capsys, monkeypa
 
 @pytest.mark.parametrize("max_steps", [0, -5])
 def test_max_steps_below_one_is_refused_not_ignored(tmp_path, capsys, max_steps):
+    from pg_tune.config import ConfigError, load_recipe
+    from pg_tune.train.loop import train
+
     assert main(["train", _recipe(tmp_path, train={"max_steps": max_steps})]) == 2
     assert "train.max_steps" in _one_line_error(capsys)
+    # The loop itself refuses it too, for a recipe changed in code after validation.
+    recipe, resolved = load_recipe(_recipe(tmp_path))
+    recipe.train.max_steps = max_steps
+    with pytest.raises(ConfigError, match="train.max_steps: must be >= 1"):
+        train(recipe, resolved)
     assert not (tmp_path / "run" / "adapter").exists()
 
 
@@ -282,14 +290,14 @@ def test_early_stopping_stops_exactly_when_patience_runs_out(
     calls = iter(scores + [0.0])
 
     def scripted(*args, **kwargs):
-        return {"caption/score": next(calls)}
+        return {"caption/cider": next(calls)}
 
     monkeypatch.setattr(evaluation, "evaluate_samples", scripted)
     recipe = _recipe(
         tmp_path,
         data={"eval": [{"format": "shapes", "num_samples": 2}]},
         train={"max_steps": 8, "keep_last": 1},
-        eval={"every": 1, "best_metric": "caption/score", "patience": 2, "min_delta": min_delta},
+        eval={"every": 1, "best_metric": "caption/cider", "patience": 2, "min_delta": min_delta},
     )
     assert main(["train", recipe]) == 0
     out = capsys.readouterr().out
@@ -297,7 +305,7 @@ def test_early_stopping_stops_exactly_when_patience_runs_out(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == stop_step
     assert summary["stop_reason"].startswith(
-        f"early stopping at step {stop_step}: caption/score did not improve"
+        f"early stopping at step {stop_step}: caption/cider did not improve"
     )
     assert f"at step {best_step})" in summary["stop_reason"]
     assert "stopped:        early stopping" in out
