@@ -115,7 +115,7 @@ def test_ctrl_c_during_setup_is_a_clean_one_line_exit(tmp_path, capsys, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "load_model", interrupted)
+    monkeypatch.setattr(loop, "build_samples", interrupted)  # Ctrl-C while the datasets are read
     assert main(["train", _recipe(tmp_path)]) == 130
     assert "interrupted by Ctrl-C" in _one_line_error(capsys)
 
