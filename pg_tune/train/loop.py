@@ -38,7 +38,7 @@ from pg_tune.data.build import build_samples
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
 from pg_tune.data.sample import DataError, Sample
-from pg_tune.models.paligemma import load_model, load_processor, resolve_dtype
+from pg_tune.models.family import family_for, resolve_dtype
 from pg_tune.train import policies
 from pg_tune.train.adapters import prepare_model, trainable_summary
 from pg_tune.train.checkpoint import RECIPE_FILE, best_checkpoint, load_checkpoint, save_checkpoint
@@ -115,13 +115,14 @@ def train(
     state.tracker_run_ids = start_trackers(accelerator, recipe, resolved_recipe, state.tracker_run_ids)
 
     bad_rows, eval_bad = BadRows(recipe.data.on_bad_row), BadRows(recipe.data.on_bad_row)
-    train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed)
-    eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed)
+    family = family_for(recipe.model.name_or_path)
+    train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed, family=family)
+    eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed, family=family)
     eval_samples = readable_eval_samples(eval_samples, recipe.eval.limit, eval_bad)
     say(f"data: {len(train_samples)} train samples, {len(eval_samples)} eval samples; {bad_rows.report()}")
     if not train_samples:
         raise DataError("data.train produced no samples")
-    run = _build_run(accelerator, recipe, train_samples, state, resume_from)
+    run = _build_run(accelerator, recipe, family, train_samples, state, resume_from)
     log = MetricsLog(output_dir / "metrics.jsonl", enabled=main)
     best = policies.best_policy(recipe.eval)
     pending_rng = _restore(run, resume_from) if resume_from else None
@@ -407,16 +408,17 @@ def _begin(
 def _build_run(
     accelerator: Accelerator,
     recipe: Recipe,
+    family,
     train_samples: Sequence[Sample],
     state: TrainState,
     resume_from: Path | None,
 ) -> _Run:
     """Model with adapters, loader, optimizer and schedule, prepared by Accelerate."""
-    processor = load_processor(recipe.model)
+    processor = family.load_processor(recipe.model)
     # A quantized base cannot be moved after loading: each rank loads its own copy onto its device.
     quantized = recipe.quantization.mode != "none"
     device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
-    model = load_model(recipe.model, recipe.quantization, device_map=device_map)
+    model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
     set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
     model = prepare_model(model, recipe)
     accelerator.print(trainable_summary(model))
@@ -429,12 +431,12 @@ def _build_run(
         if not quantized:
             model.to(accelerator.device)
         with accelerator.main_process_first():  # one rank writes the cache, the others then read it
-            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe)
-    loader = build_train_loader(train_samples, processor, recipe, feature_cache=feature_cache)
+            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe, family)
+    loader = build_train_loader(train_samples, processor, recipe, feature_cache, family)
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)
     loss_module, optimizer, loader = accelerator.prepare(
-        SuffixLoss(model), build_optimizer(model.parameters(), recipe.train), loader
+        SuffixLoss(model, family=family), build_optimizer(model.parameters(), recipe.train), loader
     )
     steps_per_epoch = math.ceil(len(loader) / recipe.train.grad_accum)
     state.total_steps = _total_steps(recipe.train, steps_per_epoch)

@@ -196,7 +196,6 @@ RESUME_MAY_CHANGE = (
     "eval.max_new_tokens",
     "eval.num_beams",
     "eval.limit",
-    "eval.vae_path",
     "eval.patience",
 )
 # Applied, and said: a longer or shorter run (the LR schedule is recomputed over the new length).
