@@ -220,6 +220,12 @@ class EvalConfig:
     """Eval metric that names the best checkpoint, kept besides the last ``train.keep_last``, e.g.
     ``caption/exact_match`` (names as printed by evaluation). Evaluated every ``eval.every`` steps."""
     best_mode: Literal["max", "min"] = "max"
+    min_delta: float = 0.0
+    """An evaluation must beat the best ``best_metric`` by more than this to count as better (for
+    the best checkpoint and for ``patience``)."""
+    patience: int | None = None
+    """Early stopping: stop cleanly after this many evaluations in a row without a better
+    ``best_metric``; the best checkpoint is kept. Needs ``best_metric`` and ``every``."""
 
     def check(self, path: str) -> None:
         for name in ("batch_size", "max_new_tokens", "num_beams"):
@@ -232,6 +238,16 @@ class EvalConfig:
             _at_least(f"{path}.max_new_tokens_per_task", task, budget, 1)
         if self.best_metric is not None:
             _check_metric_name(f"{path}.best_metric", self.best_metric)
+        if self.min_delta < 0:
+            raise ConfigError(f"{path}.min_delta: must be >= 0, got {self.min_delta}")
+        if self.patience is not None:
+            if self.patience < 1:
+                raise ConfigError(f"{path}.patience: must be >= 1 (or unset), got {self.patience}")
+            if not self.best_metric or not self.every:
+                raise ConfigError(
+                    f"{path}.patience: early stopping watches {path}.best_metric evaluated every {path}.every "
+                    "steps; set both"
+                )
 
 
 def _check_metric_name(path: str, name: str) -> None:

@@ -209,17 +209,17 @@ def test_full_run_saves_a_model_folder_transformers_loads_and_push_plans_it(tmp_
     from PIL import Image
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
+    from pg_tune.commands_train import run_training
     from pg_tune.data import Sample
     from pg_tune.export import export_merged
     from pg_tune.hub import upload_plan
     from pg_tune.models.paligemma import PaliGemmaCollator
-    from pg_tune.train.loop import train
 
     recipe, resolved = _method_recipe(tmp_path, "run", "full", four_rows)
     recipe.train.max_steps, recipe.train.save_every = 2, None
     recipe.data.eval = recipe.data.train  # evaluation (generation) runs on the plain, unwrapped model
     recipe.eval.max_new_tokens = 3
-    result = train(recipe, resolved)
+    result = run_training(recipe, resolved)  # the command writes summary.json
     assert result.metrics_after and "caption/exact_match" in str(result.metrics_after)
     run = tmp_path / "run"
     assert result.adapter_dir == run / "model" and not (run / "adapter").exists()
