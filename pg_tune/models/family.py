@@ -223,6 +223,8 @@ class ModelFamily(abc.ABC):
 # One line per family: model_type / preset names are read from the class, imported on first use.
 _REGISTRY: dict[str, str] = {
     "paligemma": "pg_tune.models.paligemma:PaliGemmaFamily",
+    "gemma3": "pg_tune.models.gemma3:Gemma3Family",
+    "smolvlm": "pg_tune.models.smolvlm:SmolVLMFamily",
 }
 
 
