@@ -167,7 +167,6 @@ def parse_text_boxes(
 class ChatRow:
     input_ids: list[int]
     labels: list[int]
-    image_tokens: int
     truncated: bool
     untruncated_text_length: int
 
@@ -190,7 +189,6 @@ class ChatCollator(abc.ABC):
         self.max_text_length = max_text_length
         self.train = train
         self.reserved = family.reserved_tokens(processor)
-        self.image_token_ids = frozenset(family.image_token_ids(processor))
         self.end_of_turn_id: int = family.end_of_turn_id(processor)
         self.pad_id: int = self.tokenizer.pad_token_id
 
@@ -216,50 +214,62 @@ class ChatCollator(abc.ABC):
                     f"{self.family.name} models: it would be read as that token, not as text; remove it from the data"
                 )
 
-    def encode(self, sample: Sample, image_text: str) -> ChatRow:
-        """Ids and labels of one sample whose image stands as ``image_text`` (no padding)."""
+    def _parts(self, sample: Sample) -> tuple[str, list[int], list[int], list[int]]:
+        """The prompt, its own tokens, the supervised target tokens (+ end of turn) and the trailer."""
         self._check(sample)
         prompt = self.family.render_prompt(sample)
-        prompt_ids = self._tokens(self.family.user_turn(image_text, prompt))
-        image_tokens = sum(1 for t in prompt_ids if t in self.image_token_ids)
-        prompt_text = len(prompt_ids) - image_tokens
+        prompt_tokens = self._tokens(prompt)
         if not self.train:
-            if prompt_text > self.max_text_length:
-                raise DataError(
-                    f"{sample.source}: prompt is {prompt_text} tokens, over data.max_text_length={self.max_text_length}"
-                )
-            return ChatRow(prompt_ids, [IGNORE_INDEX] * len(prompt_ids), image_tokens, False, prompt_text)
+            return prompt, prompt_tokens, [], []
         target = self.family.render_target(sample)
         if not target.strip():
             raise DataError(f"{sample.source}: empty suffix: a training row needs a target to learn")
         head, tail = self.family.assistant_turn(target)
-        supervised = self._tokens(head) + [self.end_of_turn_id]
-        trailer = self._tokens(tail)
-        room = self.max_text_length - prompt_text
-        if room < 1:
+        return prompt, prompt_tokens, self._tokens(head) + [self.end_of_turn_id], self._tokens(tail)
+
+    def _room(self, sample: Sample, prompt_tokens: list[int]) -> int:
+        """Target tokens allowed after the prompt within ``data.max_text_length``."""
+        room = self.max_text_length - len(prompt_tokens)
+        if not self.train and room < 0:
             raise DataError(
-                f"{sample.source}: prompt is {prompt_text} tokens, leaving no room for the target within "
+                f"{sample.source}: prompt is {len(prompt_tokens)} tokens, over data.max_text_length="
+                f"{self.max_text_length}"
+            )
+        if self.train and room < 1:
+            raise DataError(
+                f"{sample.source}: prompt is {len(prompt_tokens)} tokens, leaving no room for the target within "
                 f"data.max_text_length={self.max_text_length}; raise it"
             )
-        full = prompt_text + len(supervised) + len(trailer)
-        truncated = len(supervised) + len(trailer) > room
+        return room
+
+    def encode(self, sample: Sample, image_text: str) -> ChatRow:
+        """Ids and labels of one sample whose image stands as ``image_text`` (no padding).
+
+        ``data.max_text_length`` budgets the prompt's own tokens, the target's and its end-of-turn
+        token; the chat template's scaffolding and the image block are not counted, so one recipe
+        fits every family (PaliGemma counts its bos and newline, two tokens).
+        """
+        prompt, prompt_tokens, supervised, trailer = self._parts(sample)
+        room = self._room(sample, prompt_tokens)
+        prompt_ids = self._tokens(self.family.user_turn(image_text, prompt))
+        if not self.train:
+            return ChatRow(prompt_ids, [IGNORE_INDEX] * len(prompt_ids), False, len(prompt_tokens))
+        full = len(prompt_tokens) + len(supervised)
+        truncated = len(supervised) > room
         if truncated:
             supervised, trailer = supervised[:room], []
-        else:
-            trailer = trailer[: room - len(supervised)]
         return ChatRow(
             input_ids=prompt_ids + supervised + trailer,
             labels=[IGNORE_INDEX] * len(prompt_ids) + supervised + [IGNORE_INDEX] * len(trailer),
-            image_tokens=image_tokens,
             truncated=truncated,
             untruncated_text_length=full,
         )
 
     def text_length(self, sample: Sample) -> tuple[int, int]:
-        """Text tokens of the encoded row (image tokens excluded) and before any truncation."""
-        _, image_texts = self._images([sample])
-        row = self.encode(sample, image_texts[0])
-        return len(row.input_ids) - row.image_tokens, row.untruncated_text_length
+        """Budgeted text tokens (see ``encode``) after and before truncation; no image is read."""
+        _, prompt_tokens, supervised, _ = self._parts(sample)
+        room = self._room(sample, prompt_tokens)
+        return len(prompt_tokens) + min(len(supervised), room), len(prompt_tokens) + len(supervised)
 
     def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
         pixels, image_texts = self._images([sample for _, sample in batch])
@@ -333,10 +343,6 @@ class ChatFamily(ModelFamily):
     @abc.abstractmethod
     def end_of_turn_id(self, processor: Any) -> int:
         """The token that ends the assistant's turn (supervised; generation stops there)."""
-
-    @abc.abstractmethod
-    def image_token_ids(self, processor: Any) -> list[int]:
-        """Ids that belong to an image block (not counted against ``data.max_text_length``)."""
 
     # loading
     def is_tiny(self, name_or_path: str) -> bool:

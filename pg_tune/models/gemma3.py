@@ -47,10 +47,6 @@ class Gemma3Collator(ChatCollator):
         """Everything but ``pixel_values``: the image text is the same for every row."""
         return self._text_batch(batch, [self.processor.full_image_sequence] * len(batch))
 
-    def text_length(self, sample: Sample) -> tuple[int, int]:
-        row = self.encode(sample, self.processor.full_image_sequence)
-        return len(row.input_ids) - row.image_tokens, row.untruncated_text_length
-
     def _extra(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token_type_ids": (input_ids == self.processor.tokenizer.image_token_id).long()}
 
@@ -85,10 +81,6 @@ class Gemma3Family(ChatFamily):
 
     def end_of_turn_id(self, processor) -> int:
         return processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")
-
-    def image_token_ids(self, processor) -> list[int]:
-        tokenizer = processor.tokenizer
-        return [tokenizer.image_token_id, tokenizer.boi_token_id, tokenizer.eoi_token_id]
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """SigLIP + pooling + projection ``[batch, 256, text_hidden]``; no autograd when frozen."""

@@ -115,12 +115,6 @@ class SmolVLMFamily(ChatFamily):
     def end_of_turn_id(self, processor) -> int:
         return processor.tokenizer.convert_tokens_to_ids(processor.end_of_utterance_token)
 
-    def image_token_ids(self, processor) -> list[int]:
-        tokenizer = processor.tokenizer
-        tokens = [processor.image_token, processor.fake_image_token, processor.global_image_token]
-        tokens += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-        return [i for i in tokenizer.convert_tokens_to_ids(tokens) if i != tokenizer.unk_token_id]
-
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Connector output of every real tile, concatenated: ``[image tokens in the batch, hidden]``."""
         with torch.no_grad() if self._vision_frozen(core) else contextlib.nullcontext():
