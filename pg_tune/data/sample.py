@@ -72,6 +72,36 @@ class Sample:
         return self.references or (self.suffix,)
 
 
+def targets_json(objects: Sequence[ObjectTarget]) -> list[dict[str, Any]]:
+    """Ground-truth objects as JSON (preview, ``reference_objects`` in predictions.jsonl)."""
+    return [
+        {
+            "label": o.label,
+            "box": [round(float(v), 3) for v in o.box],
+            **({"mask": o.mask} if o.mask is not None else {}),
+        }
+        for o in objects
+    ]
+
+
+def targets_from_json(rows: Any, where: str) -> tuple[ObjectTarget, ...]:
+    """``targets_json`` read back; raises ``DataError`` naming ``where`` on a malformed entry."""
+    if not isinstance(rows, list):
+        raise DataError(f"{where}: expected a list of objects, got {type(rows).__name__}")
+    out = []
+    for k, row in enumerate(rows):
+        try:
+            box = tuple(float(v) for v in row["box"])
+            if len(box) != 4:
+                raise ValueError
+            out.append(ObjectTarget(str(row.get("label", "")), box, row.get("mask")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise DataError(
+                f"{where}[{k}]: expected {{label, box: [x0, y0, x1, y1], mask?}}, got {row!r}"
+            ) from None
+    return tuple(out)
+
+
 class DataError(ValueError):
     """A bad row or file; the message names the file and line (or dataset row) and the field."""
 

@@ -1,12 +1,11 @@
-"""Batched generation with PaliGemma's bidirectional prefix.
+"""Batched generation through the model family: its generation collator, inputs and decoding.
 
-Prompts are left-padded so they all end where decoding starts, and ``token_type_ids`` (0 on the
-prompt) are passed so the prefill attends over image + prompt both ways, exactly as in training;
-transformers' PaliGemma turns them into the prefix-LM mask on the first step and marks every
-generated token as suffix (1). ``tests/evaluate/test_generate.py`` pins both facts: the prefill
-logits equal the training-mode logits at the prompt's last token, and a left-padded batch decodes
-exactly like the same samples one by one. Works with a peft model, a merged model or a base
-checkpoint: anything with PaliGemma's ``generate``.
+Prompts are left-padded so they all end where decoding starts, and the family passes its
+attention-rule inputs (PaliGemma: ``token_type_ids``, 0 on the prompt) so the prefill attends over
+image + prompt exactly as in training. ``tests/evaluate/test_generate.py`` pins this for PaliGemma:
+the prefill logits equal the training-mode logits at the prompt's last token, and a left-padded
+batch decodes exactly like the same samples one by one. Works with a peft model, a merged model or
+a base checkpoint.
 """
 
 from __future__ import annotations
@@ -16,11 +15,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.sample import Sample
-from pg_tune.models.layout import EOS_ID
-
-_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+from pg_tune.models.family import Collator, ModelFamily, family_for
 
 
 def max_new_tokens_for(task: str, default: int, per_task: Mapping[str, int] | None = None) -> int:
@@ -35,13 +31,16 @@ def max_new_tokens_for(task: str, default: int, per_task: Mapping[str, int] | No
 
 
 def batch_inputs(
-    collator: PaliGemmaCollator, samples: Sequence[Sample], device: torch.device, dtype: torch.dtype
+    collator: Collator,
+    samples: Sequence[Sample],
+    device: torch.device,
+    dtype: torch.dtype,
+    family: ModelFamily | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded generation inputs for ``samples``, on ``device``, pixels in the model's dtype."""
+    """Left-padded generation inputs for ``samples``, on ``device``, images in the model's dtype."""
+    family = family if family is not None else collator.family
     batch = collator(list(enumerate(samples)))
-    inputs = {k: batch[k].to(device) for k in _INPUT_KEYS}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
+    return {k: v.to(device) for k, v in family.generation_inputs(batch, dtype).items()}
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -63,14 +62,16 @@ def generate(
     num_beams: int = 1,
     max_text_length: int = 512,
     progress: bool = False,
+    family: ModelFamily | None = None,
 ) -> list[str]:
     """Greedy (``num_beams=1``) or beam decoding of every sample's prefix; returns the decoded suffixes.
 
     Samples are batched per task (each task has its own ``max_new_tokens``); the result keeps the
-    input order. Decoding stops at ``<eos>``; ``<loc>``/``<seg>`` tokens are kept in the text (they
-    are not special tokens), other special tokens are dropped.
+    input order. Decoding stops at the family's end token and keeps its task tokens (PaliGemma:
+    ``<loc>``/``<seg>``); ``family`` defaults to the model's (``family_for(model)``).
     """
-    collator = PaliGemmaCollator(processor, max_text_length, train=False)
+    family = family if family is not None else family_for(model)
+    collator = family.collator(processor, max_text_length, train=False)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -86,19 +87,16 @@ def generate(
     texts: list[str | None] = [None] * len(samples)
     try:
         for task, chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
-            inputs = batch_inputs(collator, [samples[i] for i in chunk], device, dtype)
+            inputs = batch_inputs(collator, [samples[i] for i in chunk], device, dtype, family)
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens_for(task, max_new_tokens, max_new_tokens_per_task),
                 do_sample=False,
                 num_beams=num_beams,
-                eos_token_id=EOS_ID,
-                pad_token_id=processor.tokenizer.pad_token_id,
+                **family.generation_kwargs(processor),
             )
             for i, row in zip(chunk, out[:, inputs["input_ids"].shape[1] :].tolist(), strict=True):
-                if EOS_ID in row:
-                    row = row[: row.index(EOS_ID)]
-                texts[i] = processor.tokenizer.decode(row, skip_special_tokens=True)
+                texts[i] = family.decode(processor, row)
     finally:
         if was_training:
             model.train()

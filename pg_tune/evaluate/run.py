@@ -7,7 +7,6 @@ every eval dataset of a recipe and writes ``metrics.json``, ``predictions.jsonl`
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -22,12 +21,13 @@ from accelerate import Accelerator
 from pg_tune.config.recipe import ModelConfig, Recipe, parse_recipe
 from pg_tune.data.sample import Sample
 from pg_tune.evaluate.generate import generate
-from pg_tune.evaluate.scoring import Scored, load_mask_codec, score_samples
+from pg_tune.evaluate.scoring import Scored, score_samples
+from pg_tune.models.family import family_for
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_mask_codec(vae_path: str | None) -> Any | None:
-    return load_mask_codec(vae_path)
+def _mask_codec(recipe: Recipe, vae_path: str | None = None) -> Any | None:
+    """The recipe's mask codec (``model.vae_path``, or ``vae_path`` from the command line)."""
+    return family_for(recipe.model.name_or_path).load_mask_codec(vae_path or recipe.model.vae_path)
 
 
 def predict_texts(
@@ -71,7 +71,7 @@ def evaluate_samples(
     if not samples:
         return {}
     texts = predict_texts(model, processor, samples, recipe, accelerator, accelerator.is_local_main_process)
-    return score_samples(samples, texts, _cached_mask_codec(recipe.eval.vae_path)).metrics
+    return score_samples(samples, texts, _mask_codec(recipe), family_for(recipe.model.name_or_path)).metrics
 
 
 # --- loading a model to evaluate ---------------------------------------------------------------
@@ -108,7 +108,12 @@ def load_for_eval(
       name: loaded as is with the recipe's dtype;
     - None: the recipe's own ``model``.
     """
-    from pg_tune.models.paligemma import load_model, load_processor
+
+    def load_model(config: ModelConfig):
+        return family_for(config.name_or_path).load_model(config)
+
+    def load_processor(config: ModelConfig):
+        return family_for(config.name_or_path).load_processor(config)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_config = recipe.model if recipe is not None else ModelConfig()
@@ -133,7 +138,11 @@ def load_for_eval(
         base = load_model(base_config)
         model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
         has_processor = (adapter_dir / "tokenizer_config.json").is_file()
-        processor = load_processor(ModelConfig(name_or_path=str(adapter_dir))) if has_processor else None
+        processor = (
+            family_for(base_config.name_or_path).load_processor(ModelConfig(name_or_path=str(adapter_dir)))
+            if has_processor
+            else None
+        )
         processor = processor or load_processor(base_config)
         kind, description = "adapter", f"adapter {adapter_dir} on base {base_config.name_or_path}"
     else:
@@ -192,14 +201,16 @@ def evaluate_recipe(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bad_rows = BadRows(recipe.data.on_bad_row)
+    family = family_for(recipe.model.name_or_path)
     datasets: list[tuple[str, list[Sample]]] = []
     for index, entry in enumerate(recipe.data.eval):
-        samples = build_samples([entry], "eval", bad_rows, seed=recipe.train.seed)
+        samples = build_samples([entry], "eval", bad_rows, seed=recipe.train.seed, family=family)
         if recipe.eval.limit is not None:
             samples = samples[: recipe.eval.limit]
         datasets.append((dataset_name(index, entry), samples))
     loaded = load_for_eval(model_ref, recipe)
-    mask_codec = _cached_mask_codec(vae_path or recipe.eval.vae_path)
+    mask_codec = _mask_codec(recipe, vae_path)
+    family = family_for(loaded.model)  # the model being evaluated parses its own output
 
     all_samples: list[Sample] = []
     all_texts: list[str] = []
@@ -211,13 +222,13 @@ def evaluate_recipe(
             notes.append(f"{name}: no samples")
             continue
         texts = predict_texts(loaded.model, loaded.processor, samples, recipe, progress=progress)
-        scored = score_samples(samples, texts, mask_codec)
+        scored = score_samples(samples, texts, mask_codec, family)
         per_dataset[name] = scored.metrics
         notes += [f"{name}: {n}" for n in scored.notes]
         all_samples += samples
         all_texts += texts
         dataset_of += [name] * len(samples)
-    overall: Scored = score_samples(all_samples, all_texts, mask_codec)
+    overall: Scored = score_samples(all_samples, all_texts, mask_codec, family)
     for record, name in zip(overall.records, dataset_of, strict=True):
         record["dataset"] = name
     summary = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -39,8 +39,21 @@ __all__ = [
     "ParsedObject",
     "family_for",
     "family_names",
+    "is_tiny_preset",
+    "resolve_dtype",
     "unwrap_model",
 ]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU that supports it and float32 elsewhere (never float16)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,7 @@ class Collator(Protocol):
     """Turns ``(index, Sample)`` pairs into a model batch (see the module docstring's contract)."""
 
     train: bool
+    family: ModelFamily
 
     def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]: ...
 
@@ -104,6 +118,8 @@ class ModelFamily(abc.ABC):
     """The transformers processor class (export, model card)."""
     hub_tags: ClassVar[tuple[str, ...]] = ()
     """Extra model-card tags."""
+    name_hints: ClassVar[tuple[str, ...]] = ()
+    """Lower-case substrings of hub ids that name this family when no config is at hand offline."""
 
     # ---- loading -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -143,21 +159,22 @@ class ModelFamily(abc.ABC):
 
     # ---- sequences -----------------------------------------------------------------------------
     @abc.abstractmethod
-    def reserved_tokens(self, processor: ProcessorMixin) -> frozenset[str]:
-        """Control strings that must not appear inside sample text (``<image>``, ``<bos>``, ...)."""
+    def reserved_tokens(self, processor: ProcessorMixin | None) -> frozenset[str]:
+        """Control strings refused inside sample text (``<image>``, ``<bos>``...); ``None``: the fixed ones."""
 
-    def check_text(self, sample: Sample, processor: ProcessorMixin) -> None:
+    def check_text(self, sample: Sample, reserved: Collection[str]) -> None:
         """Raise ``DataError`` naming the row if its prompt or target text holds a reserved token."""
         from pg_tune.data.sample import DataError
 
-        reserved = self.reserved_tokens(processor)
         for field_name, text in (("prefix", sample.prefix), ("suffix", sample.suffix)):
             found = sorted(t for t in reserved if t and t in text)
             if found:
-                raise DataError(
+                error = DataError(
                     f"{sample.source}: field {field_name!r} contains {', '.join(found)}, a control token of "
                     f"{self.name} models: it would be read as that token, not as text; remove it from the data"
                 )
+                error.reason = "reserved_token"  # type: ignore[attr-defined]
+                raise error
 
     @abc.abstractmethod
     def render_prompt(self, sample: Sample) -> str:
@@ -238,23 +255,37 @@ def family_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_tiny_preset(name: str) -> bool:
+    """True for a tiny preset name of any family (and not a folder of that name)."""
+    if Path(name).exists():
+        return False
+    return any(name in _load(spec).tiny_presets for spec in _REGISTRY.values())
+
+
 def _model_type_of(source: Any) -> str | None:
     config = getattr(source, "config", source)
     model_type = getattr(config, "model_type", None)
     if isinstance(model_type, str) and model_type:
         return model_type
-    if isinstance(source, (str, Path)) and (Path(source) / "config.json").is_file():
+    if isinstance(source, (str, Path)):
         import json
 
-        return json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        folder = Path(source)
+        if (folder / "config.json").is_file():
+            return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if (folder / "adapter_config.json").is_file():  # a peft adapter: the family of its base
+            base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get(
+                "base_model_name_or_path"
+            )
+            return family_for(base).model_types[0] if isinstance(base, str) and base else None
     return None
 
 
 def family_for(source: Any) -> ModelFamily:
     """The family of a tiny preset name, a family name, a local checkpoint folder, a config or a model.
 
-    Hub ids that are not on disk are resolved from their downloaded ``config.json`` through
-    transformers' ``AutoConfig`` (cached, honours ``HF_HUB_OFFLINE``).
+    Hub ids that are not on disk are resolved from a cached ``config.json`` (never the network),
+    else from the family's ``name_hints`` (``google/paligemma2-3b-pt-224`` -> PaliGemma).
     """
     families = [_load(spec) for spec in _REGISTRY.values()]
     if isinstance(source, str) and not Path(source).exists():
@@ -263,9 +294,15 @@ def family_for(source: Any) -> ModelFamily:
                 return family()
     model_type = _model_type_of(unwrap_model(source) if isinstance(source, nn.Module) else source)
     if model_type is None and isinstance(source, (str, Path)):
-        from transformers import AutoConfig
+        try:
+            from transformers import AutoConfig
 
-        model_type = AutoConfig.from_pretrained(str(source)).model_type
+            model_type = AutoConfig.from_pretrained(str(source), local_files_only=True).model_type
+        except (OSError, ValueError):
+            name = str(source).lower()
+            for family in families:
+                if any(hint in name for hint in family.name_hints):
+                    return family()
     for family in families:
         if model_type in family.model_types:
             return family()

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.formats.shapes import draw_shape
 from pg_tune.data.sample import Sample
 from pg_tune.evaluate.generate import batch_inputs, generate, max_new_tokens_for
 from pg_tune.models.layout import EOS_ID
+from pg_tune.models.paligemma import PaliGemmaCollator
 from pg_tune.models.tiny import build_model
 from tests.numerics import assert_close_to_scale
 
