@@ -38,7 +38,7 @@ from torch import nn
 
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError, Sample
-from pg_tune.models.family import ModelFamily, ParsedObject
+from pg_tune.models.family import ModelFamily, ParsedObject, resolve_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, ProcessorMixin
@@ -205,18 +205,9 @@ class ChatCollator(abc.ABC):
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _check(self, sample: Sample) -> None:
-        for field_name, text in (("prefix", sample.prefix), ("suffix", sample.suffix)):
-            found = sorted(t for t in self.reserved if t and t in text)
-            if found:
-                raise DataError(
-                    f"{sample.source}: field {field_name!r} contains {', '.join(found)}, a control token of "
-                    f"{self.family.name} models: it would be read as that token, not as text; remove it from the data"
-                )
-
     def _parts(self, sample: Sample) -> tuple[str, list[int], list[int], list[int]]:
         """The prompt, its own tokens, the supervised target tokens (+ end of turn) and the trailer."""
-        self._check(sample)
+        self.family.check_text(sample, self.reserved)
         prompt = self.family.render_prompt(sample)
         prompt_tokens = self._tokens(prompt)
         if not self.train:
@@ -361,8 +352,6 @@ class ChatFamily(ModelFamily):
         quantization: QuantizationConfig | None = None,
         device_map: str | dict | None = None,
     ) -> PreTrainedModel:
-        from pg_tune.models.paligemma import resolve_dtype
-
         dtype = resolve_dtype(model.dtype)
         quantized = quantization is not None and quantization.mode != "none"
         if self.is_tiny(model.name_or_path):
@@ -415,13 +404,18 @@ class ChatFamily(ModelFamily):
         return not any(p.requires_grad for m in self.vision_modules(core) for p in m.parameters())
 
     # sequences
-    def reserved_tokens(self, processor: ProcessorMixin) -> frozenset[str]:
-        """Every special token of the tokenizer: turn markers, image placeholders, bos/eos/pad."""
+    fixed_reserved: ClassVar[frozenset[str]]
+    """The family's control strings, refused in sample text even before a processor is loaded."""
+
+    def reserved_tokens(self, processor: ProcessorMixin | None) -> frozenset[str]:
+        """Every special token of the tokenizer (turn markers, image placeholders, bos/eos/pad)."""
+        if processor is None:
+            return self.fixed_reserved
         tokenizer = processor.tokenizer
         named = set(tokenizer.all_special_tokens) | {
             str(t) for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)
         }
-        return frozenset(t for t in named if t)
+        return frozenset(t for t in named | self.fixed_reserved if t)
 
     def render_prompt(self, sample: Sample) -> str:
         return chat_prompt(sample)

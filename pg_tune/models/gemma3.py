@@ -67,8 +67,13 @@ class Gemma3Family(ChatFamily):
     model_class = Gemma3ForConditionalGeneration
     processor_class = Gemma3Processor
     hub_tags = ("gemma3",)
+    name_hints = ("gemma-3-", "gemma3")
+    fixed_reserved = frozenset(
+        {"<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>"}
+        | {"<image_soft_token>"}
+    )
     lm_layers = r"model\.language_model\.layers\.\d+"
-    vision_layers = r"model\.vision_tower\.vision_model\.encoder\.layers\.\d+"
+    vision_layers = r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+"
     projector_linears = None  # a bare projection matrix (mm_input_projection_weight), no nn.Linear
     collator_class = Gemma3Collator
 

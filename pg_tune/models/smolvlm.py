@@ -84,6 +84,17 @@ class SmolVLMFamily(ChatFamily):
     model_class = SmolVLMForConditionalGeneration
     processor_class = SmolVLMProcessor
     hub_tags = ("smolvlm",)
+    name_hints = ("smolvlm",)
+    fixed_reserved = frozenset(
+        {
+            "<|im_start|>",
+            "<|im_end|>",
+            "<end_of_utterance>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<global-img>",
+        }
+    )
     lm_layers = r"model\.text_model\.layers\.\d+"
     vision_layers = r"model\.vision_model\.encoder\.layers\.\d+"
     projector_linears = r"model\.connector\.modality_projection\.proj"
@@ -117,6 +128,11 @@ class SmolVLMFamily(ChatFamily):
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Connector output of every real tile, concatenated: ``[image tokens in the batch, hidden]``."""
+        if "pixel_attention_mask" not in batch:
+            raise ValueError(
+                "SmolVLM2's image features need the collator's pixel_attention_mask, and their length varies "
+                "per image (tiles), so data.feature_cache cannot store them: remove data.feature_cache"
+            )
         with torch.no_grad() if self._vision_frozen(core) else contextlib.nullcontext():
             per_sample = core.model.get_image_features(
                 batch["pixel_values"].to(core.dtype), batch["pixel_attention_mask"]

@@ -203,3 +203,30 @@ def test_control_tokens_in_text_are_refused(family_setup):
     sample = Sample(Image.new("RGB", (32, 32)), "caption en", f"a {bad} b", "x.jsonl:3")
     with pytest.raises(DataError, match=r"x\.jsonl:3.*suffix"):
         family.collator(processor, 256, train=True)([(0, sample)])
+
+
+@pytest.mark.parametrize(
+    ("targets", "vision", "per_lm_layer", "per_vision_layer", "projector"),
+    [
+        ("attention", False, 4, 0, 0),
+        ("attention_mlp", False, 7, 0, 0),
+        ("attention", True, 4, 4, 0),
+        ("all_linear", True, 7, 6, 1),
+    ],
+)
+def test_lora_targets(family_setup, targets, vision, per_lm_layer, per_vision_layer, projector):
+    import re
+
+    from pg_tune.config.recipe import LoraConfig
+
+    family, _, model = family_setup
+    pattern = re.compile(family.lora_target_regex(LoraConfig(targets=targets, vision=vision)))
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    matched = [n for n in linear if pattern.match(n)]
+    lm = [n for n in matched if n.startswith(family.modules.language_model + ".")]
+    vis = [n for n in matched if n.startswith(family.modules.vision + ".")]
+    proj = [n for n in matched if n.startswith(family.modules.projector + ".")]
+    has_projector_linear = family.projector_linears is not None  # Gemma 3: a bare matrix, no nn.Linear
+    assert len(lm) == 2 * per_lm_layer and len(vis) == 2 * per_vision_layer
+    assert len(proj) == (projector if has_projector_linear else 0)
+    assert len(matched) == len(lm) + len(vis) + len(proj)  # never the head
