@@ -17,7 +17,10 @@ from pg_tune.data.sample import DataError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from pg_tune.models.chat import check_recipe_tasks
+
     recipe, _ = load_recipe(args.recipe, args.overrides)
+    check_recipe_tasks(recipe)
     print(
         f"{args.recipe}: OK ({len(recipe.data.train)} train and {len(recipe.data.eval)} eval dataset entries, "
         f"model {recipe.model.name_or_path})"

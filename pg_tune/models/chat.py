@@ -104,9 +104,11 @@ def render_text_boxes(sample: Sample) -> str:
     """A box task's target text: ``[..] label`` per object joined by `` ; `` (referring: the box)."""
     if sample.image_size is None:
         raise DataError(f"{sample.source}: structured targets need the image size")
-    if sample.task == "refer_segment":
+    if sample.task not in TEXT_BOX_TASKS:
+        families = ", ".join(families_supporting(sample.task)) or "none"
         raise DataError(
-            f"{sample.source}: task refer_segment needs mask tokens, which this model family does not have"
+            f"{sample.source}: task {sample.task} needs mask tokens, which this model family does not have; "
+            f"families that support it: {families}"
         )
     parts = []
     for obj in sample.targets:
@@ -486,3 +488,47 @@ class ChatFamily(ModelFamily):
             "Prompts are one user turn (the image, then the instruction) through the processor's chat "
             "template; boxes are written as `[ymin, xmin, ymax, xmax] label` with coordinates from 0 to 1000.\n"
         )
+
+
+# ---- tasks a family cannot render ----------------------------------------------------------------
+
+# Dataset options name tasks in their own words: refcoco's ``task: segment`` is referring segmentation.
+_TASK_ALIASES = {"segment": "refer_segment"}
+
+
+def families_supporting(task: str) -> list[str]:
+    """Names of the registered families that can render and parse ``task``."""
+    from pg_tune.models.family import family_for, family_names
+
+    return [name for name in family_names() if task in family_for(name).tasks]
+
+
+def unsupported_task_message(family: ModelFamily, task: str) -> str:
+    """Why ``family`` cannot train or score ``task``, and which families can."""
+    others = ", ".join(families_supporting(task)) or "none"
+    why = " (it has no mask tokens)" if task == "refer_segment" else ""
+    return f"model family {family.name!r} cannot do task {task}{why}; families that support it: {others}"
+
+
+def check_recipe_tasks(recipe: Any) -> None:
+    """Refuse, before anything loads, dataset entries whose declared task the model's family lacks.
+
+    Raises ``ConfigError`` naming the entry (``data.train[0].task``). Per-row tasks of JSONL files
+    are refused when the rows are rendered (``render_target``), with the same message.
+    """
+    from pg_tune.config.schema import ConfigError
+    from pg_tune.models.family import family_for
+
+    try:
+        family = family_for(recipe.model.name_or_path)
+    except (ValueError, OSError):
+        return  # an unknown model is reported where it is loaded
+    for split in ("train", "eval"):
+        for k, entry in enumerate(getattr(recipe.data, split)):
+            declared = getattr(entry.options, "task", None)
+            task = _TASK_ALIASES.get(declared, declared)
+            if task is not None and task not in family.tasks:
+                raise ConfigError(
+                    f"data.{split}[{k}].task: {declared!r} ({entry.format}): "
+                    f"{unsupported_task_message(family, task)}"
+                )
