@@ -342,6 +342,7 @@ class ChatFamily(ModelFamily):
         return name_or_path in self.tiny_module.PRESETS and not Path(name_or_path).exists()
 
     def load_processor(self, model: ModelConfig) -> ProcessorMixin:
+        self.check_model_config(model)
         if self.is_tiny(model.name_or_path):
             return self.tiny_module.build_processor(self.tiny_module.PRESETS[model.name_or_path])
         return self.processor_class.from_pretrained(
@@ -354,6 +355,7 @@ class ChatFamily(ModelFamily):
         quantization: QuantizationConfig | None = None,
         device_map: str | dict | None = None,
     ) -> PreTrainedModel:
+        self.check_model_config(model)
         dtype = resolve_dtype(model.dtype)
         quantized = quantization is not None and quantization.mode != "none"
         if self.is_tiny(model.name_or_path):
@@ -511,7 +513,8 @@ def unsupported_task_message(family: ModelFamily, task: str) -> str:
 
 
 def check_recipe_tasks(recipe: Any) -> None:
-    """Refuse, before anything loads, dataset entries whose declared task the model's family lacks.
+    """Refuse, before anything loads, dataset entries whose declared task the model's family lacks
+    (and remote-code loading without a pinned commit: ``ModelFamily.check_model_config``).
 
     Raises ``ConfigError`` naming the entry (``data.train[0].task``). Per-row tasks of JSONL files
     are refused when the rows are rendered (``render_target``), with the same message.
@@ -523,6 +526,10 @@ def check_recipe_tasks(recipe: Any) -> None:
         family = family_for(recipe.model.name_or_path)
     except (ValueError, OSError):
         return  # an unknown model is reported where it is loaded
+    try:
+        family.check_model_config(recipe.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for split in ("train", "eval"):
         for k, entry in enumerate(getattr(recipe.data, split)):
             declared = getattr(entry.options, "task", None)

@@ -227,6 +227,29 @@ class ModelFamily(abc.ABC):
     ) -> list[ParsedObject]:
         """Objects in generated text (box tasks); ``[]`` when nothing valid; never raises on text."""
 
+    def check_model_config(self, model: ModelConfig) -> None:
+        """Refuse loading settings the family cannot use safely (remote code: a pinned commit, opt-in).
+
+        A family whose model code lives only on the Hub (``requires_remote_code``) runs that code on
+        this machine: loading needs ``model.trust_remote_code: true`` and ``model.revision`` set to a
+        full commit hash, since a branch or tag can move to new code. Other families never need remote
+        code; ``trust_remote_code`` stays off unless the recipe asks.
+        """
+        import re
+
+        if not self.requires_remote_code or is_tiny_preset(model.name_or_path):
+            return
+        if not model.trust_remote_code:
+            raise ValueError(
+                f"model.trust_remote_code: {self.name} models run code from their Hub repo; set it to true "
+                "after reading that code (it stays off unless asked)"
+            )
+        if not (isinstance(model.revision, str) and re.fullmatch(r"[0-9a-f]{40}", model.revision)):
+            raise ValueError(
+                f"model.revision: {self.name} runs remote code, so pin the commit it runs: a 40-hex commit "
+                f"hash from the repo's history, got {model.revision!r} (a branch or tag can move)"
+            )
+
     def load_mask_codec(self, vae_path: str | Path | None) -> Any | None:
         """The family's mask tokenizer (PaliGemma: big_vision's VQ-VAE), or None if it has none."""
         return None
