@@ -2,6 +2,7 @@
 
 pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says (--resume auto|PATH continues)
 pg-tune validate RECIPE [key.sub=value ...]  check a recipe without loading anything heavy
+pg-tune compare RECIPE --models A,B,C [--steps N]  the same fine-tune on several models, side by side
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pg_tune import commands_export
 from pg_tune.commands_data import add_data_parser
 from pg_tune.commands_eval import add_eval_parser, add_predict_parser
+from pg_tune.compare import add_compare_parser
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
 
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_export.add_push_parser(sub)
     add_eval_parser(sub)
     add_predict_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
