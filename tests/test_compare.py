@@ -88,14 +88,15 @@ def test_compare_three_families_end_to_end(tmp_path, capsys):
         "compare",
         str(ROOT / "recipes/demo/shapes_tiny.yaml"),
         f"output_dir={tmp_path / 'unused'}",
-        "data.train.0.num_samples=48",
-        "data.eval.0.num_samples=4",
+        "data.train.0.num_samples=16",
+        "data.eval.0.num_samples=2",
+        "eval.max_new_tokens=4",
         "train.batch_size=4",
         "eval.batch_size=4",
         "--models",
         ",".join(MODELS),
         "--steps",
-        "6",
+        "4",
         "--out",
         str(out),
     ]
@@ -106,7 +107,7 @@ def test_compare_three_families_end_to_end(tmp_path, capsys):
     assert [r["model"] for r in results] == MODELS
     assert [r["family"] for r in results] == ["paligemma", "gemma3", "smolvlm"]
     for r in results:
-        assert r["error"] is None and r["steps"] == 6
+        assert r["error"] is None and r["steps"] == 4
         assert r["last_loss"] < r["first_loss"]  # each learns
         assert set(r["metrics_before"]) == set(r["metrics_after"]) == set(results[0]["metrics_after"])
         assert r["samples_per_s"] > 0 and r["peak_memory_gb"] > 0.1
