@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from pg_tune.config.recipe import ModelConfig, Recipe, parse_recipe
 from pg_tune.data.sample import Sample
-from pg_tune.evaluate.generate import generate
+from pg_tune.evaluate.generate import Generated, generate, generate_with_logprobs
 from pg_tune.evaluate.scoring import Scored, score_samples
 from pg_tune.models.family import family_for
 
@@ -39,9 +39,27 @@ def predict_texts(
     progress: bool = False,
 ) -> list[str]:
     """Generated text for every sample, in order; with an accelerator each rank decodes its shard."""
+    return [g.text for g in predict(model, processor, samples, recipe, accelerator, progress, logprobs=False)]
+
+
+def _texts_only(model, processor, samples, **kwargs) -> list[Generated]:
+    return [Generated(text, ()) for text in generate(model, processor, samples, **kwargs)]
+
+
+def predict(
+    model: torch.nn.Module,
+    processor,
+    samples: Sequence[Sample],
+    recipe: Recipe,
+    accelerator: Accelerator | None = None,
+    progress: bool = False,
+    logprobs: bool = True,
+) -> list[Generated]:
+    """``predict_texts`` with each answer's token log-probabilities (detection scores) if ``logprobs``."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     shard = list(range(rank, len(samples), world))
-    texts = generate(
+    run_generate = generate_with_logprobs if logprobs else _texts_only
+    texts = run_generate(
         model,
         processor,
         [samples[i] for i in shard],
@@ -70,8 +88,19 @@ def evaluate_samples(
         samples = [s for part in parts for s in part[: recipe.eval.limit]]
     if not samples:
         return {}
-    texts = predict_texts(model, processor, samples, recipe, accelerator, accelerator.is_local_main_process)
-    return score_samples(samples, texts, _mask_codec(recipe), family_for(recipe.model.name_or_path)).metrics
+    texts, logprobs = _predictions(
+        model, processor, samples, recipe, accelerator, accelerator.is_local_main_process
+    )
+    family = family_for(recipe.model.name_or_path)
+    return score_samples(samples, texts, _mask_codec(recipe), family, logprobs).metrics
+
+
+def _predictions(model, processor, samples, recipe, accelerator=None, progress=False):
+    """Texts, and per-token log-probabilities when detections need a score (else None)."""
+    if not any(s.task == "detect" for s in samples):
+        return predict_texts(model, processor, samples, recipe, accelerator, progress), None
+    generated = predict(model, processor, samples, recipe, accelerator, progress)
+    return [g.text for g in generated], [g.token_logprobs for g in generated]
 
 
 # --- loading a model to evaluate ---------------------------------------------------------------
@@ -214,6 +243,7 @@ def evaluate_recipe(
 
     all_samples: list[Sample] = []
     all_texts: list[str] = []
+    all_logprobs: list = []
     dataset_of: list[str] = []
     per_dataset: dict[str, dict[str, float]] = {}
     notes: list[str] = []
@@ -221,14 +251,15 @@ def evaluate_recipe(
         if not samples:
             notes.append(f"{name}: no samples")
             continue
-        texts = predict_texts(loaded.model, loaded.processor, samples, recipe, progress=progress)
-        scored = score_samples(samples, texts, mask_codec, family)
+        texts, logprobs = _predictions(loaded.model, loaded.processor, samples, recipe, progress=progress)
+        scored = score_samples(samples, texts, mask_codec, family, logprobs)
         per_dataset[name] = scored.metrics
         notes += [f"{name}: {n}" for n in scored.notes]
         all_samples += samples
         all_texts += texts
+        all_logprobs += logprobs or [None] * len(texts)
         dataset_of += [name] * len(samples)
-    overall: Scored = score_samples(all_samples, all_texts, mask_codec, family)
+    overall: Scored = score_samples(all_samples, all_texts, mask_codec, family, all_logprobs)
     for record, name in zip(overall.records, dataset_of, strict=True):
         record["dataset"] = name
     summary = {

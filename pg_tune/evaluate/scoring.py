@@ -119,6 +119,19 @@ def objects_json(objects: Sequence[ParsedObject]) -> list[dict[str, Any]]:
     ]
 
 
+def detections_json(detections: Sequence[Any]) -> list[dict[str, Any]]:
+    """``pg_tune.codecs.Detection``s as JSON (``pg-tune predict``): label, pixel box, loc/seg bins."""
+    return [
+        {
+            "label": d.label,
+            "box": [round(v, 2) for v in d.box],
+            "loc": list(d.loc),
+            **({"seg": list(d.seg)} if d.seg is not None else {}),
+        }
+        for d in detections
+    ]
+
+
 def _require_size(item: Item, index: int) -> tuple[int, int]:
     if item.image_size is None:
         where = item.extra.get("source") or f"item {index}"
@@ -388,11 +401,16 @@ def score_samples(
     predictions: Sequence[str],
     mask_codec: Any | None = None,
     family: ModelFamily | None = None,
+    token_logprobs: Sequence[Sequence[float] | None] | None = None,
 ) -> Scored:
-    """``score_items`` for dataset samples and their generated texts (same order)."""
+    """``score_items`` for dataset samples and their generated texts (same order).
+
+    ``token_logprobs`` (optional, one sequence per prediction) give detections a score.
+    """
     if len(samples) != len(predictions):
         raise ValueError(f"got {len(predictions)} predictions for {len(samples)} samples")
-    items = [sample_item(s, p) for s, p in zip(samples, predictions, strict=True)]
+    logprobs = token_logprobs if token_logprobs is not None else [None] * len(samples)
+    items = [sample_item(s, p, lp) for s, p, lp in zip(samples, predictions, logprobs, strict=True)]
     return score_items(items, mask_codec, family)
 
 

@@ -63,8 +63,6 @@ _TARGETS = {
 }
 _TARGETS["all_linear"] = _TARGETS["attention_mlp"]
 
-BOX_TASKS = ("detect", "refer_detect", "refer_segment")
-
 
 def lora_target_regex(lora: LoraConfig) -> str:
     """The peft ``target_modules`` regex for a recipe's ``lora.targets`` and ``lora.vision``."""

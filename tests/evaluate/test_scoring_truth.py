@@ -142,3 +142,11 @@ def test_predictions_file_keeps_the_true_ground_truth_for_rescoring(codec, tmp_p
     again, _ = rescore(path, codec)
     assert again.metrics["refer_segment/miou"] == pytest.approx(scored.metrics["refer_segment/miou"])
     assert again.metrics["refer_segment/miou"] < 0.99
+
+
+def test_token_logprobs_reach_the_parsed_detections():
+    sample = _sample("detect", [ObjectTarget("cat", (10.0, 10.0, 60.0, 60.0))], "detect cat")
+    prediction = PG.render_target(sample)
+    out = score_samples([sample], [prediction], None, PG, token_logprobs=[[-0.2, -0.4]])
+    assert out.records[0]["parsed"][0]["score"] == pytest.approx(-0.3)
+    assert out.metrics["detect/map"] == pytest.approx(1.0)
