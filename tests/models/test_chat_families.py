@@ -230,3 +230,20 @@ def test_lora_targets(family_setup, targets, vision, per_lm_layer, per_vision_la
     assert len(lm) == 2 * per_lm_layer and len(vis) == 2 * per_vision_layer
     assert len(proj) == (projector if has_projector_linear else 0)
     assert len(matched) == len(lm) + len(vis) + len(proj)  # never the head
+
+
+def test_registry_finds_the_chat_families(tmp_path):
+    from pg_tune.models.family import family_for
+
+    for name, cls in (
+        ("tiny-gemma3", Gemma3Family),
+        ("gemma3", Gemma3Family),
+        ("tiny-smolvlm2", SmolVLMFamily),
+    ):
+        assert isinstance(family_for(name), cls)
+    # Hub ids offline, by name hint (and PaliGemma 1's "paligemma-3b" is not mistaken for Gemma 3).
+    assert isinstance(family_for("google/gemma-3-4b-it"), Gemma3Family)
+    assert isinstance(family_for("HuggingFaceTB/SmolVLM2-500M-Video-Instruct"), SmolVLMFamily)
+    assert family_for("google/paligemma-3b-pt-224").name == "paligemma"
+    ckpt = smolvlm_tiny.save_checkpoint("tiny-smolvlm2", tmp_path / "sv")
+    assert isinstance(family_for(str(ckpt)), SmolVLMFamily)  # from config.json's model_type
