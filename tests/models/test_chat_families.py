@@ -247,3 +247,48 @@ def test_registry_finds_the_chat_families(tmp_path):
     assert family_for("google/paligemma-3b-pt-224").name == "paligemma"
     ckpt = smolvlm_tiny.save_checkpoint("tiny-smolvlm2", tmp_path / "sv")
     assert isinstance(family_for(str(ckpt)), SmolVLMFamily)  # from config.json's model_type
+
+
+def test_frozen_vision_runs_without_autograd_and_lora_vision_with_it(family_setup):
+    import peft
+
+    from pg_tune.config.recipe import LoraConfig
+
+    family, processor, model = family_setup
+    batch = family.collator(processor, 256, train=True)(list(enumerate(_samples()[:2])))
+    for vision in (False, True):
+        lora = peft.LoraConfig(r=2, target_modules=family.lora_target_regex(LoraConfig(vision=vision)))
+        wrapped = peft.get_peft_model(model, lora)
+        features = family.image_features(family.unwrap(wrapped), batch)
+        assert features.requires_grad == vision  # frozen encoder: no graph is built
+        wrapped.unload()
+
+
+def test_feature_cache_gives_the_same_loss_for_gemma3(tmp_path):
+    """Gemma 3's fixed 256 features per image are cacheable; SmolVLM2's variable ones are refused."""
+    from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
+    from pg_tune.train.loss import SuffixLoss
+
+    family = Gemma3Family()
+    processor = gemma3_tiny.build_processor(gemma3_tiny.PRESETS["tiny-gemma3"])
+    model = gemma3_tiny.build_base("tiny-gemma3")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    samples = _samples()
+    cache = FeatureCache.build(tmp_path / "cache", samples, model, processor.image_processor, family=family)
+    collator = family.collator(processor, 256, train=True)
+    rows = list(enumerate(samples))
+    cached = CachedFeatureCollator(collator, cache)(rows)
+    assert "pixel_values" not in cached and cached["image_features"].shape[:2] == (3, 16)
+    loss = SuffixLoss(model, family=family)
+    with torch.no_grad():
+        from_cache, n = loss(cached)
+        from_pixels, m = loss(collator(rows))
+    assert n == m
+    assert_close_to_scale(from_cache, from_pixels)
+
+    smol = SmolVLMFamily()
+    with pytest.raises(ValueError, match="feature_cache"):
+        smol.image_features(
+            smolvlm_tiny.build_base("tiny-smolvlm2"), {"pixel_values": torch.zeros(1, 1, 3, 32, 32)}
+        )
