@@ -180,8 +180,6 @@ class ChatCollator(abc.ABC):
     string) and ``_extra`` (its attention-rule inputs); the rest is shared.
     """
 
-    pad_side_train = "right"
-
     def __init__(
         self, family: Any, processor: Any, max_text_length: int, train: bool = True, mask_codec=None
     ):
