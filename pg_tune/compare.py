@@ -65,7 +65,7 @@ def _folder_name(model: str) -> str:
 # ---- one model, in its own process ---------------------------------------------------------------
 
 
-def _measure(recipe_path: str, overrides: list[str], result_path: Path) -> None:
+def _measure(recipe_path: str, overrides: list[str], result_path: Path, trust_remote_code: bool) -> None:
     """The child: train, then write what ``compare`` reports about this model."""
     import torch
 
@@ -74,6 +74,7 @@ def _measure(recipe_path: str, overrides: list[str], result_path: Path) -> None:
     from pg_tune.train.loop import train
 
     recipe, resolved = load_recipe(recipe_path, overrides)
+    recipe.model.trust_remote_code = trust_remote_code  # the command-line flag, never the recipe
     result = train(recipe, resolved)
     model = result.model
     records = [
@@ -107,12 +108,15 @@ def _measure(recipe_path: str, overrides: list[str], result_path: Path) -> None:
     result_path.write_text(json.dumps(asdict(run), indent=2))
 
 
-def _run_one(recipe_path: str, model: str, run_dir: Path, overrides: list[str]) -> ModelRun:
+def _run_one(
+    recipe_path: str, model: str, run_dir: Path, overrides: list[str], trust_remote_code: bool
+) -> ModelRun:
     result_path = run_dir / "compare_result.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
     args = [f"model.name_or_path={model}", f"output_dir={run_dir}", *overrides]
-    cmd = [sys.executable, "-m", "pg_tune.compare", "--child", str(result_path), recipe_path, *args]
+    trust = ["--trust-remote-code"] if trust_remote_code else []
+    cmd = [sys.executable, "-m", "pg_tune.compare", "--child", str(result_path), *trust, recipe_path, *args]
     log_path = run_dir / "compare.log"
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False, env=os.environ.copy())
@@ -130,6 +134,7 @@ def compare(
     steps: int | None = None,
     out_dir: str | Path | None = None,
     overrides: list[str] | None = None,
+    trust_remote_code: bool = False,
     say=print,
 ) -> list[ModelRun]:
     """Fine-tune and evaluate each model alike; write the ``compare/`` folder; return the runs."""
@@ -146,7 +151,9 @@ def compare(
     runs = []
     for k, model in enumerate(models, start=1):
         say(f"[{k}/{len(models)}] {model}: training ({out / 'runs' / _folder_name(model)})")
-        run = _run_one(str(recipe_path), model, out / "runs" / _folder_name(model), overrides)
+        run = _run_one(
+            str(recipe_path), model, out / "runs" / _folder_name(model), overrides, trust_remote_code
+        )
         say(
             f"[{k}/{len(models)}] {model}: "
             + (run.error or f"loss {run.first_loss:.3f} -> {run.last_loss:.3f}")
@@ -308,7 +315,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if len(models) < 1:
         print("pg-tune: error: --models: give one or more models, comma-separated", file=sys.stderr)
         return 2
-    runs = compare(args.recipe, models, steps=args.steps, out_dir=args.out, overrides=args.overrides)
+    runs = compare(
+        args.recipe,
+        models,
+        steps=args.steps,
+        out_dir=args.out,
+        overrides=args.overrides,
+        trust_remote_code=args.trust_remote_code,
+    )
     print("\n" + markdown_table(runs))
     out = Path(args.out) if args.out else Path(runs[0].run_dir).parent.parent
     print(f"compare: {out / 'table.md'}, {out / 'index.html'}, {out / 'chart.svg'}")
@@ -326,11 +340,16 @@ def add_compare_parser(sub) -> None:
         "--steps", type=int, default=None, help="optimizer steps for every model (train.max_steps)"
     )
     p.add_argument("--out", default=None, help="report folder (default: <output_dir>/compare)")
+    from pg_tune.commands_eval import add_remote_code_argument
+
+    add_remote_code_argument(p)
     p.set_defaults(func=_cmd_compare)
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--child":
-        _measure(sys.argv[3], sys.argv[4:], Path(sys.argv[2]))
+        trusted = sys.argv[3] == "--trust-remote-code"
+        rest = sys.argv[4:] if trusted else sys.argv[3:]
+        _measure(rest[0], rest[1:], Path(sys.argv[2]), trusted)
     else:
         print(__doc__)

@@ -525,7 +525,7 @@ def check_recipe_tasks(recipe: Any) -> None:
     except (ValueError, OSError):
         return  # an unknown model is reported where it is loaded
     try:
-        family.check_model_config(recipe.model)
+        family.check_model_config(recipe.model, at_load=False)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for split in ("train", "eval"):

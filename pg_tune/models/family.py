@@ -227,27 +227,27 @@ class ModelFamily(abc.ABC):
     ) -> list[ParsedObject]:
         """Objects in generated text (box tasks); ``[]`` when nothing valid; never raises on text."""
 
-    def check_model_config(self, model: ModelConfig) -> None:
+    def check_model_config(self, model: ModelConfig, at_load: bool = True) -> None:
         """Refuse loading settings the family cannot use safely (remote code: a pinned commit, opt-in).
 
         A family whose model code lives only on the Hub (``requires_remote_code``) runs that code on
-        this machine: loading needs ``model.trust_remote_code: true`` and ``model.revision`` set to a
-        full commit hash, since a branch or tag can move to new code. Other families never need remote
-        code; ``trust_remote_code`` stays off unless the recipe asks.
+        this machine: ``model.revision`` must be a full commit hash (a branch or tag can move to new
+        code) and, when loading (``at_load``), the ``--trust-remote-code`` flag must be given (a recipe
+        cannot set it). Other families never need remote code.
         """
         import re
 
         if not self.requires_remote_code or is_tiny_preset(model.name_or_path):
             return
-        if not model.trust_remote_code:
-            raise ValueError(
-                f"model.trust_remote_code: {self.name} models run code from their Hub repo; set it to true "
-                "after reading that code (it stays off unless asked)"
-            )
         if not (isinstance(model.revision, str) and re.fullmatch(r"[0-9a-f]{40}", model.revision)):
             raise ValueError(
                 f"model.revision: {self.name} runs remote code, so pin the commit it runs: a 40-hex commit "
                 f"hash from the repo's history, got {model.revision!r} (a branch or tag can move)"
+            )
+        if at_load and not model.trust_remote_code:
+            raise ValueError(
+                f"{self.name} models run code from their Hub repo: read that code at the pinned revision, "
+                "then pass --trust-remote-code on the command line (it stays off unless asked)"
             )
 
     def load_mask_codec(self, vae_path: str | Path | None) -> Any | None:
@@ -316,6 +316,14 @@ def family_for(source: Any) -> ModelFamily:
             if source in family.tiny_presets or source == family.name:
                 return family()
     model_type = _model_type_of(unwrap_model(source) if isinstance(source, nn.Module) else source)
+    if model_type is None and isinstance(source, (str, Path)) and Path(source).is_dir():
+        from pg_tune.model_source import require_safetensors
+
+        require_safetensors(str(source))  # pickled weights only: the conversion hint
+        raise FileNotFoundError(
+            f"{source}: not a model folder in the Hugging Face layout: config.json (naming its model_type) "
+            "and model.safetensors are needed, plus the processor files"
+        )
     if model_type is None and isinstance(source, (str, Path)):
         try:
             from transformers import AutoConfig

@@ -36,6 +36,7 @@ from pg_tune.config.recipe import LoraConfig, ModelConfig, QuantizationConfig
 from pg_tune.data.collate import IGNORE_INDEX
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import TASKS, DataError, Sample
+from pg_tune.model_source import require_safetensors
 from pg_tune.models import tiny
 from pg_tune.models.family import ModelFamily, ModulePaths, ParsedObject, resolve_dtype, unwrap_model
 from pg_tune.models.layout import BOS_ID, EOS_ID, IMAGE_TOKEN, IMAGE_TOKEN_ID, PAD_ID
@@ -97,6 +98,7 @@ def load_model(
 ) -> PaliGemmaForConditionalGeneration:
     """Load a PT checkpoint (hub id or local dir) or build a tiny preset, in the recipe's dtype."""
     dtype = resolve_dtype(model_config.dtype)
+    require_safetensors(model_config.name_or_path)
     if is_tiny(model_config.name_or_path):
         if quantization is not None and quantization.mode != "none":
             raise ValueError(

@@ -150,3 +150,19 @@ def test_token_logprobs_reach_the_parsed_detections():
     out = score_samples([sample], [prediction], None, PG, token_logprobs=[[-0.2, -0.4]])
     assert out.records[0]["parsed"][0]["score"] == pytest.approx(-0.3)
     assert out.metrics["detect/map"] == pytest.approx(1.0)
+
+
+def test_report_draws_the_real_ground_truth_mask(codec, tmp_path):
+    from PIL import Image
+
+    from pg_tune.evaluate.report import GT_COLOUR, write_report
+
+    truth = _ellipse()
+    sample = _sample("refer_segment", [ObjectTarget("", (20.0, 20.0, 100.0, 80.0), mask_to_rle(truth))])
+    scored = score_samples([sample], ["no answer"], codec, PG)
+    image = Image.new("RGB", SIZE, (255, 255, 255))
+    write_report(tmp_path, "t", {}, scored.records, images=[image], mask_codec=codec)
+    (drawn,) = (tmp_path / "images").glob("*.png")
+    pixels = np.asarray(Image.open(drawn).convert("RGB").resize(SIZE, Image.NEAREST)).astype(int)
+    tinted = np.abs(pixels - (np.array([255, 255, 255]) + np.array(GT_COLOUR)) / 2).sum(-1) < 30
+    assert tinted[50, 60] and not tinted[5, 190]  # inside the ellipse, far outside it

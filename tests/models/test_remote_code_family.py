@@ -2,7 +2,8 @@
 
 ``RemoteDemoFamily`` is a registry test double (Gemma 3's code under another name): no remote code
 exists or runs here. What is checked is the contract: such a family is found like any other, and
-loading it needs ``trust_remote_code: true`` plus a pinned 40-hex commit, refused before any download.
+loading it needs a pinned 40-hex commit (checked by ``pg-tune validate``) and the
+``--trust-remote-code`` flag, refused before any download.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def registered(monkeypatch):
 def test_remote_code_family_is_found_and_needs_a_pinned_opt_in(registered):
     family = family_for("someone/remote-demo-2b")
     assert isinstance(family, RemoteDemoFamily) and family.requires_remote_code
-    with pytest.raises(ValueError, match="model.trust_remote_code"):
-        family.load_model(ModelConfig("someone/remote-demo-2b"))
+    with pytest.raises(ValueError, match="--trust-remote-code"):
+        family.load_model(ModelConfig("someone/remote-demo-2b", revision=COMMIT))
     for revision in (None, "main", "2025-06-21", COMMIT[:12]):
         with pytest.raises(ValueError, match="model.revision.*40-hex commit"):
             family.load_processor(
@@ -53,8 +54,7 @@ def test_validate_names_the_missing_pin(registered, tmp_path, capsys):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "output_dir: x\nmodel: {name_or_path: someone/remote-demo-2b, trust_remote_code: true}\n"
-        "data: {train: [{format: shapes}]}\n"
+        "output_dir: x\nmodel: {name_or_path: someone/remote-demo-2b}\ndata: {train: [{format: shapes}]}\n"
     )
     assert main(["validate", str(recipe)]) == 2
     assert "model.revision" in capsys.readouterr().err
