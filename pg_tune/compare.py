@@ -75,7 +75,7 @@ def _measure(recipe_path: str, overrides: list[str], result_path: Path, trust_re
 
     recipe, resolved = load_recipe(recipe_path, overrides)
     recipe.model.trust_remote_code = trust_remote_code  # the command-line flag, never the recipe
-    result = train(recipe, resolved)
+    result = train(recipe, resolved, overwrite=True)
     model = result.model
     records = [
         json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()
@@ -114,7 +114,9 @@ def _run_one(
     result_path = run_dir / "compare_result.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    args = [f"model.name_or_path={model}", f"output_dir={run_dir}", *overrides]
+    # compare's own settings come last so the user's overrides cannot point two models at one folder;
+    # each model trains into run_dir/run, a folder compare owns (started clean on every compare).
+    args = [*overrides, f"model.name_or_path={model}", f"output_dir={run_dir / 'run'}"]
     trust = ["--trust-remote-code"] if trust_remote_code else []
     cmd = [sys.executable, "-m", "pg_tune.compare", "--child", str(result_path), *trust, recipe_path, *args]
     log_path = run_dir / "compare.log"
@@ -160,6 +162,7 @@ def compare(
         )
         runs.append(run)
     write_report(runs, out, str(recipe_path), recipe.lora.r, recipe.train.batch_size)
+    say(f"compare: {out / 'table.md'}, {out / 'index.html'}, {out / 'chart.svg'}")
     return runs
 
 
@@ -324,8 +327,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     print("\n" + markdown_table(runs))
-    out = Path(args.out) if args.out else Path(runs[0].run_dir).parent.parent
-    print(f"compare: {out / 'table.md'}, {out / 'index.html'}, {out / 'chart.svg'}")
     return 1 if any(r.error for r in runs) else 0
 
 
