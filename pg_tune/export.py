@@ -163,9 +163,12 @@ def export_merged(
     num_samples: int = 4,
     device: str | None = None,
     max_shard_size: str = "5GB",
+    parity: str = "module",
 ) -> dict[str, Any]:
     """Merge the run's adapter into a full-precision base, check parity, save a loadable folder.
 
+    ``parity="module"`` (default) streams the merge shard by shard with a per-module check
+    (``pg_tune.merge``); ``"full"`` loads the whole model and compares logits as described above.
     Returns (and writes to ``export_report.json``) the parity numbers.
     """
     from pg_tune.model_card import build_model_card
@@ -176,6 +179,15 @@ def export_merged(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir}: exists and is not empty; choose a new --out folder")
+    if parity not in ("module", "full"):
+        raise ExportError(f"--parity {parity!r}: choose module or full")
+    if parity == "module":
+        from pg_tune.merge import MergeError, stream_export
+
+        try:
+            return stream_export(run, out_dir, dtype, EXPORT_DTYPES[dtype])
+        except MergeError as e:
+            raise ExportError(str(e)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = PaliGemmaProcessor.from_pretrained(run.adapter_dir)
     samples = parity_samples(run, processor, num_samples)
