@@ -2,6 +2,7 @@
 
 pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says (--resume auto|PATH continues)
 pg-tune validate RECIPE [key.sub=value ...]  check a recipe without loading anything heavy
+pg-tune plan RECIPE [--memory 24GiB]         expected peak memory by part; the micro-batch that fits
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pg_tune.commands_data import add_data_parser
 from pg_tune.commands_eval import add_eval_parser, add_predict_parser
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
+from pg_tune.plan import add_plan_parser
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_export.add_push_parser(sub)
     add_eval_parser(sub)
     add_predict_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

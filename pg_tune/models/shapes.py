@@ -1,7 +1,7 @@
 """Checkpoints with the exact shape of published PaliGemma models and random weights, built offline.
 
     python -m pg_tune.models.shapes paligemma2-3b-224 /tmp/pg2-3b-224
-    python -m pg_tune.models.shapes --list
+    python -m pg_tune.models.shapes --list      # PaliGemma 2 3B/10B/28B and PaliGemma 1 3B, 224/448/896 px
 
 The folder is in the hub's layout (bf16 safetensors shards + ``model.safetensors.index.json``,
 ``config.json``, ``generation_config.json``, processor and tokenizer files) and loads with
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,27 @@ _GEMMA2_2B = {
 }
 
 
+# Gemma 2 9B and 27B (PaliGemma 2 "10B" / "28B"), same sources; 27B scales queries by 4608 / 32.
+_GEMMA2_9B = {
+    **_GEMMA2_2B,
+    "hidden_size": 3584,
+    "num_hidden_layers": 42,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+}
+_GEMMA2_27B = {
+    **_GEMMA2_2B,
+    "hidden_size": 4608,
+    "num_hidden_layers": 46,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 16,
+    "head_dim": 128,
+    "intermediate_size": 36864,
+    "query_pre_attn_scalar": 4608 // 32,
+}
+
+
 @dataclass(frozen=True)
 class Shape:
     """A published checkpoint's architecture: text model, image resolution, hub id it mirrors."""
@@ -101,10 +123,19 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
-    "paligemma2-3b-224": Shape("google/paligemma2-3b-pt-224", _GEMMA2_2B, 224),
-    "paligemma2-3b-448": Shape("google/paligemma2-3b-pt-448", _GEMMA2_2B, 448),
-    "paligemma-3b-224": Shape("google/paligemma-3b-pt-224", _GEMMA_2B, 224),
+    **{
+        f"paligemma2-{size}-{px}": Shape(f"google/paligemma2-{size}-pt-{px}", text, px)
+        for size, text in (("3b", _GEMMA2_2B), ("10b", _GEMMA2_9B), ("28b", _GEMMA2_27B))
+        for px in (224, 448, 896)
+    },
+    **{f"paligemma-3b-{px}": Shape(f"google/paligemma-3b-pt-{px}", _GEMMA_2B, px) for px in (224, 448, 896)},
 }
+
+
+def shape_of_hub_id(hub_id: str) -> str | None:
+    """The ``SHAPES`` name mirroring a published checkpoint (``pt``, ``mix`` and ``ft`` share a shape)."""
+    base = re.sub(r"-(mix|ft-docci)-", "-pt-", hub_id.removeprefix("google/"))
+    return next((name for name, shape in SHAPES.items() if shape.hub_id == "google/" + base), None)
 
 
 def shape_config(name: str, text_overrides: dict[str, Any] | None = None) -> PaliGemmaConfig:
