@@ -81,7 +81,23 @@ def test_export_bf16_reports_cast_and_refuses_non_empty_out(lora_run, tmp_path):
     from pg_tune.cli import main
 
     out = tmp_path / "bf16"
-    assert main(["export", str(lora_run), "--out", str(out), "--dtype", "bf16", "--samples", "2", "--parity", "full"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(lora_run),
+                "--out",
+                str(out),
+                "--dtype",
+                "bf16",
+                "--samples",
+                "2",
+                "--parity",
+                "full",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "export_report.json").read_text())
     assert report["samples"] == 2 and report["cast"]["max_abs_diff"] > report["parity_fp32"]["max_abs_diff"]
     model = PaliGemmaForConditionalGeneration.from_pretrained(out)
