@@ -16,8 +16,9 @@ activations           estimate: the tensors autograd saves in each decoder layer
                       the longest sequence (image tokens + ``data.max_text_length``)
 loss head chunk       estimate: pg_tune's fused head, one chunk of supervised rows × vocabulary
 runtime (CPU)         measured in this process: Python, torch, transformers, peft imports
-load transient (CPU)  estimate: while loading, the checkpoint's memory-mapped pages count in
-                      the process's RSS on top of the weights being built
+mapped pages (CPU)    estimate: QLoRA from a checkpoint stored in the model dtype: the files stay
+                      memory-mapped (the unquantized weights are views into them) and the pages
+                      read while quantizing still count in RSS
 ====================  =====================================================================
 
 Saved activations per decoder layer and token (frozen base, LoRA, no dropout), from what autograd
@@ -71,18 +72,11 @@ class MemoryPlan:
     batch_size: int
     sequence: int
     parts: list[Part]
-    load_transient: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
-    def train_peak(self) -> float:
-        return sum(p.bytes for p in self.parts)
-
-    @property
     def peak(self) -> float:
-        """Training peak, or the loading peak (weights + mapped checkpoint) if higher."""
-        weights = sum(p.bytes for p in self.parts if p.name.startswith(("base", "runtime")))
-        return max(self.train_peak, weights + self.load_transient)
+        return sum(p.bytes for p in self.parts)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -91,8 +85,6 @@ class MemoryPlan:
             "batch_size": self.batch_size,
             "sequence": self.sequence,
             "parts": {p.name: p.bytes / 1e9 for p in self.parts},
-            "train_peak_gb": self.train_peak / 1e9,
-            "load_peak_gb": (self.peak if self.peak > self.train_peak else 0.0) / 1e9,
             "total_gb": self.peak / 1e9,
         }
 
@@ -152,14 +144,14 @@ def _runtime_bytes(quantized: bool) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _checkpoint_bytes(recipe: Recipe, params: int, config) -> float:
-    """Bytes of the checkpoint on disk: shard sizes of a local folder, else parameters × stored dtype."""
+def _checkpoint_on_disk(recipe: Recipe, config) -> tuple[float, torch.dtype | None]:
+    """Bytes of a local checkpoint's safetensors files and the dtype they store (from config.json)."""
     folder = Path(recipe.model.name_or_path)
-    if folder.is_dir():
-        return float(sum(p.stat().st_size for p in folder.glob("*.safetensors")))
-    stored = getattr(config, "dtype", None) or torch.float32
+    if not folder.is_dir():
+        return 0.0, None
+    stored = getattr(config, "dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    return float(params * torch.finfo(stored).bits // 8)
+    return float(sum(p.stat().st_size for p in folder.glob("*.safetensors"))), stored
 
 
 def estimate(
@@ -325,25 +317,33 @@ def estimate(
             + ")",
         )
     )
-    load_transient = 0.0
     notes = [f"config: {source}"]
     if device == "cpu":
         runtime = _runtime_bytes(quantized) if runtime is None else runtime
         parts.append(
             Part("runtime (imports)", runtime, "measured", "RSS of this process after training's imports")
         )
-        load_transient = _checkpoint_bytes(recipe, all_params, config)
-        notes.append(
-            f"loading maps the {load_transient / 1e9:.2f} GB checkpoint into the process: RSS while loading "
-            "≈ weights + runtime + that"
-        )
+        on_disk, stored = _checkpoint_on_disk(recipe, config)
+        if on_disk and quantized and stored == dtype:
+            # transformers keeps the safetensors files memory-mapped while any tensor loaded in the
+            # stored dtype is a view into them (the unquantized weights, counted above); the pages
+            # of the quantized linears were read through the mapping while quantizing and still
+            # count in RSS (RssFile in /proc/PID/status: the whole 6.06 GB at the 3B shape). With a
+            # dtype conversion no view remains and the files are unmapped after loading.
+            views = full_params * size
+            parts.append(
+                Part(
+                    "checkpoint pages mapped (CPU)",
+                    max(on_disk - views, 0.0),
+                    "estimate",
+                    f"{on_disk / 1e9:.2f} GB of safetensors mapped, {views / 1e9:.2f} GB of it the weights themselves",
+                )
+            )
     notes.append(
         "activations assume every row is padded to image tokens + data.max_text_length (the longest "
         "possible); shorter batches need less"
     )
-    return MemoryPlan(
-        config.name_or_path or recipe.model.name_or_path, device, batch, seq, parts, load_transient, notes
-    )
+    return MemoryPlan(config.name_or_path or recipe.model.name_or_path, device, batch, seq, parts, notes)
 
 
 def suggest_micro_batch(
@@ -367,12 +367,6 @@ def format_plan(plan: MemoryPlan) -> str:
     ]
     for p in plan.parts:
         lines.append(f"{p.name:<34} {p.bytes / 1e9:8.2f}  {p.kind:<9} {p.how}")
-    lines.append(f"{'training peak':<34} {plan.train_peak / 1e9:8.2f}")
-    if plan.load_transient:
-        weights = sum(p.bytes for p in plan.parts if p.name.startswith(("base", "runtime")))
-        lines.append(
-            f"{'loading peak':<34} {(weights + plan.load_transient) / 1e9:8.2f}  estimate  weights + mapped checkpoint"
-        )
     lines.append(f"{'expected peak':<34} {plan.peak / 1e9:8.2f}")
     lines += [f"note: {n}" for n in plan.notes]
     lines.append(

@@ -120,13 +120,24 @@ def test_suggests_the_largest_micro_batch_that_fits_with_accumulation():
     assert suggest_micro_batch(recipe, memory=at[1] * 0.9, device="cuda") is None
 
 
-def test_cpu_plan_counts_runtime_and_the_loading_transient():
+def test_cpu_plan_counts_runtime_and_mapped_checkpoint_pages(tmp_path):
+    from pg_tune.models.tiny import save_checkpoint
+
     plan = estimate(_recipe("tiny-paligemma2"), device="cpu")
-    runtime = _part(plan, "runtime")
-    assert 1e8 < runtime < 4e9  # this process's RSS after the imports: measured, not assumed
-    # Loading a checkpoint maps its bytes into the process on top of the weights being built.
-    assert plan.load_transient == _part(plan, "base weights")  # a tiny preset: fp32 parameters
-    assert plan.peak >= plan.train_peak
+    assert 1e8 < _part(plan, "runtime") < 4e9  # this process's RSS after the imports: measured
+    checkpoint = save_checkpoint("tiny-paligemma2", tmp_path / "ckpt")  # stored fp32
+    on_disk = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+
+    def recipe(mode):
+        r = _recipe("tiny-paligemma2")
+        r.model.name_or_path = str(checkpoint)
+        r.quantization.mode = mode
+        return r
+
+    assert not any(p.name.startswith("checkpoint pages") for p in estimate(recipe("none"), "cpu").parts)
+    qplan = estimate(recipe("4bit"), "cpu")
+    # QLoRA keeps the files mapped: the pages not already counted as (view) weights are added.
+    assert _part(qplan, "checkpoint pages") == pytest.approx(on_disk - _part(qplan, "base weights (float32)"))
 
 
 def test_parse_memory():
