@@ -401,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (batch 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="qlora,lora")
+    parser.add_argument("--sides", default="pg_tune,reference", help="comma-separated subset, in this order")
+    parser.add_argument("--patience", type=float, default=900, help="seconds to wait for free memory")
     parser.add_argument(
         "--exports", default="stream,full", help="export modes to measure (needs the lora case)"
     )
@@ -446,15 +448,25 @@ def main(argv: list[str] | None = None) -> int:
         "export": {},
     }
 
+    if args.json and Path(args.json).is_file():
+        # Several invocations (one case or side at a time) add to the same results file.
+        earlier = json.loads(Path(args.json).read_text())
+        for case, sides_done in earlier.get("train", {}).items():
+            results["train"].setdefault(case, {}).update(sides_done)
+        results["export"].update(earlier.get("export", {}))
+        if "verify" in earlier:
+            results["verify"] = earlier["verify"]
+
     def save() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
     cases = [c for c in args.cases.split(",") if c]
+    sides = tuple(s for s in args.sides.split(",") if s)
     order = 0
     for case in cases:
-        for side in SIDES if order % 2 == 0 else SIDES[::-1]:
-            if not _wait_for_memory(args.need_gib, f"{case}/{side}"):
+        for side in sides if order % 2 == 0 else sides[::-1]:
+            if not _wait_for_memory(args.need_gib, f"{case}/{side}", args.patience):
                 continue
             run_dir = work / f"run-{case}-{side}"
             r = _launch(args, side, case=case, data=data, run_dir=run_dir)
@@ -472,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
 
             shutil.rmtree(out)
         need = args.need_gib + (6 if mode == "full" else 0)
-        if not _wait_for_memory(need, f"export {mode}"):
+        if not _wait_for_memory(need, f"export {mode}", args.patience):
             continue
         r = _launch(args, "export", run_dir=lora_run, out=out, mode=mode)
         results["export"][mode] = r
@@ -484,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         files = {}
         for mode in ("exported", "base_adapter"):
             files[mode] = work / f"logits-{mode}.pt"
-            if _wait_for_memory(args.need_gib, f"verify {mode}"):
+            if _wait_for_memory(args.need_gib, f"verify {mode}", args.patience):
                 _launch(
                     args,
                     "logits",
