@@ -1,11 +1,13 @@
 """Streaming merge: a run's LoRA adapter folded into the base checkpoint one shard at a time.
 
 ``pg-tune export RUN_DIR --out DIR`` (the default ``--parity module``) never builds the model. For
-each safetensors shard of the base checkpoint it reads the shard's tensors one by one, folds the
-LoRA update of every adapted linear into its weight in fp32 (``W' = W + s·B·A``; DoRA rescales each
-row to the trained magnitude), casts to the export dtype, writes the shard and frees it. Peak
-memory is about one output shard plus the adapter, whatever the size of the model (measured at the
-PaliGemma 2 3B shape in docs/performance.md, "Real shapes").
+each safetensors shard of the base checkpoint it reads the tensors one by one, folds the LoRA
+update of every adapted linear into its weight in fp32 (``W' = W + s·B·A``; DoRA rescales each row
+to the trained magnitude), casts to the export dtype and appends it to the output shard, whose
+header (every tensor's dtype and shape) is written first. Files are read with plain reads, not
+memory-mapped (a mapping would keep every page read in the process's RSS). Peak memory is about
+the largest single tensor (the embedding table) plus the adapter, whatever the size of the model
+(measured at the PaliGemma 2 3B shape in docs/performance.md, "Real shapes").
 
 The merge is always into the full-precision checkpoint on disk, also for QLoRA runs: merging into
 4-bit weights would round the update into the quantization grid.
@@ -34,7 +36,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 FP32_EPS = torch.finfo(torch.float32).eps
 MODULE_PARITY_ROWS = 4
@@ -218,6 +219,98 @@ def base_checkpoint(name_or_path: str, revision: str | None, scratch: Path) -> P
     )
 
 
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+class ShardReader:
+    """One safetensors file read tensor by tensor with plain reads.
+
+    ``safe_open`` memory-maps the file, and every page a tensor was read from then counts in this
+    process's RSS until the file is closed: a whole input shard. Plain reads leave those pages in
+    the kernel's page cache only.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        size = int.from_bytes(self._file.read(8), "little")
+        header = json.loads(self._file.read(size))
+        header.pop("__metadata__", None)
+        self._start = 8 + size
+        self.entries = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+
+    def layout(self) -> list[tuple[str, torch.dtype, list[int]]]:
+        return [(key, _ST_DTYPES[e["dtype"]], e["shape"]) for key, e in self.entries.items()]
+
+    def read(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        dtype = _ST_DTYPES[entry["dtype"]]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buffer = bytearray(end - begin)
+        self._file.seek(self._start + begin)
+        self._file.readinto(buffer)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ShardWriter:
+    """A safetensors file written tensor by tensor: the header first (every tensor's dtype and
+    shape are known before the merge), then each tensor's bytes as soon as it is ready, so no
+    output shard is ever held in memory."""
+
+    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, list[int]]]):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self._expected = []
+        for key, dtype, shape in layout:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[key] = {
+                "dtype": _ST_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._expected.append((key, dtype, list(shape)))
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._file.write(len(text).to_bytes(8, "little") + text)
+        self._next = 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        want_key, dtype, shape = self._expected[self._next]
+        if key != want_key or tensor.dtype != dtype or list(tensor.shape) != shape:
+            raise MergeError(
+                f"internal: wrote {key} {tensor.dtype} {list(tensor.shape)}, header says {want_key} {dtype} {shape}"
+            )
+        self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def finish(self) -> None:
+        self._file.close()
+        if self._next != len(self._expected):
+            raise MergeError(f"internal: {len(self._expected) - self._next} tensors left unwritten")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def stream_merge(
     base_dir: Path,
     adapter: Adapter,
@@ -242,13 +335,19 @@ def stream_merge(
     checked: list[dict[str, Any]] = []
     cast_worst = {"module": None, "rel": 0.0}
     for filename in files:
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(base_dir / filename), "pt") as f:
-            for key in f.keys():  # noqa: SIM118
+        reader = ShardReader(base_dir / filename)
+        layout = [(k, dtype if d.is_floating_point else d, shape) for k, d, shape in reader.layout()]
+        writer = ShardWriter(out_dir / filename, layout)
+        try:
+            for key, out_dtype, shape in layout:
                 name = resolve(key)
-                tensor = f.get_tensor(key)
+                tensor = reader.read(key)
                 if name in pending_replacements:
                     tensor = pending_replacements.pop(name)
+                    if list(tensor.shape) != shape:
+                        raise MergeError(
+                            f"{name}: the adapter's trained copy is {list(tensor.shape)} but {filename} holds {shape}"
+                        )
                 if name in pending_updates:
                     update = pending_updates.pop(name)
                     want = (update.lora_b.shape[0], update.lora_a.shape[1])
@@ -275,14 +374,17 @@ def stream_merge(
                         if rel > cast_worst["rel"]:
                             cast_worst = {"module": parity["module"], "rel": rel}
                     del merged
-                elif tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                tensors[key] = tensor.contiguous()
+                else:
+                    tensor = tensor.to(out_dtype)
+                writer.write(key, tensor)
                 weight_map[key] = filename
                 total_size += tensor.numel() * tensor.element_size()
-        save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})
-        say(f"merge: {filename}: {len(tensors)} tensors written")
-        del tensors
+                del tensor
+            writer.finish()
+        finally:
+            reader.close()
+            writer.close()
+        say(f"merge: {filename}: {len(layout)} tensors written")
     unused = sorted(pending_updates) + sorted(pending_replacements)
     if unused:
         raise MergeError(

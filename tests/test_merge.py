@@ -161,3 +161,29 @@ def test_read_adapter_scales(tmp_path, tiny_checkpoint):
     update = next(iter(adapter.updates.values()))
     assert update.scale == pytest.approx(8 / 2)  # rsLoRA: alpha / sqrt(r)
     assert all(name.startswith("model.language_model.layers.") for name in adapter.updates)
+
+
+def test_shard_writer_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pg_tune.merge import ShardReader, ShardWriter
+
+    tensors = {
+        "a.weight": torch.randn(3, 5).to(torch.bfloat16),
+        "b.bias": torch.randn(7),
+        "c.ids": torch.arange(4),
+        "d.mask": torch.tensor([True, False, True]),
+        "e.empty": torch.empty(0, 2),
+        "f.scalar": torch.tensor(2.5),
+    }
+    save_file(tensors, tmp_path / "in.safetensors")
+    reader = ShardReader(tmp_path / "in.safetensors")
+    writer = ShardWriter(tmp_path / "out.safetensors", reader.layout())
+    for key, _, _ in reader.layout():
+        writer.write(key, reader.read(key))
+    writer.finish()
+    reader.close()
+    back = load_file(tmp_path / "out.safetensors")  # safetensors' own reader accepts the file
+    assert back.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), key
