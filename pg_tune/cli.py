@@ -3,16 +3,21 @@
 pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says (--resume auto|PATH continues)
 pg-tune validate RECIPE [key.sub=value ...]  check a recipe without loading anything heavy
 pg-tune plan RECIPE [--memory 24GiB]         expected peak memory by part; the micro-batch that fits
+
+Overrides (``key.sub=value``, the value read as YAML) may stand anywhere after the subcommand, on
+every command that reads a recipe (train, validate, plan, data preview/validate, eval).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 from pg_tune import commands_export
 from pg_tune.commands_data import add_data_parser
-from pg_tune.commands_eval import add_eval_parser, add_predict_parser
+from pg_tune.commands_eval import add_eval_parser, add_predict_parser, add_remote_code_argument
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
 from pg_tune.plan import add_plan_parser
@@ -33,6 +38,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pg_tune.train.signals import TrainingStopped
 
     recipe, resolved_recipe = load_recipe(args.recipe, args.overrides)
+    recipe.model.trust_remote_code = args.trust_remote_code
     try:
         result = train(recipe, resolved_recipe, resume=args.resume)
     except TrainingStopped as e:
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|PATH",
         help="continue from the newest complete checkpoint of output_dir (auto) or from PATH",
     )
+    add_remote_code_argument(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe (keys, types, dataset formats)")
@@ -98,8 +105,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
+"""A ``key.sub=value`` override (a recipe path never matches: it has a ``/`` or no ``=`` before it)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``key.sub=value`` overrides may stand anywhere after the subcommand
+    (argparse alone takes them only right after RECIPE), in the order given."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    found = set(extra) if takes_overrides else set()
+    if takes_overrides:
+        # `--resume train.lr=1e-5`: --resume's optional value swallowed an override.
+        resume = getattr(args, "resume", None)
+        if resume and OVERRIDE.match(resume) and not Path(resume).exists():
+            args.resume = "auto"
+            found.add(resume)
+        found |= set(args.overrides)
+    stray = [t for t in extra if not (takes_overrides and OVERRIDE.match(t))]
+    if stray:
+        hint = "" if takes_overrides or not any(OVERRIDE.match(t) for t in stray) else (
+            f" (pg-tune {args.command} reads no recipe, so it takes no key=value overrides)"
+        )  # fmt: skip
+        parser.error(f"unrecognized arguments: {' '.join(stray)}{hint}")
+    if takes_overrides:
+        args.overrides = [t for t in argv if t in found]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

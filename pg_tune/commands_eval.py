@@ -68,8 +68,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         recipe, _ = load_recipe(args.recipe, args.overrides)
         out_dir = Path(args.out) if args.out else Path(recipe.output_dir) / "eval"
-        outcome = evaluate_recipe(recipe, args.model, out_dir, args.vae_path, args.report_limit)
-    except (FileNotFoundError, ValueError) as e:
+        outcome = evaluate_recipe(
+            recipe, args.model, out_dir, args.vae_path, args.report_limit,
+            trust_remote_code=args.trust_remote_code, base=args.base,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:  # missing/unloadable model or file: one line, no traceback
         if isinstance(e, (ConfigError, DataError)):
             raise
         print(f"pg-tune: error: {e}", file=sys.stderr)
@@ -92,6 +95,8 @@ def predict_one(
     num_beams: int = 1,
     vae_path: str | None = None,
     draw_path: str | None = None,
+    trust_remote_code: bool = False,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Generate for one image and prompt; returns the raw text and the parsed objects (JSON-ready)."""
     from pycocotools import mask as mask_utils
@@ -105,7 +110,7 @@ def predict_one(
 
     image = load_image(image_path, image_path)
     codec = load_mask_codec(vae_path)
-    loaded = load_for_eval(model_ref)
+    loaded = load_for_eval(model_ref, trust_remote_code=trust_remote_code, base=base)
     sample = Sample(image=image, prefix=prompt, suffix="", source=image_path, task="caption")
     text = generate(
         loaded.model, loaded.processor, [sample], max_new_tokens=max_new_tokens, num_beams=num_beams
@@ -134,9 +139,10 @@ def predict_one(
 def _cmd_predict(args: argparse.Namespace) -> int:
     try:
         result = predict_one(
-            args.model, args.image, args.prompt, args.max_new_tokens, args.num_beams, args.vae_path, args.draw
-        )
-    except (FileNotFoundError, ValueError) as e:
+            args.model, args.image, args.prompt, args.max_new_tokens, args.num_beams, args.vae_path, args.draw,
+            trust_remote_code=args.trust_remote_code, base=args.base,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:  # missing/unloadable model or file: one line, no traceback
         if isinstance(e, (ConfigError, DataError)):
             raise
         print(f"pg-tune: error: {e}", file=sys.stderr)
@@ -148,6 +154,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.draw:
         print(f"drawn: {args.draw}", file=sys.stderr)
     return 0
+
+
+def add_remote_code_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run the Python code a model folder or hub repo ships (auto_map); "
+        "never set by a recipe or an adapter folder",
+    )
+
+
+def add_model_trust_arguments(p: argparse.ArgumentParser) -> None:
+    add_remote_code_argument(p)
+    p.add_argument(
+        "--base",
+        help="with an adapter --model: the base you expect; refused if the adapter's "
+        "adapter_config.json names another (default: the base it names, checked against the recipe)",
+    )
 
 
 def add_eval_parser(sub) -> None:
@@ -162,6 +186,7 @@ def add_eval_parser(sub) -> None:
         "--vae-path", help="big_vision's vae-oid.npz, to score referring segmentation by mask mIoU"
     )
     p.add_argument("--report-limit", type=int, default=200, help="samples shown per dataset and task")
+    add_model_trust_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -176,4 +201,5 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--vae-path", help="big_vision's vae-oid.npz; without it masks are not decoded")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-beams", type=int, default=1)
+    add_model_trust_arguments(p)
     p.set_defaults(func=_cmd_predict)

@@ -1,7 +1,7 @@
 """The ``pg-tune export`` and ``pg-tune push`` subcommands (parsers and handlers).
 
 pg-tune export RUN_DIR --out DIR [--dtype bf16|fp16|fp32] [--parity module|full]   merged weights, parity-checked
-pg-tune push RUN_DIR --repo-id OWNER/NAME [--merged] [--private] [--revision R] [--dry-run]
+pg-tune push RUN_DIR --repo-id OWNER/NAME [--merged] [--public] [--revision R] [--dry-run]   (private by default)
 """
 
 from __future__ import annotations
@@ -9,19 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pg_tune.commands_eval import add_remote_code_argument
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from pg_tune.export import ExportError, export_merged
 
     try:
         export_merged(
-            args.run_dir,
-            args.out,
-            dtype=args.dtype,
-            num_samples=args.samples,
-            device=args.device,
-            parity=args.parity,
-        )
+            args.run_dir, args.out, dtype=args.dtype, num_samples=args.samples, device=args.device,
+            trust_remote_code=args.trust_remote_code, parity=args.parity,
+        )  # fmt: skip
     except ExportError as e:
         print(f"pg-tune export: error: {e}", file=sys.stderr)
         return 2
@@ -32,22 +30,23 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
     from pg_tune.export import ExportError
-    from pg_tune.hub import push
+    from pg_tune.hub import PublicRepoError, push
 
     try:
         push(
             args.run_dir,
             args.repo_id,
             merged=args.merged,
-            private=args.private,
+            private=not args.public,
             revision=args.revision,
             dry_run=args.dry_run,
             dtype=args.dtype,
             base_model=args.base_model,
             tags=args.tag,
             datasets=args.dataset,
+            trust_remote_code=args.trust_remote_code,
         )
-    except (ExportError, HfHubHTTPError) as e:
+    except (ExportError, HfHubHTTPError, PublicRepoError) as e:
         print(f"pg-tune push: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -69,6 +68,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--samples", type=int, default=4, help="samples in the --parity full check")
     p.add_argument("--device", default=None, help="where to merge (default: cuda if available, else cpu)")
+    add_remote_code_argument(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -78,10 +78,13 @@ def add_push_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repo-id", required=True, help="OWNER/NAME; created if missing")
     p.add_argument("--merged", action="store_true", help="push merged weights (exported first if needed)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="with --merged")
-    p.add_argument("--private", action="store_true", help="create the repo private")
+    visibility = p.add_mutually_exclusive_group()
+    visibility.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    visibility.add_argument("--private", action="store_true", help="the default; kept for existing scripts")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     p.add_argument("--dry-run", action="store_true", help="list exactly what would be uploaded; send nothing")
     p.add_argument("--base-model", default=None, help="base model hub id for the card (local bases)")
     p.add_argument("--tag", action="append", default=[], help="extra model-card tag (repeatable)")
     p.add_argument("--dataset", action="append", default=[], help="hub dataset id for the card (repeatable)")
+    add_remote_code_argument(p)
     p.set_defaults(func=_cmd_push)

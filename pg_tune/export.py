@@ -33,6 +33,7 @@ from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
 from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.sample import DataError, Sample
+from pg_tune.model_source import adapter_base
 from pg_tune.models.layout import IMAGE_TOKEN_ID
 from pg_tune.models.paligemma import load_model
 
@@ -72,6 +73,8 @@ def read_run(run_dir: str | Path) -> Run:
         raise ExportError(f"{run_dir}: recipe.yaml is missing (looked in the run folder and adapter/)")
     resolved = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
     recipe = parse_recipe(resolved)
+    # The base comes from the recipe, which must name the one the adapter was trained on.
+    adapter_base(adapter_dir, recipe.model.name_or_path, f"{recipe_path} (model.name_or_path)")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     return Run(run_dir, recipe, resolved, adapter_dir, summary)
@@ -163,6 +166,7 @@ def export_merged(
     num_samples: int = 4,
     device: str | None = None,
     max_shard_size: str = "5GB",
+    trust_remote_code: bool = False,
     parity: str = "module",
 ) -> dict[str, Any]:
     """Merge the run's adapter into a full-precision base, check parity, save a loadable folder.
@@ -176,6 +180,7 @@ def export_merged(
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     run = read_run(run_dir)
+    run.recipe.model.trust_remote_code = trust_remote_code  # the --trust-remote-code flag only
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir}: exists and is not empty; choose a new --out folder")

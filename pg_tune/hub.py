@@ -1,7 +1,11 @@
 """Pushing a run to the Hugging Face Hub: the adapter (default) or merged weights, in one commit.
 
-Run it with ``pg-tune push RUN_DIR --repo-id OWNER/NAME [--merged] [--private] [--revision R]
+Run it with ``pg-tune push RUN_DIR --repo-id OWNER/NAME [--merged] [--public] [--revision R]
 [--dry-run]``, or from training with a recipe's ``hub:`` section (``push_from_training``).
+
+Private by default, everywhere: a new repo is created private unless ``--public`` (or the recipe's
+``hub.private: false``) says otherwise, and a push meant to be private into an existing PUBLIC repo
+is refused (``create_repo(exist_ok=True)`` never changes an existing repo's visibility).
 
 Everything goes through huggingface_hub's ``HfApi``: ``create_repo(exist_ok=True)``, then
 ``create_branch`` for a revision other than ``main``, then ONE ``create_commit`` carrying every file,
@@ -27,6 +31,10 @@ RUN_RECORDS = ("summary.json", "metrics.jsonl")
 CHECKPOINT_SKIP = {"optim.pt"}
 """Optimizer state is large and only useful for resuming on the machine that trained."""
 _TEXT_SUFFIXES = {".json", ".jsonl", ".yaml", ".yml", ".md", ".txt", ".model", ""}
+
+
+class PublicRepoError(RuntimeError):
+    """A private push aimed at a repo that already exists and is public."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ def upload_plan(
     base_model: str | None = None,
     tags: list[str] | None = None,
     datasets: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> list[UploadItem]:
     """Exactly the files one push uploads. ``merged`` exports first if no complete export exists."""
     run = read_run(run_dir)
@@ -75,7 +84,7 @@ def upload_plan(
     if merged:
         folder = merged_dir_of(run.run_dir, dtype)
         if not (folder / REPORT_NAME).is_file():
-            export_merged(run.run_dir, folder, dtype=dtype)
+            export_merged(run.run_dir, folder, dtype=dtype, trust_remote_code=trust_remote_code)
         import json
 
         report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
@@ -125,6 +134,11 @@ def upload(
     _refuse_token_in_files(items)
     api = HfApi(endpoint=endpoint)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    if private and not api.repo_info(repo_id, repo_type="model").private:
+        raise PublicRepoError(
+            f"{repo_id} already exists and is PUBLIC; this push is private, so nothing was uploaded. "
+            "Pass --public (hub.private: false) to add to the public repo, or choose a new --repo-id"
+        )
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
     operations = [
@@ -151,10 +165,12 @@ def push(
     tags: list[str] | None = None,
     datasets: list[str] | None = None,
     endpoint: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[UploadItem]:
     """``pg-tune push``: plan the upload, print it, and (unless ``dry_run``) commit it."""
-    items = upload_plan(run_dir, repo_id, merged, dtype, base_model, tags, datasets)
-    where = f"{repo_id}@{revision or 'main'} ({'private' if private else 'public'})"
+    items = upload_plan(run_dir, repo_id, merged, dtype, base_model, tags, datasets, trust_remote_code)
+    visibility = "private" if private else "PUBLIC: anyone can download it"
+    where = f"{repo_id}@{revision or 'main'} ({visibility})"
     total = sum(i.size for i in items)
     print(f"{'would upload' if dry_run else 'uploading'} {len(items)} files, {total:,} bytes, to {where}:")
     for item in items:

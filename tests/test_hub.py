@@ -54,6 +54,10 @@ class FakeHub(BaseHTTPRequestHandler):
         if path == "/api/repos/create":
             s["created"].append(json.loads(body))
             payload = json.loads(body)
+            repo = f"{payload['organization']}/{payload['name']}"
+            s["repos"].setdefault(
+                repo, payload.get("visibility") == "private"
+            )  # an existing repo keeps its own
             return self._reply({"url": f"{endpoint}/{payload['organization']}/{payload['name']}"})
         if path == "/api/validate-yaml":
             s["readme_yaml"] = json.loads(body)["content"]
@@ -97,6 +101,14 @@ class FakeHub(BaseHTTPRequestHandler):
             return self._reply({"commitUrl": f"{endpoint}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
         return self._reply({"error": f"unexpected {path}"}, 404)
 
+    def do_GET(self):  # noqa: N802
+        s, path = self.state, self.path.split("?")[0]
+        s["calls"].append(("GET", path))
+        repo = path.removeprefix("/api/models/")
+        if path.startswith("/api/models/") and repo in s["repos"]:
+            return self._reply({"id": repo, "private": s["repos"][repo], "sha": "a" * 40})
+        return self._reply({"error": f"unexpected {path}"}, 404)
+
     def do_PUT(self):  # noqa: N802
         body = self._body()
         self.state["lfs"][self.path.rsplit("/", 1)[1]] = body
@@ -107,7 +119,7 @@ class FakeHub(BaseHTTPRequestHandler):
 def fake_hub(monkeypatch, tmp_path):
     import huggingface_hub.constants as constants
 
-    state = {"calls": [], "created": [], "branches": [], "commits": [], "lfs": {}, "auth": set()}
+    state = {"calls": [], "created": [], "branches": [], "commits": [], "lfs": {}, "auth": set(), "repos": {}}
     handler = type("Handler", (FakeHub,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -211,7 +223,7 @@ def test_push_merged_uses_a_full_precision_export(fake_hub, run_dir):
     assert not any(name.startswith("adapter_") for name in files)
     meta = yaml.safe_load(files["README.md"].decode().split("---")[1])
     assert meta["library_name"] == "transformers" and "## Export parity" in files["README.md"].decode()
-    assert fake_hub["created"][0]["visibility"] == "public"
+    assert fake_hub["created"][0]["visibility"] == "private"  # private unless --public
 
 
 @pytest.mark.slow
@@ -236,6 +248,7 @@ def test_push_from_training_main_process_only(fake_hub, run_dir):
     assert fake_hub["calls"] == []
     items = push_from_training(run_dir, recipe, SimpleNamespace(is_main_process=True, print=print))
     assert "adapter_model.safetensors" in {i.path_in_repo for i in items} and len(fake_hub["commits"]) == 1
+    assert fake_hub["created"][0]["visibility"] == "private"  # hub.private defaults to true
     # A checkpoint push: the folder without optimizer state, under checkpoints/.
     ckpt = run_dir / "checkpoints" / "step-0000002"
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -256,3 +269,41 @@ def test_hub_section_validates_and_has_no_token_key():
     with pytest.raises(ConfigError, match="unknown key 'hub.token'"):
         parse_recipe({**base, "hub": {"repo_id": "a/b", "token": "hf_x"}})
     assert parse_recipe({**base, "hub": {"repo_id": "a/b"}}).hub.private is True
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """A run folder as training leaves it (adapter + recipe.yaml), without training: fast."""
+    from pg_tune.config.recipe import LoraConfig, resolved
+    from pg_tune.models.tiny import build_base
+    from pg_tune.train.adapters import apply_lora
+
+    root = tmp_path_factory.mktemp("quick-run")
+    apply_lora(build_base("tiny-paligemma2"), LoraConfig(r=2, alpha=4), "tiny-paligemma2").save_pretrained(
+        root / "adapter"
+    )
+    recipe = parse_recipe({"output_dir": str(root), "data": {"train": [{"format": "shapes"}]}})
+    (root / "recipe.yaml").write_text(yaml.safe_dump(resolved(recipe)))
+    return root
+
+
+def test_push_is_private_unless_public(fake_hub, quick_run, capsys):
+    assert cli_main(["push", str(quick_run), "--repo-id", "me/quiet", "--dry-run"]) == 0
+    assert "to me/quiet@main (private):" in capsys.readouterr().out and fake_hub["calls"] == []
+    assert cli_main(["push", str(quick_run), "--repo-id", "me/quiet"]) == 0
+    assert fake_hub["created"][-1]["visibility"] == "private"
+    assert cli_main(["push", str(quick_run), "--repo-id", "me/open", "--public", "--dry-run"]) == 0
+    assert "to me/open@main (PUBLIC: anyone can download it):" in capsys.readouterr().out
+    assert cli_main(["push", str(quick_run), "--repo-id", "me/open", "--public"]) == 0
+    assert fake_hub["created"][-1]["visibility"] == "public"
+    with pytest.raises(SystemExit):  # one or the other
+        cli_main(["push", str(quick_run), "--repo-id", "me/x", "--public", "--private"])
+
+
+def test_private_push_into_an_existing_public_repo_is_refused(fake_hub, quick_run, capsys):
+    fake_hub["repos"]["me/already-public"] = False
+    assert cli_main(["push", str(quick_run), "--repo-id", "me/already-public"]) == 2
+    assert "me/already-public already exists and is PUBLIC" in capsys.readouterr().err
+    assert fake_hub["commits"] == []
+    assert cli_main(["push", str(quick_run), "--repo-id", "me/already-public", "--public"]) == 0
+    assert len(fake_hub["commits"]) == 1

@@ -8,6 +8,7 @@ carries that format's own keys (see ``data_formats/``).
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,17 @@ from typing import Any, Literal
 import yaml
 
 from pg_tune.config.schema import ConfigError, from_dict, to_dict
+
+
+def _at_least(path: str, name: str, value: int | None, low: int, hint: str = "") -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{path}.{name}: must be >= {low}, got {value}{hint}")
+
+
+def _finite_in(path: str, name: str, value: float, low: float, high: float, hint: str = "") -> None:
+    """``low <= value <= high`` and finite (NaN compares false with everything, so say it)."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ConfigError(f"{path}.{name}: must be a finite number in [{low:g}, {high:g}], got {value}{hint}")
 
 
 @dataclass
@@ -27,7 +39,16 @@ class ModelConfig:
     """``auto``: bfloat16 on a GPU that supports it, float32 on CPU. float16 gives NaNs on Gemma."""
     attn_implementation: Literal["eager", "sdpa"] | None = None
     trust_remote_code: bool = False
-    """PaliGemma is native to transformers; remote code stays off unless asked for explicitly."""
+    """Set only by the ``--trust-remote-code`` flag, never by a recipe: recipes travel with adapters
+    (``pg-tune push`` uploads them), so a file must not be able to switch on code execution."""
+
+    def check(self, path: str) -> None:
+        if self.trust_remote_code:
+            raise ConfigError(
+                f"{path}.trust_remote_code: a recipe cannot switch on remote code (recipes travel with "
+                "adapters); remove the key and pass --trust-remote-code on the command line if you "
+                "trust the model's code"
+            )
 
 
 @dataclass
@@ -43,8 +64,12 @@ class LoraConfig:
     """Modules trained in full and saved with the adapter, e.g. ``[multi_modal_projector]``."""
 
     def check(self, path: str) -> None:
-        if self.r < 1:
-            raise ConfigError(f"{path}.r: must be >= 1, got {self.r}")
+        _at_least(path, "r", self.r, 1)
+        _at_least(path, "alpha", self.alpha, 1)
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise ConfigError(
+                f"{path}.dropout: must be in [0, 1) (a probability; 0 = off), got {self.dropout}"
+            )
 
 
 @dataclass
@@ -85,13 +110,17 @@ class DataConfig:
     """Directory caching projected image features when the vision tower is frozen, so training
     skips SigLIP (docs/performance.md says when it pays)."""
 
+    def check(self, path: str) -> None:
+        _at_least(path, "max_text_length", self.max_text_length, 1, " (text tokens after the image tokens)")
+        _at_least(path, "num_workers", self.num_workers, 0, " (0 = load in the main process)")
+
 
 @dataclass
 class TrainConfig:
     seed: int = 0
     epochs: int = 1
     max_steps: int | None = None
-    """Optimizer steps; overrides ``epochs`` when set."""
+    """Optimizer steps (>= 1); overrides ``epochs`` when set. Unset (null) trains by ``epochs``."""
     batch_size: int = 8
     """Per-process micro-batch."""
     grad_accum: int = 1
@@ -108,7 +137,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     log_every: int = 10
     save_every: int | None = None
-    """Write a checkpoint under ``checkpoints/`` every N optimizer steps."""
+    """Write a checkpoint under ``checkpoints/`` every N (>= 1) optimizer steps; unset: none."""
     keep_last: int = 2
     """Checkpoints kept besides the best one (see ``eval.best_metric``)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -117,10 +146,15 @@ class TrainConfig:
 
     def check(self, path: str) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{path}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"{path}.lr: must be > 0, got {self.lr}")
+            _at_least(path, name, getattr(self, name), 1)
+        _at_least(path, "max_steps", self.max_steps, 1, " (leave it unset, or null, to train by epochs)")
+        _at_least(path, "save_every", self.save_every, 1, " (leave it unset, or null, for no checkpoints)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"{path}.lr: must be a finite number > 0, got {self.lr}")
+        _finite_in(path, "warmup_ratio", self.warmup_ratio, 0, 1, " (a fraction of the optimizer steps)")
+        _finite_in(path, "weight_decay", self.weight_decay, 0, math.inf)
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"{path}.max_grad_norm: must be a finite number > 0, got {self.max_grad_norm}")
 
 
 @dataclass
@@ -143,6 +177,33 @@ class EvalConfig:
     """big_vision's ``vae-oid.npz`` (mask VQ-VAE), needed to score ``refer_segment`` by mask mIoU;
     without it (and no copy in the cache) those tasks are scored by their boxes only."""
 
+    def check(self, path: str) -> None:
+        for name in ("batch_size", "max_new_tokens", "num_beams"):
+            _at_least(path, name, getattr(self, name), 1)
+        _at_least(
+            path, "every", self.every, 1, " (leave it unset, or null, to evaluate before and after only)"
+        )
+        _at_least(path, "limit", self.limit, 1, " (leave it unset, or null, for every sample)")
+        for task, budget in self.max_new_tokens_per_task.items():
+            _at_least(f"{path}.max_new_tokens_per_task", task, budget, 1)
+        if self.best_metric is not None:
+            _check_metric_name(f"{path}.best_metric", self.best_metric)
+
+
+def _check_metric_name(path: str, name: str) -> None:
+    from pg_tune.data.sample import TASKS
+    from pg_tune.evaluate.scoring import METRIC_NAMES
+
+    known = [f"{task}/{metric}" for task in TASKS for metric in METRIC_NAMES.get(task, ())]
+    if name not in known:
+        task = name.split("/", 1)[0]
+        same_task = [k for k in known if k.startswith(task + "/")]
+        raise ConfigError(
+            f"{path}: no task reports a metric {name!r}"
+            + (f" — did you mean {m!r}?" if (m := _closest_name(name, known)) else "")
+            + f" (names are task/metric, e.g. {', '.join(same_task or [k for k in known if k.endswith(('/cider', '/map', '/anls'))])})"
+        )
+
 
 @dataclass
 class LoggingConfig:
@@ -162,6 +223,7 @@ class HubConfig:
     repo_id: str | None = None
     """``OWNER/NAME``; nothing is pushed while unset."""
     private: bool = True
+    """Create the repo private (the default, as for ``pg-tune push``); ``false`` makes it public."""
     revision: str | None = None
     """Branch to push to (created if missing); default ``main``."""
     push_at_end: bool = True
@@ -195,6 +257,11 @@ class Recipe:
     def check(self, path: str) -> None:
         if not self.data.train:
             raise ConfigError("data.train: at least one dataset entry is needed")
+        if self.eval.best_metric is not None and not self.data.eval:
+            raise ConfigError(
+                f"eval.best_metric: {self.eval.best_metric!r} needs an evaluation: add a data.eval dataset "
+                "(or remove best_metric)"
+            )
 
 
 def _parse_dataset_entry(raw: Any, path: str) -> DatasetEntry:
@@ -252,20 +319,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, value = item.split("=", 1)
         parts = key.split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty part in key {key!r}")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+        node: Any = data
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i])
+            index: str | int = part
             if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-        leaf = parts[-1]
-        parsed = yaml.safe_load(value) if value != "" else ""
-        if isinstance(node, list):
-            node[int(leaf)] = parsed
-        else:
-            node[leaf] = parsed
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"override {item!r}: {where} has {len(node)} "
+                        f"{'entry' if len(node) == 1 else 'entries'} (indices 0..{len(node) - 1}), got {part!r}"
+                    )
+                index = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {where} is {node!r}, not a section")
+            if i == len(parts) - 1:
+                node[index] = parsed
+            else:
+                if isinstance(node, dict) and node.get(index) is None:  # missing, or `eval:` left empty
+                    node[index] = {}
+                node = node[index]
     return data
 
 
@@ -273,9 +352,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     """Read, override and validate a recipe; returns the recipe and its resolved plain form."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (some Windows editors) is not content
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; give the recipe's .yaml file") from None
+    except UnicodeDecodeError as e:
+        line = text_line_of(path.read_bytes(), e.start)
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the recipe as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -286,6 +374,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return recipe, resolved(recipe)
+
+
+def text_line_of(data: bytes, offset: int) -> int:
+    """The 1-based line number of byte ``offset`` in ``data`` (for errors that name a line)."""
+    return data.count(b"\n", 0, offset) + 1
 
 
 def resolved(recipe: Recipe) -> dict[str, Any]:

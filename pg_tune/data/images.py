@@ -13,10 +13,27 @@ from pg_tune.data.bad_rows import data_error
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
+# PIL's modes for 16- and 32-bit integer pixels (16-bit grayscale PNGs open as I;16 or I).
+_WIDE_INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale is scaled (65535 -> 255), not clipped: PIL's own ``convert``
+    clips every value above 255 to white."""
+    if image.mode in _WIDE_INT_MODES:
+        import numpy as np
+
+        wide = np.asarray(image, dtype=np.float64)
+        # 16-bit PNGs hold 0..65535; an "I" image beyond that range is clipped into it first.
+        eight = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(eight).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(image: str | Path | Image.Image, source: str = "") -> Image.Image:
     """Return an RGB image, or raise ``DataError`` saying which file and row were bad and why."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     where = f"{source}: " if source else ""
     path = Path(image)
     if not path.is_file():
@@ -32,7 +49,7 @@ def load_image(image: str | Path | Image.Image, source: str = "") -> Image.Image
                         f"{MAX_IMAGE_PIXELS:,}-pixel bound (a decompression bomb, or far too large to train on)",
                     )
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im)
     except ValueError as e:
         if getattr(e, "reason", None):
             raise

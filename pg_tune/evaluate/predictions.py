@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pg_tune.data.images import MAX_IMAGE_PIXELS
 from pg_tune.data.sample import TASKS, DataError
 from pg_tune.evaluate.scoring import BOX_TASKS, Item, Scored, score_items
 
@@ -49,12 +50,18 @@ def _item(row: Any, where: str) -> Item:
             not isinstance(size, list)
             or len(size) != 2
             or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 1
                 for v in size
             )
         ):
             raise DataError(f"{where}: field 'image_size' must be [width, height] in pixels, got {size!r}")
         size = (int(size[0]), int(size[1]))
+        # No image pg_tune reads is larger, and the report allocates at this size.
+        if size[0] * size[1] > MAX_IMAGE_PIXELS:
+            raise DataError(
+                f"{where}: field 'image_size' {list(size)} is over the {MAX_IMAGE_PIXELS:,}-pixel bound of "
+                "any image pg_tune reads (data/images.py); this file was not written by pg-tune eval"
+            )
     elif task in BOX_TASKS:
         raise DataError(f"{where}: field 'image_size' [width, height] is required for task {task!r}")
     extra = {
@@ -72,11 +79,15 @@ def read_predictions(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: line is not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 THUMB_SIDE = 320
+DRAW_MAX_SIDE = 1024
+"""Images (and masks) are drawn at most this large before the thumbnail, whatever a record says."""
 GT_COLOUR = (0, 170, 70)
 PRED_COLOUR = (220, 0, 140)
 
@@ -56,6 +58,21 @@ def _open_image(image: Any) -> Image.Image | None:
         return load_image(image).copy()
     except DataError:
         return None
+
+
+def _bounded(size: tuple[int, int] | None) -> tuple[tuple[int, int] | None, float]:
+    """``size`` scaled down so its longer side is at most ``DRAW_MAX_SIDE``, and the factor used."""
+    if size is None:
+        return None, 1.0
+    width, height = size
+    scale = min(1.0, DRAW_MAX_SIDE / max(width, height))
+    return (max(1, round(width * scale)), max(1, round(height * scale))), scale
+
+
+def _scaled(objects: Sequence[Mapping[str, Any]], scale: float) -> list[Mapping[str, Any]]:
+    if scale == 1.0:
+        return list(objects)
+    return [{**o, "box": [v * scale for v in o["box"]]} if o.get("box") else o for o in objects]
 
 
 def _placeholder(size: tuple[int, int] | None) -> Image.Image:
@@ -190,13 +207,14 @@ def write_report(
             record = records[i]
             image = _open_image(images[i])
             size = tuple(record["image_size"]) if record.get("image_size") else None
+            # Draw at a bounded size: the record's size comes from a file and may be anything.
+            work, scale = _bounded(size or (image.size if image is not None else None))
             if image is None:
-                image = _placeholder(size)
-            elif size is not None and image.size != size:
-                image = image.resize(size)  # boxes are in the pixels of the recorded size
-            drawn = draw_annotations(
-                image, record.get("reference_parsed") or [], record.get("parsed") or [], mask_codec
-            )
+                image = _placeholder(work)
+            elif image.size != work:
+                image = image.resize(work)  # boxes are in the pixels of the recorded size, scaled alike
+            truth = _scaled(record.get("reference_parsed") or [], scale)
+            drawn = draw_annotations(image, truth, _scaled(record.get("parsed") or [], scale), mask_codec)
             name = f"images/{i:05d}.png"
             drawn.save(out_dir / name)
             parts.append(_card(record, name, drawn.size))

@@ -7,8 +7,10 @@ every eval dataset of a recipe and writes ``metrics.json``, ``predictions.jsonl`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 
-from pg_tune.config.recipe import ModelConfig, Recipe, parse_recipe
+from pg_tune.config.recipe import ModelConfig, Recipe
 from pg_tune.data.sample import Sample
 from pg_tune.evaluate.generate import generate
 from pg_tune.evaluate.scoring import Scored, load_mask_codec, score_samples
@@ -84,35 +85,44 @@ class LoadedModel:
     kind: str
     """``adapter`` (base + peft adapter), ``merged`` (a full checkpoint dir) or ``base``."""
     description: str
-    recipe: Recipe | None = None
-    """The recipe saved beside an adapter, if any."""
 
 
-def _adapter_recipe(adapter_dir: Path) -> Recipe | None:
-    path = adapter_dir / "recipe.yaml"
-    if not path.is_file():
-        return None
-    return parse_recipe(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+def _looks_like_path(ref: str) -> bool:
+    return Path(ref).is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
 
 
 def load_for_eval(
-    model_ref: str | None, recipe: Recipe | None = None, device: str | None = None
+    model_ref: str | None,
+    recipe: Recipe | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    base: str | None = None,
 ) -> LoadedModel:
     """Load what ``--model`` names, ready for generation (eval mode, on ``device``).
 
-    - a folder with ``adapter_config.json``: a peft adapter; its base is ``model`` of the
-      ``recipe.yaml`` saved beside it (else of ``recipe``, else the adapter config's base), loaded
-      with ``load_model`` and wrapped with ``peft.PeftModel.from_pretrained``; the processor comes from
-      the adapter folder when saved there;
+    - a folder with ``adapter_config.json``: a peft adapter on the base its ``adapter_config.json``
+      names (``base_model_name_or_path``), refused if ``base`` (``--base``) or the recipe's
+      ``model.name_or_path`` names another (``pg_tune.model_source.adapter_base``); nothing else in
+      the folder (its ``recipe.yaml``) chooses what is loaded. The processor comes from the adapter
+      folder when saved there;
     - a folder with ``config.json`` (a merged model or a base checkpoint), a hub id or a tiny preset
       name: loaded as is with the recipe's dtype;
     - None: the recipe's own ``model``.
+
+    ``trust_remote_code`` (the ``--trust-remote-code`` flag) applies to every model loaded here.
     """
+    from pg_tune.model_source import adapter_base
     from pg_tune.models.paligemma import load_model, load_processor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_config = recipe.model if recipe is not None else ModelConfig()
-    saved_recipe = None
+    model_config = dataclasses.replace(model_config, trust_remote_code=trust_remote_code)
+    if base is not None and (model_ref is None or not (Path(model_ref) / "adapter_config.json").is_file()):
+        raise ValueError(
+            "--base applies to an adapter folder given with --model (one with adapter_config.json)"
+        )
+    if model_ref is not None and not Path(model_ref).exists() and _looks_like_path(model_ref):
+        raise FileNotFoundError(f"--model {model_ref}: no such folder (a hub id is OWNER/NAME)")
     if model_ref is None:
         if recipe is None:
             raise ValueError("nothing to evaluate: give a recipe or --model")
@@ -122,31 +132,32 @@ def load_for_eval(
         import peft
 
         adapter_dir = Path(model_ref)
-        saved_recipe = _adapter_recipe(adapter_dir)
-        if saved_recipe is not None:
-            base_config = saved_recipe.model
+        if base is not None:
+            expected, expected_from = base, "--base"
         elif recipe is not None:
-            base_config = recipe.model
+            expected, expected_from = recipe.model.name_or_path, "the recipe's model.name_or_path"
         else:
-            adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-            base_config = ModelConfig(name_or_path=adapter_config["base_model_name_or_path"])
-        base = load_model(base_config)
-        model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+            expected, expected_from = None, ""
+        base_config = dataclasses.replace(
+            model_config, name_or_path=adapter_base(adapter_dir, expected, expected_from)
+        )
+        # On stderr: stdout stays the prediction/metrics a script may parse.
+        print(
+            f"loading base {base_config.name_or_path} (from {adapter_dir / 'adapter_config.json'})",
+            file=sys.stderr,
+        )
+        model = peft.PeftModel.from_pretrained(load_model(base_config), adapter_dir, is_trainable=False)
         has_processor = (adapter_dir / "tokenizer_config.json").is_file()
         processor = load_processor(ModelConfig(name_or_path=str(adapter_dir))) if has_processor else None
         processor = processor or load_processor(base_config)
         kind, description = "adapter", f"adapter {adapter_dir} on base {base_config.name_or_path}"
     else:
-        ref_config = ModelConfig(
-            name_or_path=model_ref,
-            dtype=model_config.dtype,
-            attn_implementation=model_config.attn_implementation,
-        )
+        ref_config = dataclasses.replace(model_config, name_or_path=model_ref, revision=None)
         model, processor = load_model(ref_config), load_processor(ref_config)
         kind = "merged" if (Path(model_ref) / "config.json").is_file() else "base"
         description = f"{kind} model {model_ref}"
     model.to(device).eval()
-    return LoadedModel(model, processor, kind, description, saved_recipe)
+    return LoadedModel(model, processor, kind, description)
 
 
 # --- pg-tune eval ------------------------------------------------------------------------------
@@ -174,6 +185,8 @@ def evaluate_recipe(
     vae_path: str | None = None,
     report_limit: int = 200,
     progress: bool = True,
+    trust_remote_code: bool = False,
+    base: str | None = None,
 ) -> EvalOutcome:
     """Evaluate every ``data.eval`` dataset of ``recipe`` and write the outputs into ``out_dir``.
 
@@ -198,7 +211,7 @@ def evaluate_recipe(
         if recipe.eval.limit is not None:
             samples = samples[: recipe.eval.limit]
         datasets.append((dataset_name(index, entry), samples))
-    loaded = load_for_eval(model_ref, recipe)
+    loaded = load_for_eval(model_ref, recipe, trust_remote_code=trust_remote_code, base=base)
     mask_codec = _cached_mask_codec(vae_path or recipe.eval.vae_path)
 
     all_samples: list[Sample] = []

@@ -56,6 +56,18 @@ PRIMARY_METRIC = {
 }
 """The metric each task is judged by (higher is better)."""
 
+METRIC_NAMES = {
+    "caption": ("cider", "bleu4", "exact_match", "count"),
+    "vqa": ("accuracy", "exact_match", "empty", "count"),
+    "docvqa": ("anls", "exact_match", "empty", "count"),
+    "ocr": ("anls", "exact_match", "empty", "count"),
+    "refer_detect": ("acc@0.5", "acc@0.75", "box_miou", "unparsed", "count"),
+    "refer_segment": ("miou", "acc@0.5", "acc@0.75", "box_miou", "unparsed", "count"),
+    "detect": ("map", "map_50", "map_75", "unparsed", "count"),
+}
+"""Every metric each task reports, as ``{task}/{name}``: what ``eval.best_metric`` may name
+(tests/test_config.py checks it against what ``score_items`` really returns)."""
+
 
 @dataclass
 class Item:

@@ -12,6 +12,7 @@ import torch
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from pg_tune.config.recipe import LoraConfig, ModelConfig, QuantizationConfig
+from pg_tune.model_source import require_safetensors
 from pg_tune.models import tiny
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -70,6 +71,7 @@ def load_model(
 ) -> PaliGemmaForConditionalGeneration:
     """Load a PT checkpoint (hub id or local dir) or build a tiny preset, in the recipe's dtype."""
     dtype = resolve_dtype(model_config.dtype)
+    require_safetensors(model_config.name_or_path)
     if is_tiny(model_config.name_or_path):
         if quantization is not None and quantization.mode != "none":
             raise ValueError(

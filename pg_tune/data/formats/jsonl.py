@@ -56,18 +56,22 @@ def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:
         raise DataError(f"{path}: JSONL file not found")
     root = Path(options.image_root) if options.image_root else path.parent
     samples: list[Sample] = []
+    rows = 0
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig on the first line: a BOM (Windows editors, some exporters) is not content.
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
+                rows += 1
                 ctx.bad_rows.bad(
                     "not_utf8", f"{where}: line is not valid UTF-8 ({e.reason} at byte {e.start})"
                 )
                 continue
             if not text.strip():
                 continue
+            rows += 1
             try:
                 row = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
@@ -78,6 +82,8 @@ def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:
                 samples.append(sample)
             if options.limit is not None and len(samples) >= options.limit:
                 break
+    if rows == 0:
+        raise DataError(f"{path}: no rows (the file is empty or blank); one JSON object a line is expected")
     return samples
 
 
