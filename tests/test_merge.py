@@ -140,6 +140,10 @@ def test_adapter_of_another_base_is_refused(tmp_path, tiny_checkpoint):
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     recipe["model"]["name_or_path"] = str(other)
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    # Past the by-name check (read_run): the run claims this base, the tensors say otherwise.
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(other)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
     with pytest.raises(ExportError, match=r"the adapter's update is \[64, \d+\] but .* holds \[32, \d+\]"):
         export_merged(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
