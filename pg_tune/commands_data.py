@@ -32,19 +32,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from pg_tune.config import load_recipe
     from pg_tune.data.validate import validate_recipe
-    from pg_tune.models.paligemma import load_processor
+    from pg_tune.models.family import family_for
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
     model = replace(recipe.model, name_or_path=args.processor) if args.processor else recipe.model
     processor, note = None, ""
+    family = family_for(recipe.model.name_or_path)
     try:
-        processor = load_processor(model)
+        processor = family.load_processor(model)
     except Exception as e:  # noqa: BLE001 - any failure to load only skips the length check
         note = (
             f"length budget NOT checked: cannot load the processor of {model.name_or_path} ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); pass --processor with a local copy"
         )
-    report = validate_recipe(recipe, processor, note)
+    report = validate_recipe(recipe, processor, note, family)
     print(report.render(recipe.data.max_text_length, recipe.data.on_bad_row))
     return 1 if report.num_bad else 0
 

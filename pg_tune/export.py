@@ -1,8 +1,8 @@
 """Merged-weight export: a training run's adapter folded into a full-precision base.
 
 Run it with ``pg-tune export RUN_DIR --out DIR [--dtype bf16|fp16|fp32]``. The output folder loads
-with ``PaliGemmaForConditionalGeneration.from_pretrained(DIR)`` and
-``PaliGemmaProcessor.from_pretrained(DIR)`` alone: safetensors shards, ``config.json``,
+with the model family's classes alone (PaliGemma: ``PaliGemmaForConditionalGeneration`` /
+``PaliGemmaProcessor.from_pretrained(DIR)``): safetensors shards, ``config.json``,
 ``generation_config.json``, processor/tokenizer files and a ``README.md`` model card.
 
 The adapter is always merged into a freshly loaded fp32 base, never into 4-bit weights: merging
@@ -26,16 +26,13 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import PaliGemmaProcessor
 
 from pg_tune.config.recipe import Recipe, parse_recipe
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.model_source import adapter_base
-from pg_tune.models.layout import IMAGE_TOKEN_ID
-from pg_tune.models.paligemma import load_model
+from pg_tune.models.family import ModelFamily, family_for
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARITY_ATOL = 1e-3
@@ -80,7 +77,7 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(run_dir, recipe, resolved, adapter_dir, summary)
 
 
-def parity_samples(run: Run, processor: PaliGemmaProcessor, count: int) -> list[Sample]:
+def parity_samples(run: Run, processor, count: int) -> list[Sample]:
     """The first ``count`` eval (else train) samples of the run's recipe; synthetic shapes if the
     recipe's data is not reachable from this machine."""
     entries = run.recipe.data.eval or run.recipe.data.train
@@ -101,19 +98,22 @@ def parity_samples(run: Run, processor: PaliGemmaProcessor, count: int) -> list[
 
 
 @torch.no_grad()
-def text_logits(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+def text_logits(
+    model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], family: ModelFamily | None = None
+) -> list[torch.Tensor]:
     """fp32 logits on each row's text positions (bos, prefix, suffix, eos), one tensor a row."""
     model.eval()
+    family = family if family is not None else family_for(model)
     param = next(model.parameters())
+    image_token_id = family.unwrap(model).config.image_token_id
     out = []
     for batch in batches:
-        # Single unpadded rows: everything after the <image> tokens (their logits mean nothing).
-        n_text = int((batch["input_ids"][0] != IMAGE_TOKEN_ID).sum())
+        # Single unpadded rows whose image tokens come first: keep what follows them (the logits of
+        # image positions mean nothing).
+        n_text = int((batch["input_ids"][0] != image_token_id).sum())
+        inputs = family.generation_inputs(batch, _float_dtype(model))
         logits = model(
-            input_ids=batch["input_ids"].to(param.device),
-            pixel_values=batch["pixel_values"].to(param.device, _float_dtype(model)),
-            attention_mask=batch["attention_mask"].to(param.device),
-            token_type_ids=batch["token_type_ids"].to(param.device),
+            **{k: v.to(param.device) for k, v in inputs.items()},
             logits_to_keep=n_text,
             use_cache=False,
         ).logits
@@ -153,7 +153,9 @@ def _load_with_adapter(run: Run, quantized: bool, device: str) -> torch.nn.Modul
     model_config = run.recipe.model
     if not quantized:
         model_config = dataclasses.replace(model_config, dtype="float32")
-    base = load_model(model_config, run.recipe.quantization if quantized else None)
+    base = family_for(model_config.name_or_path).load_model(
+        model_config, run.recipe.quantization if quantized else None
+    )
     if not quantized:
         base = base.to(device)
     return peft.PeftModel.from_pretrained(base, run.adapter_dir, is_trainable=False)
@@ -194,9 +196,11 @@ def export_merged(
         except MergeError as e:
             raise ExportError(str(e)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    processor = PaliGemmaProcessor.from_pretrained(run.adapter_dir)
+    family = family_for(run.recipe.model.name_or_path)
+    processor = family.processor_class.from_pretrained(run.adapter_dir)
     samples = parity_samples(run, processor, num_samples)
-    collator = PaliGemmaCollator(processor, run.recipe.data.max_text_length, train=True)
+    mask_codec = family.load_mask_codec(run.recipe.model.vae_path)
+    collator = family.collator(processor, run.recipe.data.max_text_length, train=True, mask_codec=mask_codec)
     batches = [collator([(i, s)]) for i, s in enumerate(samples)]
 
     # 1. base + adapter, unmerged, fp32: the reference.

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from pg_tune.models.paligemma import is_tiny
+from pg_tune.models.family import family_for, is_tiny_preset
 
 if TYPE_CHECKING:
     from pg_tune.export import Run
 
-DEFAULT_TAGS = ["pg_tune", "paligemma", "image-text-to-text"]
+DEFAULT_TAGS = ["pg_tune", "image-text-to-text"]
 
 
 def base_model_id(run: Run, override: str | None = None) -> str | None:
@@ -28,7 +28,7 @@ def base_model_id(run: Run, override: str | None = None) -> str | None:
     if override:
         return override
     name = run.recipe.model.name_or_path
-    if is_tiny(name) or Path(name).exists() or name.count("/") != 1:
+    if is_tiny_preset(name) or Path(name).exists() or name.count("/") != 1:
         return None
     return name
 
@@ -106,12 +106,19 @@ def build_model_card(
 ) -> str:
     """The README.md text of an adapter repo (``library_name: peft``) or a merged export."""
     base = base_model_id(run, base_model)
+    family = family_for(run.recipe.model.name_or_path)
     data = ModelCardData(
         base_model=base,
         library_name="peft" if kind == "adapter" else "transformers",
         pipeline_tag="image-text-to-text",
         tags=list(
-            dict.fromkeys(DEFAULT_TAGS + (["lora"] if kind == "adapter" else ["merged-lora"]) + (tags or []))
+            dict.fromkeys(
+                DEFAULT_TAGS[:1]
+                + list(family.hub_tags)
+                + DEFAULT_TAGS[1:]
+                + (["lora"] if kind == "adapter" else ["merged-lora"])
+                + (tags or [])
+            )
         ),
         datasets=list(datasets or []) or None,
     )
@@ -122,26 +129,14 @@ def build_model_card(
     if recipe.quantization.mode != "none":
         method += f" ({recipe.quantization.mode} {recipe.quantization.bnb_4bit_quant_type} base)"
     if kind == "adapter":
-        usage = (
-            "```python\nimport torch\nfrom peft import PeftModel\n"
-            "from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor\n\n"
-            f'base = PaliGemmaForConditionalGeneration.from_pretrained("{base or "BASE"}", dtype=torch.bfloat16)\n'
-            f'model = PeftModel.from_pretrained(base, "{repo_id or "ADAPTER_DIR"}")\n'
-            f'processor = PaliGemmaProcessor.from_pretrained("{repo_id or "ADAPTER_DIR"}")\n```\n'
-        )
+        usage = family.usage_snippet(base, repo_id or "ADAPTER_DIR", merged=False)
     else:
-        usage = (
-            "```python\nfrom transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor\n\n"
-            f'model = PaliGemmaForConditionalGeneration.from_pretrained("{repo_id or "EXPORT_DIR"}")\n'
-            f'processor = PaliGemmaProcessor.from_pretrained("{repo_id or "EXPORT_DIR"}")\n```\n'
-        )
+        usage = family.usage_snippet(base, repo_id or "EXPORT_DIR", merged=True)
     steps = run.summary.get("steps")
     parts = [
         f"# {title}\n",
         f"{'A LoRA adapter' if kind == 'adapter' else 'Merged weights'} for {base_text}, fine-tuned with "
         f"pg_tune ({method}" + (f", {steps} optimizer steps" if steps else "") + ").\n",
-        "Prompts follow PaliGemma's layout: the image, then the task prefix (e.g. `caption en`) and a "
-        "newline; the model writes the suffix.\n",
         "## Usage\n",
         usage,
         "## Evaluation\n",

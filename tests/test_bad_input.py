@@ -153,7 +153,7 @@ def test_missing_jsonl_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def collator():
-    from pg_tune.data.collate import PaliGemmaCollator
+    from pg_tune.models.paligemma import PaliGemmaCollator
     from pg_tune.models.tiny import PRESETS, build_processor
 
     return PaliGemmaCollator(build_processor(PRESETS["tiny-paligemma2"]), max_text_length=16)

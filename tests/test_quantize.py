@@ -9,13 +9,13 @@ import torch
 
 from pg_tune.config.recipe import ModelConfig, QuantizationConfig, parse_recipe
 from pg_tune.config.schema import ConfigError, from_dict
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.formats.shapes import ShapesOptions, build
-from pg_tune.models.paligemma import load_model, load_processor
+from pg_tune.models.paligemma import PaliGemmaCollator, PaliGemmaFamily, load_model, load_processor
 from pg_tune.models.quantize import bnb_config, check_quantized, skip_modules
 from pg_tune.train.adapters import prepare_model
 from pg_tune.train.loss import SuffixLoss
 
+PG = PaliGemmaFamily()
 bnb = pytest.importorskip("bitsandbytes")
 
 
@@ -61,7 +61,7 @@ def test_bnb_config_maps_every_key():
         bnb_4bit_use_double_quant=False,
         bnb_4bit_compute_dtype="float32",
     )
-    cfg = bnb_config(q)
+    cfg = bnb_config(q, PG)
     assert cfg.load_in_4bit and not cfg.load_in_8bit
     assert (cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype) == (
         "fp4",
@@ -69,15 +69,15 @@ def test_bnb_config_maps_every_key():
         torch.float32,
     )
     assert cfg.llm_int8_skip_modules == ["lm_head", "model.multi_modal_projector", "model.vision_tower"]
-    assert "model.vision_tower" not in skip_modules(dataclasses.replace(q, quantize_vision_tower=True))
-    assert bnb_config(QuantizationConfig(mode="8bit")).load_in_8bit
+    assert "model.vision_tower" not in skip_modules(dataclasses.replace(q, quantize_vision_tower=True), PG)
+    assert bnb_config(QuantizationConfig(mode="8bit"), PG).load_in_8bit
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_load_has_the_recipe_dtypes(tiny_checkpoint, quant_type):
     q = QuantizationConfig(mode="4bit", bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype="float32")
     model = load_model(ModelConfig(name_or_path=str(tiny_checkpoint), dtype="float32"), q)
-    report = check_quantized(model, q)
+    report = check_quantized(model, q, PG)
     assert report.compute_dtype == torch.float32 and report.quant_type == quant_type
     # 2 layers x 7 linears in the language model; vision tower, projector and head are not quantized.
     assert len(report.quantized) == 14 and all(".language_model." in n for n in report.quantized)
@@ -86,17 +86,17 @@ def test_4bit_load_has_the_recipe_dtypes(tiny_checkpoint, quant_type):
     assert type(model.model.vision_tower.encoder.layers[0].mlp.fc1) is torch.nn.Linear
     # A recipe that disagrees with what was loaded is caught, naming the key.
     with pytest.raises(RuntimeError, match="bnb_4bit_compute_dtype=bfloat16"):
-        check_quantized(model, dataclasses.replace(q, bnb_4bit_compute_dtype="bfloat16"))
+        check_quantized(model, dataclasses.replace(q, bnb_4bit_compute_dtype="bfloat16"), PG)
     with pytest.raises(RuntimeError, match="bnb_4bit_use_double_quant=False"):
-        check_quantized(model, dataclasses.replace(q, bnb_4bit_use_double_quant=False))
+        check_quantized(model, dataclasses.replace(q, bnb_4bit_use_double_quant=False), PG)
     with pytest.raises(RuntimeError, match="quantize_vision_tower=true"):
-        check_quantized(model, dataclasses.replace(q, quantize_vision_tower=True))
+        check_quantized(model, dataclasses.replace(q, quantize_vision_tower=True), PG)
 
 
 def test_8bit_load(tiny_checkpoint):
     q = QuantizationConfig(mode="8bit")
     model = load_model(ModelConfig(name_or_path=str(tiny_checkpoint), dtype="float32"), q)
-    report = check_quantized(model, q)
+    report = check_quantized(model, q, PG)
     assert len(report.quantized) == 14
     assert isinstance(model.model.language_model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pg_tune.data import IGNORE_INDEX, DataError, PaliGemmaCollator, Sample
+from pg_tune.data import IGNORE_INDEX, DataError, Sample
 from pg_tune.models.layout import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, NEWLINE_ID, PAD_ID
+from pg_tune.models.paligemma import PaliGemmaCollator
 from pg_tune.models.tiny import PRESETS, build_model, build_processor
 from pg_tune.train.loss import SuffixLoss
 from tests.numerics import assert_close_to_scale

@@ -447,3 +447,28 @@ class MaskCodec:
             )
             results.append((detection, mask))
         return results
+
+
+_LOADED: dict[str, MaskCodec] = {}
+
+
+def load_codec(vae_path: str | os.PathLike | None) -> MaskCodec | None:
+    """The one loader of the mask VQ-VAE: ``vae_path``, else a copy in the local cache, else None.
+
+    Never downloads (use ``MaskCodec.load`` for that). Each file is loaded once per process. A
+    ``vae_path`` that does not exist raises ``FileNotFoundError`` naming it.
+    """
+    if vae_path is None:
+        cached = _default_cache_dir() / VAE_FILENAME
+        if not cached.is_file():
+            return None
+        vae_path = cached
+    key = str(Path(vae_path).resolve())
+    if key not in _LOADED:
+        if not Path(vae_path).is_file():
+            raise FileNotFoundError(
+                f"VQ-VAE weights not found: {vae_path} (big_vision's vae-oid.npz, sha256 {VAE_SHA256[:12]}...; "
+                f"set model.vae_path to where you saved it)"
+            )
+        _LOADED[key] = MaskCodec.from_npz(vae_path)
+    return _LOADED[key]

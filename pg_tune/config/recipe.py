@@ -41,6 +41,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Set only by the ``--trust-remote-code`` flag, never by a recipe: recipes travel with adapters
     (``pg-tune push`` uploads them), so a file must not be able to switch on code execution."""
+    vae_path: str | None = None
+    """The mask tokenizer of families with one (PaliGemma: big_vision's ``vae-oid.npz``): renders
+    segmentation targets for training and decodes predicted masks for evaluation. Without it (and no
+    copy in the cache) training refuses segmentation rows and evaluation scores their boxes only."""
 
     def check(self, path: str) -> None:
         if self.trust_remote_code:
@@ -173,9 +177,6 @@ class EvalConfig:
     """Eval metric that names the best checkpoint, kept besides the last ``train.keep_last``, e.g.
     ``caption/exact_match`` (names as printed by evaluation). Evaluated every ``eval.every`` steps."""
     best_mode: Literal["max", "min"] = "max"
-    vae_path: str | None = None
-    """big_vision's ``vae-oid.npz`` (mask VQ-VAE), needed to score ``refer_segment`` by mask mIoU;
-    without it (and no copy in the cache) those tasks are scored by their boxes only."""
 
     def check(self, path: str) -> None:
         for name in ("batch_size", "max_new_tokens", "num_beams"):
@@ -279,11 +280,19 @@ def _parse_dataset_entry(raw: Any, path: str) -> DatasetEntry:
             + (f" — did you mean {m!r}?" if (m := _closest_name(fmt, list(FORMATS))) else "")
             + f" (known: {', '.join(sorted(FORMATS))})"
         )
+    if "vae_path" in raw:
+        raise ConfigError(_VAE_MOVED.format(where=f"{path}.vae_path"))
     weight = raw.pop("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
         raise ConfigError(f"{path}.weight: expected a positive number, got {weight!r}")
     options = from_dict(FORMATS[fmt].options, raw, path)
     return DatasetEntry(format=fmt, weight=float(weight), options=options)
+
+
+_VAE_MOVED = (
+    "{where}: moved to model.vae_path (one VQ-VAE renders segmentation targets for training and decodes "
+    "masks for evaluation, so in-training evaluation scores masks too); set it there once"
+)
 
 
 def _closest_name(name: str, names: list[str]) -> str | None:
@@ -306,6 +315,8 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         if not isinstance(items, list):
             raise ConfigError(f"data.{split}: expected a list of dataset entries, got {items!r}")
         entries[split] = [_parse_dataset_entry(item, f"data.{split}[{i}]") for i, item in enumerate(items)]
+    if isinstance(data.get("eval"), dict) and "vae_path" in data["eval"]:
+        raise ConfigError(_VAE_MOVED.format(where="eval.vae_path"))
     data_config = from_dict(DataConfig, raw_data, "data")
     data_config.train, data_config.eval = entries["train"], entries["eval"]
     data["data"] = data_config

@@ -1,7 +1,7 @@
-"""Datasets in, ``Sample``s out; one collator turns samples into PaliGemma inputs."""
+"""Datasets in, ``Sample``s out; the model family's collator turns samples into model inputs."""
 
 from pg_tune.data.bad_rows import BadRows
-from pg_tune.data.collate import IGNORE_INDEX, PaliGemmaCollator, SampleDataset
-from pg_tune.data.sample import DataError, Sample
+from pg_tune.data.collate import IGNORE_INDEX, SampleDataset
+from pg_tune.data.sample import DataError, ObjectTarget, Sample
 
-__all__ = ["IGNORE_INDEX", "BadRows", "DataError", "PaliGemmaCollator", "Sample", "SampleDataset"]
+__all__ = ["IGNORE_INDEX", "BadRows", "DataError", "ObjectTarget", "Sample", "SampleDataset"]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pg_tune.config.recipe import DatasetEntry
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import FORMATS, BuildContext
-from pg_tune.data.sample import LazySamples, Sample
+from pg_tune.data.sample import DataError, LazySamples, Sample
 
 
 class ConcatSamples(LazySamples):
@@ -36,10 +36,35 @@ class ConcatSamples(LazySamples):
         return bisect.bisect_right(self.offsets, index) - 1
 
 
-def build_samples(entries: list[DatasetEntry], split: str, bad_rows: BadRows, seed: int = 0) -> ConcatSamples:
-    """All samples of one split, concatenated in recipe order."""
+def build_samples(
+    entries: list[DatasetEntry], split: str, bad_rows: BadRows, seed: int = 0, family=None
+) -> ConcatSamples:
+    """All samples of one split, concatenated in recipe order.
+
+    With a model ``family``, rows whose text holds one of its control tokens (``<image>``, ``<eos>``,
+    ...) are bad rows (reason ``reserved_token``) now, under ``data.on_bad_row``; lazily read
+    entries are checked by the family's collator when each row is read.
+    """
     ctx = BuildContext(split=split, bad_rows=bad_rows, seed=seed)
-    return ConcatSamples([FORMATS[entry.format].build(entry.options, ctx) for entry in entries])
+    parts = [FORMATS[entry.format].build(entry.options, ctx) for entry in entries]
+    if family is not None:
+        parts = [_drop_reserved(part, family, bad_rows) for part in parts]
+    return ConcatSamples(parts)
+
+
+def _drop_reserved(part: Sequence[Sample], family, bad_rows: BadRows) -> Sequence[Sample]:
+    if not isinstance(part, list):
+        return part
+    reserved = family.reserved_tokens(None)
+    kept = []
+    for sample in part:
+        try:
+            family.check_text(sample, reserved)
+        except DataError as e:
+            bad_rows.bad("reserved_token", str(e))
+            continue
+        kept.append(sample)
+    return kept
 
 
 def train_order(

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import Sample
 
@@ -55,10 +54,11 @@ def preprocessing_fingerprint(image_processor) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
-def weights_fingerprint(core: torch.nn.Module) -> str:
-    """Hash of the vision tower and projector weights (names, shapes and a strided value sample)."""
+def weights_fingerprint(core: torch.nn.Module, family=None) -> str:
+    """Hash of the image encoder and projector weights (names, shapes and a strided value sample)."""
     digest = hashlib.sha256()
-    modules = {"vision_tower": core.model.vision_tower, "projector": core.model.multi_modal_projector}
+    family = family if family is not None else _family(core)
+    modules = dict(zip(("vision_tower", "projector"), family.vision_modules(core), strict=True))
     for prefix, module in modules.items():
         for name, tensor in module.state_dict().items():
             flat = tensor.detach().reshape(-1)
@@ -68,10 +68,16 @@ def weights_fingerprint(core: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def vision_is_frozen(core: torch.nn.Module) -> bool:
+def _family(model: torch.nn.Module):
+    from pg_tune.models.family import family_for
+
+    return family_for(model)
+
+
+def vision_is_frozen(core: torch.nn.Module, family=None) -> bool:
     """True when nothing that produces image features trains (the cache would go stale otherwise)."""
-    modules = (core.model.vision_tower, core.model.multi_modal_projector)
-    return not any(p.requires_grad for m in modules for p in m.parameters())
+    family = family if family is not None else _family(core)
+    return not any(p.requires_grad for m in family.vision_modules(core) for p in m.parameters())
 
 
 class FeatureCache:
@@ -93,17 +99,22 @@ class FeatureCache:
         model: torch.nn.Module,
         image_processor,
         batch_size: int = 8,
+        family=None,
     ) -> FeatureCache:
-        """Encode every image of ``samples`` not yet cached under ``root``; return the cache."""
-        from pg_tune.models.paligemma import base_model_of
+        """Encode every image of ``samples`` not yet cached under ``root``; return the cache.
 
-        core = base_model_of(model)
-        if not vision_is_frozen(core):
+        The model family (default: the model's) names the vision modules and computes the features.
+        """
+        family = family if family is not None else _family(model)
+        core = family.unwrap(model)
+        if not vision_is_frozen(core, family):
             raise ValueError(
                 "data.feature_cache: the vision tower or projector is trainable (lora.vision or "
                 "modules_to_save), so its features change while training; turn one of them off"
             )
-        directory = Path(root) / f"{weights_fingerprint(core)}-{preprocessing_fingerprint(image_processor)}"
+        directory = (
+            Path(root) / f"{weights_fingerprint(core, family)}-{preprocessing_fingerprint(image_processor)}"
+        )
         directory.mkdir(parents=True, exist_ok=True)
         index_path = directory / "index.json"
         index = json.loads(index_path.read_text()) if index_path.exists() else {"entries": {}}
@@ -123,7 +134,7 @@ class FeatureCache:
                 images = [load_image(s.image, s.source) for s in chunk]
                 pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
                 with torch.no_grad():
-                    feats = core.model.get_image_features(pixels.to(device, core.dtype)).pooler_output
+                    feats = family.image_features(core, {"pixel_values": pixels.to(device, core.dtype)})
                 if out is None:
                     out = np.lib.format.open_memmap(
                         directory / f"shard-{shard:05d}.npy",
@@ -171,7 +182,7 @@ class FeatureCache:
 class CachedFeatureCollator:
     """The training collator with ``image_features`` from the cache in place of ``pixel_values``."""
 
-    def __init__(self, collator: PaliGemmaCollator, cache: FeatureCache):
+    def __init__(self, collator, cache: FeatureCache):
         self.collator = collator
         self.cache = cache
 

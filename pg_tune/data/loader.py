@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pg_tune.config.recipe import Recipe
-from pg_tune.data.collate import PaliGemmaCollator, SampleDataset
+from pg_tune.data.collate import SampleDataset
 from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
 from pg_tune.data.mix import MixSampler
 from pg_tune.data.sample import Sample
@@ -22,18 +22,29 @@ from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
 
 
 def build_train_loader(
-    samples: Sequence[Sample], processor, recipe: Recipe, feature_cache: FeatureCache | None = None
+    samples: Sequence[Sample],
+    processor,
+    recipe: Recipe,
+    feature_cache: FeatureCache | None = None,
+    family=None,
 ) -> DataLoader:
     """Batches of the recipe's micro-batch size; images decode and resize in the workers.
 
     Rows are drawn by ``MixSampler`` (datasets mixed by ``weight``, one caption/answer per group
     per epoch; a plain seeded shuffle when every weight is 1), optionally grouped by length. The
     order depends only on ``train.seed`` and the epoch, so resumed and multi-process runs agree.
+    The collator is the model family's (default: the family of ``model.name_or_path``), with the
+    mask codec of ``model.vae_path`` for segmentation targets.
     """
+    if family is None:
+        from pg_tune.models.family import family_for
+
+        family = family_for(recipe.model.name_or_path)
     parts = getattr(samples, "parts", None) or [samples]
     weights = [e.weight for e in recipe.data.train] if len(parts) == len(recipe.data.train) else [1.0]
     sampler = MixSampler(parts, weights, seed=recipe.train.seed)
-    collator = PaliGemmaCollator(processor, recipe.data.max_text_length, train=True)
+    mask_codec = family.load_mask_codec(recipe.model.vae_path)
+    collator = family.collator(processor, recipe.data.max_text_length, train=True, mask_codec=mask_codec)
     workers = recipe.data.num_workers
     common = dict(
         collate_fn=CachedFeatureCollator(collator, feature_cache) if feature_cache is not None else collator,
@@ -43,7 +54,7 @@ def build_train_loader(
     )
     if recipe.data.group_by_length:
         batch_sampler = LengthGroupedBatchSampler(
-            text_lengths(samples, processor.tokenizer),
+            text_lengths(samples, processor.tokenizer, lambda s: family.render_target(s, mask_codec)),
             recipe.train.batch_size,
             sampler=sampler,
             seed=recipe.train.seed,
@@ -54,7 +65,9 @@ def build_train_loader(
     )
 
 
-def prepare_feature_cache(samples: Sequence[Sample], model, processor, recipe: Recipe) -> FeatureCache | None:
+def prepare_feature_cache(
+    samples: Sequence[Sample], model, processor, recipe: Recipe, family=None
+) -> FeatureCache | None:
     """The recipe's feature cache, built (or completed) for ``samples``; None when not configured."""
     if not recipe.data.feature_cache:
         return None
@@ -64,4 +77,5 @@ def prepare_feature_cache(samples: Sequence[Sample], model, processor, recipe: R
         model,
         processor.image_processor,
         batch_size=recipe.train.batch_size,
+        family=family,
     )

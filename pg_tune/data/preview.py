@@ -1,9 +1,10 @@
-"""``pg-tune data preview``: the exact prefix/suffix pairs training (or evaluation) will see.
+"""``pg-tune data preview``: the exact prompt/target text the recipe's model family will see.
 
 Training rows come in the order of epoch 0 of ``pg_tune.data.mix`` (weights and per-epoch caption
-choice applied), evaluation rows in recipe order. ``--draw`` decodes each suffix with the codecs
-(``<loc>`` boxes, ``<seg>`` masks through the VQ-VAE) and draws it over the image, so a wrong
-box convention shows at a glance.
+choice applied), evaluation rows in recipe order. ``prefix``/``suffix`` are the family's rendering
+(PaliGemma: ``<loc>``/``<seg>`` tokens from the structured targets); ``targets`` the ground truth
+itself. ``--draw`` parses the rendered text back with the family (``<seg>`` masks through the
+VQ-VAE) and draws it over the image, so a wrong box convention shows at a glance.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pg_tune.codecs.boxes import parse_detections
 from pg_tune.config.recipe import Recipe
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples, train_order
 from pg_tune.data.draw import draw_caption, draw_detections
 from pg_tune.data.images import load_image
-from pg_tune.data.sample import Sample
+from pg_tune.data.sample import Sample, targets_json
 
 BOX_TASKS = ("detect", "refer_detect", "refer_segment")
 
@@ -37,7 +37,10 @@ def preview_samples(
         yield index, samples.entry_of(index), samples[index]
 
 
-def preview_record(index: int, sample: Sample, entry: int) -> dict[str, Any]:
+def preview_record(
+    index: int, sample: Sample, entry: int, family=None, mask_codec: Any = None
+) -> dict[str, Any]:
+    """One preview line: where the row came from and the text the family renders for it."""
     image = sample.image
     name = str(image) if isinstance(image, (str, Path)) else f"<in-memory {image.width}x{image.height} image>"
     record: dict[str, Any] = {
@@ -46,29 +49,29 @@ def preview_record(index: int, sample: Sample, entry: int) -> dict[str, Any]:
         "source": sample.source,
         "image": name,
         "task": sample.task,
-        "prefix": sample.prefix,
-        "suffix": sample.suffix,
+        "prefix": family.render_prompt(sample) if family is not None else sample.prefix,
+        "suffix": family.render_target(sample, mask_codec) if family is not None else sample.suffix,
     }
+    if sample.targets:
+        record["targets"] = targets_json(sample.targets)
     if sample.references and sample.references != (sample.suffix,):
         record["references"] = list(sample.references)
-    if "image_size" in sample.meta:
-        record["image_size"] = list(sample.meta["image_size"])
+    size = sample.image_size or sample.meta.get("image_size")
+    if size is not None:
+        record["image_size"] = list(size)
     return record
 
 
-def draw_sample(sample: Sample, vae_path: str | None = None):
-    """The sample's image with its target drawn: decoded boxes/masks, and the prefix/suffix text."""
+def draw_sample(sample: Sample, family, mask_codec: Any = None):
+    """The sample's image with its rendered target parsed back and drawn, and the prompt/target text."""
     image = load_image(sample.image, sample.source)
+    prefix, suffix = family.render_prompt(sample), family.render_target(sample, mask_codec)
     if sample.task in BOX_TASKS:
-        size = tuple(sample.meta.get("image_size", image.size))
-        if sample.task == "refer_segment" and vae_path:
-            from pg_tune.data.formats._common import mask_codec
-
-            pairs = mask_codec(vae_path, sample.source).parse_segment(sample.suffix, size)
-            image = draw_detections(image, [d for d, _ in pairs], [m for _, m in pairs])
-        else:
-            image = draw_detections(image, parse_detections(sample.suffix, size))
-    return draw_caption(image, [f"prefix: {sample.prefix}", f"suffix: {_short(sample.suffix)}"])
+        size = tuple(sample.image_size or sample.meta.get("image_size") or image.size)
+        objects = family.parse_output(suffix, sample.task, size, mask_codec=mask_codec)
+        masks = [o.mask for o in objects]
+        image = draw_detections(image, objects, masks if any(m is not None for m in masks) else None)
+    return draw_caption(image, [f"prefix: {prefix}", f"suffix: {_short(suffix)}"])
 
 
 def _short(text: str, width: int = 90) -> str:
@@ -79,16 +82,18 @@ def write_preview(
     recipe: Recipe, split: str, limit: int | None, out: str | Path | None, draw_dir: str | Path | None
 ) -> tuple[list[dict[str, Any]], BadRows]:
     """Write the preview JSONL (and PNGs); return the records and the bad-row counts."""
+    from pg_tune.models.family import family_for
+
     bad_rows = BadRows(recipe.data.on_bad_row)
-    entries = recipe.data.train if split == "train" else recipe.data.eval
+    family = family_for(recipe.model.name_or_path)
+    mask_codec = family.load_mask_codec(recipe.model.vae_path)
     records = []
     if draw_dir is not None:
         Path(draw_dir).mkdir(parents=True, exist_ok=True)
     for n, (index, entry, sample) in enumerate(preview_samples(recipe, split, limit, bad_rows)):
-        records.append(preview_record(index, sample, entry))
+        records.append(preview_record(index, sample, entry, family, mask_codec))
         if draw_dir is not None:
-            vae_path = getattr(entries[entry].options, "vae_path", None)
-            draw_sample(sample, vae_path).save(Path(draw_dir) / f"{split}_{n:04d}_row{index}.png")
+            draw_sample(sample, family, mask_codec).save(Path(draw_dir) / f"{split}_{n:04d}_row{index}.png")
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", encoding="utf-8") as f:

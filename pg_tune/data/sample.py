@@ -1,7 +1,10 @@
 """The one data contract: every dataset adapter yields ``Sample``s, nothing else.
 
-Adapters never tokenize; the collator (``pg_tune.data.collate``) is the only place that turns a
-sample into model inputs.
+Adapters never tokenize and never write model-specific strings: a sample carries its task, its
+prompt (``prefix``) and either literal target text (``suffix``: captions, answers, raw JSONL rows)
+or typed ``targets`` (``ObjectTarget``: label, pixel box, optional real mask). The model family
+(``pg_tune.models.family``) renders targets to text and its collator turns samples into inputs;
+scoring compares predictions with the targets themselves (true pixel boxes and masks).
 """
 
 from __future__ import annotations
@@ -19,6 +22,29 @@ TASKS = ("caption", "vqa", "docvqa", "ocr", "detect", "refer_detect", "refer_seg
 
 
 @dataclass(frozen=True)
+class ObjectTarget:
+    """One ground-truth object: its label, its box and, where the data has one, its real mask.
+
+    ``box`` is ``(x0, y0, x1, y1)`` in pixels of the ORIGINAL image. ``mask`` is a COCO
+    ``segmentation``: a list of polygons ``[[x, y, x, y, ...], ...]`` or an RLE dict
+    ``{"size": [h, w], "counts": ...}``; ``rasterise`` turns it into a boolean array at the
+    original resolution (lazily: nothing is decoded until scoring or rendering asks).
+    """
+
+    label: str
+    box: tuple[float, float, float, float]
+    mask: Any = None
+
+    def rasterise(self, image_size: tuple[int, int]):
+        """The mask as an ``[height, width]`` bool array for an image ``(width, height)``; None if none."""
+        if self.mask is None:
+            return None
+        from pg_tune.data.masks import segmentation_to_mask
+
+        return segmentation_to_mask(self.mask, image_size)
+
+
+@dataclass(frozen=True)
 class Sample:
     """One image with its prompt (``prefix``) and target (``suffix``).
 
@@ -26,8 +52,9 @@ class Sample:
     name it. ``task`` and ``references`` are what evaluation needs: the metric family and every
     ground truth (all captions of an image, all answers of a question).
 
-    ``task`` is one of ``TASKS``. ``meta`` carries what a metric needs beyond text, e.g.
-    ``image_size`` (width, height) for box and mask tasks.
+    ``task`` is one of ``TASKS``. Box and mask tasks carry ``targets`` (typed ground truth, see
+    ``ObjectTarget``) and ``image_size`` (width, height) instead of target text: the model family
+    renders them (``ModelFamily.render_target``). ``meta`` carries anything else a row knows.
     """
 
     image: str | Path | Image.Image
@@ -37,10 +64,42 @@ class Sample:
     task: str = "caption"
     references: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
+    targets: tuple[ObjectTarget, ...] = ()
+    image_size: tuple[int, int] | None = None
 
     @property
     def all_references(self) -> tuple[str, ...]:
         return self.references or (self.suffix,)
+
+
+def targets_json(objects: Sequence[ObjectTarget]) -> list[dict[str, Any]]:
+    """Ground-truth objects as JSON (preview, ``reference_objects`` in predictions.jsonl)."""
+    return [
+        {
+            "label": o.label,
+            "box": [round(float(v), 3) for v in o.box],
+            **({"mask": o.mask} if o.mask is not None else {}),
+        }
+        for o in objects
+    ]
+
+
+def targets_from_json(rows: Any, where: str) -> tuple[ObjectTarget, ...]:
+    """``targets_json`` read back; raises ``DataError`` naming ``where`` on a malformed entry."""
+    if not isinstance(rows, list):
+        raise DataError(f"{where}: expected a list of objects, got {type(rows).__name__}")
+    out = []
+    for k, row in enumerate(rows):
+        try:
+            box = tuple(float(v) for v in row["box"])
+            if len(box) != 4:
+                raise ValueError
+            out.append(ObjectTarget(str(row.get("label", "")), box, row.get("mask")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise DataError(
+                f"{where}[{k}]: expected {{label, box: [x0, y0, x1, y1], mask?}}, got {row!r}"
+            ) from None
+    return tuple(out)
 
 
 class DataError(ValueError):

@@ -11,7 +11,7 @@ alone, so resuming reproduces it) while each batch pads little.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -19,12 +19,18 @@ from torch.utils.data import Sampler
 from pg_tune.data.sample import Sample
 
 
-def text_lengths(samples: Sequence[Sample], tokenizer) -> list[int]:
-    """Text tokens of each training row: bos + prefix + "\\n" + suffix + eos (images excluded)."""
+def text_lengths(
+    samples: Sequence[Sample], tokenizer, target_text: Callable[[Sample], str] | None = None
+) -> list[int]:
+    """Text tokens of each training row: bos + prefix + "\\n" + target + eos (images excluded).
+
+    ``target_text`` renders a sample's target (the model family's ``render_target``); default: ``suffix``.
+    """
     if not samples:
         return []
+    target_text = target_text or (lambda s: s.suffix)
     prefixes = tokenizer([s.prefix + "\n" for s in samples], add_special_tokens=False)["input_ids"]
-    suffixes = tokenizer([s.suffix for s in samples], add_special_tokens=False)["input_ids"]
+    suffixes = tokenizer([target_text(s) for s in samples], add_special_tokens=False)["input_ids"]
     return [len(p) + len(s) + 2 for p, s in zip(prefixes, suffixes, strict=True)]
 
 

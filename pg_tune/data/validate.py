@@ -7,8 +7,10 @@ validation always scans everything and lists each problem with its place and fie
   images, boxes outside the image (clipped, counted), degenerate boxes, empty targets;
 - then per sample: unreadable or corrupt images (decoded in full, each file once), images whose
   real size differs from the annotation's ``width``/``height`` (boxes would be wrong), empty
-  training suffixes, and sequences over ``data.max_text_length`` counted with the recipe's own
-  tokenizer through ``PaliGemmaCollator.encode`` (training would truncate their suffix).
+  training targets, control tokens of the model family inside prompt or target text
+  (``<image>``, ``<bos>``, ``<eos>``, ``<pad>`` for PaliGemma: reason ``reserved_token``), and
+  sequences over ``data.max_text_length`` counted with the recipe's own tokenizer through the
+  family's collator (training would truncate their target).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 from pg_tune.config.recipe import Recipe
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError
 
@@ -52,8 +53,19 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def validate_recipe(recipe: Recipe, processor=None, tokenizer_note: str = "") -> ValidationReport:
-    """Build both splits under a skip-and-count policy, then check each sample."""
+def validate_recipe(
+    recipe: Recipe, processor=None, tokenizer_note: str = "", family=None
+) -> ValidationReport:
+    """Build both splits under a skip-and-count policy, then check each sample.
+
+    With a ``processor`` the model ``family`` (default: the one of ``model.name_or_path``) checks
+    reserved tokens and counts tokens through its own collator.
+    """
+    if processor is not None and family is None:
+        from pg_tune.models.family import family_for
+
+        family = family_for(recipe.model.name_or_path)
+    mask_codec = family.load_mask_codec(recipe.model.vae_path) if family is not None else None
     report = ValidationReport(tokenizer_note=tokenizer_note)
     bad = report.bad_rows
     checked_images: dict[str, str | None] = {}
@@ -62,14 +74,16 @@ def validate_recipe(recipe: Recipe, processor=None, tokenizer_note: str = "") ->
         if not entries:
             continue
         try:
-            samples = build_samples(entries, split, bad, seed=recipe.train.seed)
+            samples = build_samples(entries, split, bad, seed=recipe.train.seed, family=family)
         except DataError as e:  # a whole file is unusable (missing, not JSON, ...)
             bad.bad("unreadable_file", str(e))
             report.rows[split] = 0
             continue
         collator = (
-            PaliGemmaCollator(processor, recipe.data.max_text_length, train=split == "train")
-            if processor
+            family.collator(
+                processor, recipe.data.max_text_length, train=split == "train", mask_codec=mask_codec
+            )
+            if processor is not None
             else None
         )
         count = longest = 0
@@ -82,24 +96,17 @@ def validate_recipe(recipe: Recipe, processor=None, tokenizer_note: str = "") ->
             count += 1
             if not _image_ok(sample, checked_images, bad):
                 continue
-            if split == "train" and not sample.suffix.strip():
+            if split == "train" and not sample.suffix.strip() and not sample.targets:
                 bad.bad("empty_suffix", f"{sample.source}: empty suffix: nothing to learn from this row")
                 continue
             if collator is not None:
                 try:
-                    row = collator.encode(sample)
+                    n_text, full = collator.text_length(sample)
                 except DataError as e:
-                    bad.bad("over_length" if "max_text_length" in str(e) else "empty_suffix", str(e))
+                    bad.bad(_reason(e), str(e))
                     continue
-                n_text = len(row.input_ids) - collator.num_image_tokens
                 longest = max(longest, n_text)
-                if row.truncated:
-                    prompt = row.token_type_ids.count(0) - collator.num_image_tokens
-                    full = (
-                        prompt
-                        + len(collator.tokenizer(sample.suffix, add_special_tokens=False)["input_ids"])
-                        + 1
-                    )
+                if full > n_text:
                     bad.bad(
                         "over_length",
                         f"{sample.source}: {full} text tokens, over data.max_text_length="
@@ -109,6 +116,13 @@ def validate_recipe(recipe: Recipe, processor=None, tokenizer_note: str = "") ->
         if collator is not None:
             report.longest[split] = longest
     return report
+
+
+def _reason(error: DataError) -> str:
+    reason = getattr(error, "reason", None)
+    if reason:
+        return reason
+    return "over_length" if "max_text_length" in str(error) else "empty_suffix"
 
 
 def _image_ok(sample, checked: dict[str, str | None], bad: BadRows) -> bool:
@@ -131,7 +145,7 @@ def _image_ok(sample, checked: dict[str, str | None], bad: BadRows) -> bool:
     if error:
         bad.bad("unreadable_image", f"{sample.source}: {error}")
         return False
-    expected = sample.meta.get("image_size") if sample.meta else None
+    expected = sample.image_size or (sample.meta.get("image_size") if sample.meta else None)
     if expected is not None and tuple(expected) != tuple(size):
         bad.bad(
             "size_mismatch",

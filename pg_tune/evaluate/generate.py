@@ -1,26 +1,23 @@
-"""Batched generation with PaliGemma's bidirectional prefix.
+"""Batched generation through the model family: its generation collator, inputs and decoding.
 
-Prompts are left-padded so they all end where decoding starts, and ``token_type_ids`` (0 on the
-prompt) are passed so the prefill attends over image + prompt both ways, exactly as in training;
-transformers' PaliGemma turns them into the prefix-LM mask on the first step and marks every
-generated token as suffix (1). ``tests/evaluate/test_generate.py`` pins both facts: the prefill
-logits equal the training-mode logits at the prompt's last token, and a left-padded batch decodes
-exactly like the same samples one by one. Works with a peft model, a merged model or a base
-checkpoint: anything with PaliGemma's ``generate``.
+Prompts are left-padded so they all end where decoding starts, and the family passes its
+attention-rule inputs (PaliGemma: ``token_type_ids``, 0 on the prompt) so the prefill attends over
+image + prompt exactly as in training. ``tests/evaluate/test_generate.py`` pins this for PaliGemma:
+the prefill logits equal the training-mode logits at the prompt's last token, and a left-padded
+batch decodes exactly like the same samples one by one. Works with a peft model, a merged model or
+a base checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.sample import Sample
-from pg_tune.models.layout import EOS_ID
-
-_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+from pg_tune.models.family import Collator, ModelFamily, family_for
 
 
 def max_new_tokens_for(task: str, default: int, per_task: Mapping[str, int] | None = None) -> int:
@@ -35,13 +32,16 @@ def max_new_tokens_for(task: str, default: int, per_task: Mapping[str, int] | No
 
 
 def batch_inputs(
-    collator: PaliGemmaCollator, samples: Sequence[Sample], device: torch.device, dtype: torch.dtype
+    collator: Collator,
+    samples: Sequence[Sample],
+    device: torch.device,
+    dtype: torch.dtype,
+    family: ModelFamily | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded generation inputs for ``samples``, on ``device``, pixels in the model's dtype."""
+    """Left-padded generation inputs for ``samples``, on ``device``, images in the model's dtype."""
+    family = family if family is not None else collator.family
     batch = collator(list(enumerate(samples)))
-    inputs = {k: batch[k].to(device) for k in _INPUT_KEYS}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
+    return {k: v.to(device) for k, v in family.generation_inputs(batch, dtype).items()}
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -49,6 +49,31 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One decoded answer and the log-probability of each generated token before the end token."""
+
+    text: str
+    token_logprobs: tuple[float, ...]
+
+
+def _chosen_logprobs(model, out, new: torch.Tensor) -> list[list[float]]:
+    """Log-probability of each chosen token, ``[rows][steps]`` (fp32 log-softmax of the step's scores)."""
+    if getattr(out, "beam_indices", None) is not None:
+        return model.compute_transition_scores(
+            out.sequences, out.scores, out.beam_indices, normalize_logits=True
+        ).tolist()
+    steps = [
+        torch.log_softmax(step.float(), dim=-1).gather(1, new[:, k : k + 1]).squeeze(1)
+        for k, step in enumerate(out.scores)
+    ]
+    return torch.stack(steps, dim=1).tolist()
+
+
+def _until_end(ids: list[int], end_ids: set[int]) -> int:
+    return next((k for k, token in enumerate(ids) if token in end_ids), len(ids))
 
 
 @torch.no_grad()
@@ -63,14 +88,61 @@ def generate(
     num_beams: int = 1,
     max_text_length: int = 512,
     progress: bool = False,
+    family: ModelFamily | None = None,
 ) -> list[str]:
     """Greedy (``num_beams=1``) or beam decoding of every sample's prefix; returns the decoded suffixes.
 
     Samples are batched per task (each task has its own ``max_new_tokens``); the result keeps the
-    input order. Decoding stops at ``<eos>``; ``<loc>``/``<seg>`` tokens are kept in the text (they
-    are not special tokens), other special tokens are dropped.
+    input order. Decoding stops at the family's end token and keeps its task tokens (PaliGemma:
+    ``<loc>``/``<seg>``); ``family`` defaults to the model's (``family_for(model)``).
     """
-    collator = PaliGemmaCollator(processor, max_text_length, train=False)
+    return [
+        g.text
+        for g in _generate(
+            model,
+            processor,
+            samples,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_new_tokens_per_task=max_new_tokens_per_task,
+            num_beams=num_beams,
+            max_text_length=max_text_length,
+            progress=progress,
+            family=family,
+            logprobs=False,
+        )
+    ]
+
+
+@torch.no_grad()
+def generate_with_logprobs(
+    model: torch.nn.Module, processor, samples: Sequence[Sample], **kwargs
+) -> list[Generated]:
+    """``generate`` that also returns each answer's per-token log-probabilities (``Generated``).
+
+    The log-probabilities are those of the chosen tokens under the model's normalised scores (for
+    beam search, along the returned beam), up to the end token; they give detections a score
+    (``ModelFamily.parse_output(token_logprobs=...)``) so mAP does not depend on dataset order.
+    """
+    return _generate(model, processor, samples, logprobs=True, **kwargs)
+
+
+def _generate(
+    model: torch.nn.Module,
+    processor,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    max_new_tokens_per_task: Mapping[str, int] | None = None,
+    num_beams: int = 1,
+    max_text_length: int = 512,
+    progress: bool = False,
+    family: ModelFamily | None = None,
+    logprobs: bool = False,
+) -> list[Generated]:
+    family = family if family is not None else family_for(model)
+    collator = family.collator(processor, max_text_length, train=False)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -83,23 +155,29 @@ def generate(
         for task, indices in by_task.items()
         for start in range(0, len(indices), batch_size)
     ]
-    texts: list[str | None] = [None] * len(samples)
+    generation_kwargs = family.generation_kwargs(processor)
+    end = generation_kwargs.get("eos_token_id")
+    end_ids = set(end) if isinstance(end, (list, tuple)) else {end}
+    results: list[Generated | None] = [None] * len(samples)
     try:
         for task, chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
-            inputs = batch_inputs(collator, [samples[i] for i in chunk], device, dtype)
+            inputs = batch_inputs(collator, [samples[i] for i in chunk], device, dtype, family)
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens_for(task, max_new_tokens, max_new_tokens_per_task),
                 do_sample=False,
                 num_beams=num_beams,
-                eos_token_id=EOS_ID,
-                pad_token_id=processor.tokenizer.pad_token_id,
+                output_scores=logprobs,
+                return_dict_in_generate=logprobs,
+                **generation_kwargs,
             )
-            for i, row in zip(chunk, out[:, inputs["input_ids"].shape[1] :].tolist(), strict=True):
-                if EOS_ID in row:
-                    row = row[: row.index(EOS_ID)]
-                texts[i] = processor.tokenizer.decode(row, skip_special_tokens=True)
+            sequences = out.sequences if logprobs else out
+            new = sequences[:, inputs["input_ids"].shape[1] :]
+            scores = _chosen_logprobs(model, out, new) if logprobs else None
+            for k, (i, row) in enumerate(zip(chunk, new.tolist(), strict=True)):
+                kept = scores[k][: _until_end(row, end_ids)] if scores is not None else []
+                results[i] = Generated(family.decode(processor, row), tuple(float(v) for v in kept))
     finally:
         if was_training:
             model.train()
-    return [t if t is not None else "" for t in texts]
+    return [r if r is not None else Generated("", ()) for r in results]

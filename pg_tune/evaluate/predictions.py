@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from pg_tune.data.images import MAX_IMAGE_PIXELS
-from pg_tune.data.sample import TASKS, DataError
+from pg_tune.data.sample import TASKS, DataError, targets_from_json
 from pg_tune.evaluate.scoring import BOX_TASKS, Item, Scored, score_items
 
-_SCORING_KEYS = ("task", "prediction", "references", "image_size")
+_SCORING_KEYS = ("task", "prediction", "references", "image_size", "reference_objects")
 
 
 def write_predictions(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
@@ -40,7 +40,16 @@ def _item(row: Any, where: str) -> Item:
         raise DataError(f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
     if not isinstance(prediction, str):
         raise DataError(f"{where}: field 'prediction' must be a string, got {prediction!r}")
-    if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+    objects = (
+        targets_from_json(row["reference_objects"], f"{where}: field 'reference_objects'")
+        if "reference_objects" in row
+        else ()
+    )
+    if (
+        not isinstance(references, list)
+        or not (references or objects)
+        or not all(isinstance(r, str) for r in references)
+    ):
         raise DataError(
             f"{where}: field 'references' must be a non-empty list of strings, got {references!r}"
         )
@@ -70,7 +79,7 @@ def _item(row: Any, where: str) -> Item:
         if k not in _SCORING_KEYS + ("parsed", "score", "reference_parsed", "box_iou")
     }
     extra.setdefault("source", where)
-    return Item(task, prediction, references, size, extra=extra)
+    return Item(task, prediction, references, size, extra=extra, objects=objects)
 
 
 def read_predictions(path: str | Path) -> list[Item]:

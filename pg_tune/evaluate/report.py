@@ -85,9 +85,31 @@ def _placeholder(size: tuple[int, int] | None) -> Image.Image:
 def _masks(
     objects: Sequence[Mapping[str, Any]], size: tuple[int, int], codec: Any | None
 ) -> list[np.ndarray]:
+    ready = [np.asarray(o["pixels"], dtype=bool) for o in objects if o.get("pixels") is not None]
     if codec is None:
-        return []
-    return [codec.decode_mask(o["seg"], o["box"], size) for o in objects if o.get("seg") is not None]
+        return ready
+    return ready + [codec.decode_mask(o["seg"], o["box"], size) for o in objects if o.get("seg") is not None]
+
+
+def _with_true_masks(
+    truth: list[Mapping[str, Any]], record: Mapping[str, Any], size: tuple[int, int] | None, work
+) -> list[Mapping[str, Any]]:
+    """Ground-truth objects with their real masks (``reference_objects``) rasterised at the drawn size."""
+    objects = record.get("reference_objects") or []
+    if size is None or work is None or len(objects) != len(truth):
+        return truth
+    from pg_tune.data.masks import segmentation_to_mask
+
+    out = list(truth)
+    for k, obj in enumerate(objects):
+        if isinstance(obj, Mapping) and obj.get("mask") is not None:
+            try:
+                mask = segmentation_to_mask(obj["mask"], size)
+            except (TypeError, ValueError):
+                continue  # a malformed mask in a hand-written file: draw the box only
+            pixels = Image.fromarray(mask).resize(work, Image.NEAREST)
+            out[k] = {**out[k], "pixels": np.asarray(pixels, dtype=bool)}
+    return out
 
 
 def draw_annotations(
@@ -213,7 +235,7 @@ def write_report(
                 image = _placeholder(work)
             elif image.size != work:
                 image = image.resize(work)  # boxes are in the pixels of the recorded size, scaled alike
-            truth = _scaled(record.get("reference_parsed") or [], scale)
+            truth = _with_true_masks(_scaled(record.get("reference_parsed") or [], scale), record, size, work)
             drawn = draw_annotations(image, truth, _scaled(record.get("parsed") or [], scale), mask_codec)
             name = f"images/{i:05d}.png"
             drawn.save(out_dir / name)

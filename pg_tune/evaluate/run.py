@@ -8,7 +8,6 @@ every eval dataset of a recipe and writes ``metrics.json``, ``predictions.jsonl`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -22,13 +21,14 @@ from accelerate import Accelerator
 
 from pg_tune.config.recipe import ModelConfig, Recipe
 from pg_tune.data.sample import Sample
-from pg_tune.evaluate.generate import generate
-from pg_tune.evaluate.scoring import Scored, load_mask_codec, score_samples
+from pg_tune.evaluate.generate import Generated, generate, generate_with_logprobs
+from pg_tune.evaluate.scoring import Scored, score_samples
+from pg_tune.models.family import family_for
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_mask_codec(vae_path: str | None) -> Any | None:
-    return load_mask_codec(vae_path)
+def _mask_codec(recipe: Recipe, vae_path: str | None = None) -> Any | None:
+    """The recipe's mask codec (``model.vae_path``, or ``vae_path`` from the command line)."""
+    return family_for(recipe.model.name_or_path).load_mask_codec(vae_path or recipe.model.vae_path)
 
 
 def predict_texts(
@@ -40,9 +40,27 @@ def predict_texts(
     progress: bool = False,
 ) -> list[str]:
     """Generated text for every sample, in order; with an accelerator each rank decodes its shard."""
+    return [g.text for g in predict(model, processor, samples, recipe, accelerator, progress, logprobs=False)]
+
+
+def _texts_only(model, processor, samples, **kwargs) -> list[Generated]:
+    return [Generated(text, ()) for text in generate(model, processor, samples, **kwargs)]
+
+
+def predict(
+    model: torch.nn.Module,
+    processor,
+    samples: Sequence[Sample],
+    recipe: Recipe,
+    accelerator: Accelerator | None = None,
+    progress: bool = False,
+    logprobs: bool = True,
+) -> list[Generated]:
+    """``predict_texts`` with each answer's token log-probabilities (detection scores) if ``logprobs``."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     shard = list(range(rank, len(samples), world))
-    texts = generate(
+    run_generate = generate_with_logprobs if logprobs else _texts_only
+    texts = run_generate(
         model,
         processor,
         [samples[i] for i in shard],
@@ -71,8 +89,19 @@ def evaluate_samples(
         samples = [s for part in parts for s in part[: recipe.eval.limit]]
     if not samples:
         return {}
-    texts = predict_texts(model, processor, samples, recipe, accelerator, accelerator.is_local_main_process)
-    return score_samples(samples, texts, _cached_mask_codec(recipe.eval.vae_path)).metrics
+    texts, logprobs = _predictions(
+        model, processor, samples, recipe, accelerator, accelerator.is_local_main_process
+    )
+    family = family_for(recipe.model.name_or_path)
+    return score_samples(samples, texts, _mask_codec(recipe), family, logprobs).metrics
+
+
+def _predictions(model, processor, samples, recipe, accelerator=None, progress=False):
+    """Texts, and per-token log-probabilities when detections need a score (else None)."""
+    if not any(s.task == "detect" for s in samples):
+        return predict_texts(model, processor, samples, recipe, accelerator, progress), None
+    generated = predict(model, processor, samples, recipe, accelerator, progress)
+    return [g.text for g in generated], [g.token_logprobs for g in generated]
 
 
 # --- loading a model to evaluate ---------------------------------------------------------------
@@ -112,7 +141,12 @@ def load_for_eval(
     ``trust_remote_code`` (the ``--trust-remote-code`` flag) applies to every model loaded here.
     """
     from pg_tune.model_source import adapter_base
-    from pg_tune.models.paligemma import load_model, load_processor
+
+    def load_model(config: ModelConfig):
+        return family_for(config.name_or_path).load_model(config)
+
+    def load_processor(config: ModelConfig):
+        return family_for(config.name_or_path).load_processor(config)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_config = recipe.model if recipe is not None else ModelConfig()
@@ -148,7 +182,11 @@ def load_for_eval(
         )
         model = peft.PeftModel.from_pretrained(load_model(base_config), adapter_dir, is_trainable=False)
         has_processor = (adapter_dir / "tokenizer_config.json").is_file()
-        processor = load_processor(ModelConfig(name_or_path=str(adapter_dir))) if has_processor else None
+        processor = (
+            family_for(base_config.name_or_path).load_processor(ModelConfig(name_or_path=str(adapter_dir)))
+            if has_processor
+            else None
+        )
         processor = processor or load_processor(base_config)
         kind, description = "adapter", f"adapter {adapter_dir} on base {base_config.name_or_path}"
     else:
@@ -205,17 +243,20 @@ def evaluate_recipe(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bad_rows = BadRows(recipe.data.on_bad_row)
+    family = family_for(recipe.model.name_or_path)
     datasets: list[tuple[str, list[Sample]]] = []
     for index, entry in enumerate(recipe.data.eval):
-        samples = build_samples([entry], "eval", bad_rows, seed=recipe.train.seed)
+        samples = build_samples([entry], "eval", bad_rows, seed=recipe.train.seed, family=family)
         if recipe.eval.limit is not None:
             samples = samples[: recipe.eval.limit]
         datasets.append((dataset_name(index, entry), samples))
     loaded = load_for_eval(model_ref, recipe, trust_remote_code=trust_remote_code, base=base)
-    mask_codec = _cached_mask_codec(vae_path or recipe.eval.vae_path)
+    mask_codec = _mask_codec(recipe, vae_path)
+    family = family_for(loaded.model)  # the model being evaluated parses its own output
 
     all_samples: list[Sample] = []
     all_texts: list[str] = []
+    all_logprobs: list = []
     dataset_of: list[str] = []
     per_dataset: dict[str, dict[str, float]] = {}
     notes: list[str] = []
@@ -223,14 +264,15 @@ def evaluate_recipe(
         if not samples:
             notes.append(f"{name}: no samples")
             continue
-        texts = predict_texts(loaded.model, loaded.processor, samples, recipe, progress=progress)
-        scored = score_samples(samples, texts, mask_codec)
+        texts, logprobs = _predictions(loaded.model, loaded.processor, samples, recipe, progress=progress)
+        scored = score_samples(samples, texts, mask_codec, family, logprobs)
         per_dataset[name] = scored.metrics
         notes += [f"{name}: {n}" for n in scored.notes]
         all_samples += samples
         all_texts += texts
+        all_logprobs += logprobs or [None] * len(texts)
         dataset_of += [name] * len(samples)
-    overall: Scored = score_samples(all_samples, all_texts, mask_codec)
+    overall: Scored = score_samples(all_samples, all_texts, mask_codec, family, all_logprobs)
     for record, name in zip(overall.records, dataset_of, strict=True):
         record["dataset"] = name
     summary = {

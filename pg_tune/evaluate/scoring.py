@@ -10,6 +10,16 @@ The metric family comes from the task (``Sample.task``)::
     refer_segment  refer_segment/miou (mask mIoU, needs the VQ-VAE), refer_segment/acc@0.5 (boxes)
     detect         detect/map, detect/map_50, detect/map_75 (COCO, pycocotools)
 
+Box and mask tasks are scored against the sample's TRUE ground truth (``Sample.targets``: pixel
+boxes of the original image, real masks rasterised from polygons/RLE at the original resolution),
+never against a quantised ``<loc>`` rendering or a VQ-VAE reconstruction. Predictions are parsed by
+the model family (``ModelFamily.parse_output``); for PaliGemma's referring tasks that is big_vision's
+rule (only the first 4 output tokens make the box; a non-location token or ``ymax <= ymin`` /
+``xmax <= xmin`` is a miss). A referring row with several reference objects (custom ``segment``
+rows) matches predicted to reference objects by IoU (Hungarian) and scores every one:
+``sum(matched IoU) / max(#references, #predictions)``. Items without targets (old prediction files)
+fall back to reading the ground truth from the reference text.
+
 Text tasks also report ``{task}/exact_match``; every task reports ``{task}/count`` and, where
 outputs are parsed (boxes, masks), ``{task}/unparsed``: how many predictions gave no usable box or
 mask. Those count as misses (IoU 0), never as errors. ``PRIMARY_METRIC`` names the one number per
@@ -30,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from pg_tune.codecs.boxes import Detection, parse_detections
-from pg_tune.data.sample import TASKS, Sample
+from pg_tune.data.sample import TASKS, ObjectTarget, Sample, targets_json
 from pg_tune.evaluate.metrics import (
     anls_score,
     bleu4,
@@ -42,6 +51,7 @@ from pg_tune.evaluate.metrics import (
     normalize_vqa_answer,
     vqa_accuracy,
 )
+from pg_tune.models.family import ModelFamily, ParsedObject, family_for
 
 BOX_TASKS = ("detect", "refer_detect", "refer_segment")
 
@@ -73,9 +83,11 @@ METRIC_NAMES = {
 class Item:
     """What scoring needs of one sample: the task, the generated text and every ground truth.
 
-    ``image_size`` is (width, height) of the original image, needed to read boxes; ``gt_mask`` is an
-    optional full-size boolean ground-truth mask for ``refer_segment`` (otherwise the reference's
-    ``<seg>`` codes are decoded). ``extra`` is copied into the record unchanged (image, prefix, ...).
+    ``image_size`` is (width, height) of the original image, needed to read boxes; ``objects`` the
+    true ground-truth objects (pixel boxes, real masks) of box and mask tasks; ``gt_mask`` an optional
+    full-size boolean mask overriding the first object's. Without ``objects`` the ground truth is read
+    from ``references[0]`` by the family's parser (quantised; only for old prediction files).
+    ``token_logprobs`` (optional) give detections a score. ``extra`` is copied into the record.
     """
 
     task: str
@@ -84,6 +96,8 @@ class Item:
     image_size: tuple[int, int] | None = None
     gt_mask: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    objects: Sequence[ObjectTarget] = ()
+    token_logprobs: Sequence[float] | None = None
 
 
 @dataclass
@@ -104,7 +118,21 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
     return float(any(_normalise(prediction) == _normalise(r) for r in references))
 
 
-def detections_json(detections: Sequence[Detection]) -> list[dict[str, Any]]:
+def objects_json(objects: Sequence[ParsedObject]) -> list[dict[str, Any]]:
+    """Parsed objects as JSON: label, pixel box, score when known, and the family's raw tokens."""
+    return [
+        {
+            "label": o.label,
+            "box": [round(v, 2) for v in o.box],
+            **({"score": round(o.score, 4)} if o.score is not None else {}),
+            **dict(o.tokens or {}),
+        }
+        for o in objects
+    ]
+
+
+def detections_json(detections: Sequence[Any]) -> list[dict[str, Any]]:
+    """``pg_tune.codecs.Detection``s as JSON (``pg-tune predict``): label, pixel box, loc/seg bins."""
     return [
         {
             "label": d.label,
@@ -124,16 +152,42 @@ def _require_size(item: Item, index: int) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _reference_objects(item: Item, index: int) -> list[Detection]:
+@dataclass
+class _Truth:
+    """One ground-truth object as scoring uses it: a pixel box and, lazily, a full-size mask."""
+
+    label: str
+    box: tuple[float, float, float, float]
+    target: ObjectTarget | None = None
+    mask_array: np.ndarray | None = None
+    tokens: dict[str, Any] | None = None
+
+    def mask(self, size: tuple[int, int], mask_codec: Any | None) -> np.ndarray | None:
+        if self.mask_array is None and self.target is not None:
+            self.mask_array = self.target.rasterise(size)
+        if self.mask_array is None and self.tokens and "seg" in self.tokens and mask_codec is not None:
+            # Old prediction files only: the reference's own <seg> codes, decoded (a reconstruction).
+            self.mask_array = mask_codec.decode_mask(self.tokens["seg"], self.box, size)
+        return self.mask_array
+
+
+def _truth(item: Item, index: int, family: ModelFamily, mask_codec: Any | None) -> list[_Truth]:
     size = _require_size(item, index)
-    objects = parse_detections(item.references[0] if item.references else "", size)
-    if not objects and item.task != "detect":
+    if item.objects:
+        truth = [_Truth(o.label, tuple(float(v) for v in o.box), o) for o in item.objects]
+    else:
+        text = item.references[0] if item.references else ""
+        parsed = family.parse_output(text, "detect", size)
+        truth = [_Truth(o.label, o.box, tokens=dict(o.tokens or {})) for o in parsed]
+    if item.gt_mask is not None and truth:
+        truth[0].mask_array = np.asarray(item.gt_mask, dtype=bool)
+    if not truth and item.task != "detect":
         where = item.extra.get("source") or f"item {index}"
         raise ValueError(
-            f"{where}: reference {list(item.references)[:1]!r} of task {item.task!r} has no "
-            f"<loc..>x4 box; referring tasks need one in the suffix"
+            f"{where}: task {item.task!r} has no reference object (no targets and no <loc..>x4 box in "
+            f"{list(item.references)[:1]!r}); referring tasks need one"
         )
-    return objects
+    return truth
 
 
 def _score_caption(group: list[tuple[int, Item]], out: Scored) -> None:
@@ -174,49 +228,77 @@ def _score_text(task: str, group: list[tuple[int, Item]], out: Scored) -> None:
     out.metrics[f"{task}/empty"] = float(sum(not item.prediction.strip() for _, item in group))
 
 
-def _score_referring(task: str, group: list[tuple[int, Item]], out: Scored, mask_codec: Any | None) -> None:
+def _match(values: np.ndarray) -> list[tuple[int, int]]:
+    """Hungarian matching maximising the summed ``values[pred, ref]``; pairs with value 0 are dropped."""
+    from scipy.optimize import linear_sum_assignment
+
+    if values.size == 0:
+        return []
+    rows, cols = linear_sum_assignment(values, maximize=True)
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if values[r, c] > 0]
+
+
+def _score_referring(
+    task: str, group: list[tuple[int, Item]], out: Scored, mask_codec: Any | None, family: ModelFamily
+) -> None:
+    """Box accuracy / box mIoU and (with the VQ-VAE) mask mIoU against the true ground truth."""
+    hits = {0.5: [], 0.75: []}
     ious, mask_ious, unparsed = [], [], 0
+    with_masks = task == "refer_segment" and mask_codec is not None
     for i, item in group:
         size = _require_size(item, i)
-        gt = _reference_objects(item, i)[0]
-        predicted = parse_detections(item.prediction, size)
+        truth = _truth(item, i, family, mask_codec)
+        predicted = family.parse_output(item.prediction, task, size, item.token_logprobs, mask_codec)
         record = out.records[i]
-        record["parsed"] = detections_json(predicted)
-        record["reference_parsed"] = detections_json([gt])
-        iou = box_iou(predicted[0].box, gt.box) if predicted else 0.0
-        ious.append(iou)
-        record["box_iou"] = iou
-        ok = bool(predicted) and (task != "refer_segment" or predicted[0].seg is not None)
+        record["parsed"] = objects_json(predicted)
+        record["reference_parsed"] = [{"label": t.label, "box": [round(v, 2) for v in t.box]} for t in truth]
+        ok = bool(predicted) and (
+            task != "refer_segment" or (predicted[0].tokens or {}).get("seg") is not None
+        )
         unparsed += not ok
-        if task == "refer_segment" and mask_codec is not None:
-            gt_mask = item.gt_mask
-            if gt_mask is None:
-                if gt.seg is None:
+        if len(truth) == 1:
+            # big_vision: one expression, one answer: the first object of the output, nothing else.
+            pairs = [(0, 0)] if predicted else []
+            denominator = 1
+        else:
+            box_values = np.array([[box_iou(p.box, t.box) for t in truth] for p in predicted]).reshape(
+                len(predicted), len(truth)
+            )
+            pairs = _match(box_values)
+            denominator = max(len(truth), len(predicted))
+        box_scores = [box_iou(predicted[p].box, truth[t].box) for p, t in pairs]
+        iou = sum(box_scores) / denominator
+        ious.append(iou)
+        for threshold in hits:
+            hits[threshold].append(sum(v >= threshold for v in box_scores) / denominator)
+        record["box_iou"] = iou
+        if with_masks:
+            mask_scores = []
+            for p, t in pairs:
+                gt_mask = truth[t].mask(size, mask_codec)
+                if gt_mask is None:
                     where = item.extra.get("source") or f"item {i}"
-                    raise ValueError(f"{where}: refer_segment reference has no 16 <seg..> codes")
-                gt_mask = mask_codec.decode_mask(gt.seg, gt.box, size)
-            pred_mask = None
-            if predicted and predicted[0].seg is not None:
-                pred_mask = mask_codec.decode_mask(predicted[0].seg, predicted[0].box, size)
-            mask_ious.append(mask_iou(pred_mask, gt_mask))
+                    raise ValueError(f"{where}: refer_segment reference has no mask to score against")
+                mask_scores.append(mask_iou(predicted[p].mask, gt_mask))
+            mask_ious.append(sum(mask_scores) / denominator)
             record["score"] = mask_ious[-1]
         else:
             record["score"] = iou
-    for t in (0.5, 0.75):
-        out.metrics[f"{task}/acc@{t}"] = float(np.mean([v >= t for v in ious]))
+    for threshold, values in hits.items():
+        out.metrics[f"{task}/acc@{threshold}"] = float(np.mean(values))
     out.metrics[f"{task}/box_miou"] = float(np.mean(ious))
     if task == "refer_segment":
-        if mask_codec is not None:
+        if with_masks:
             out.metrics["refer_segment/miou"] = float(np.mean(mask_ious))
         else:
             out.notes.append(
-                "refer_segment: mask mIoU not computed (no VQ-VAE weights: set eval.vae_path or pass "
+                "refer_segment: mask mIoU not computed (no VQ-VAE weights: set model.vae_path or pass "
                 "--vae-path vae-oid.npz); boxes scored instead (refer_segment/acc@0.5, box_miou)"
             )
     out.metrics[f"{task}/unparsed"] = float(unparsed)
 
 
-def _f1_at_half(predicted: Sequence[Detection], truth: Sequence[Detection]) -> float:
+def _f1_at_half(predicted: Sequence[ParsedObject], truth: Sequence[_Truth]) -> float:
     """Per-image F1 at IoU 0.5 (greedy, same label): a readable per-sample score for the gallery."""
     if not predicted and not truth:
         return 1.0
@@ -233,18 +315,18 @@ def _f1_at_half(predicted: Sequence[Detection], truth: Sequence[Detection]) -> f
     return 2 * hits / (len(predicted) + len(truth))
 
 
-def _score_detect(group: list[tuple[int, Item]], out: Scored) -> None:
+def _score_detect(group: list[tuple[int, Item]], out: Scored, family: ModelFamily) -> None:
     preds, truths, unparsed = [], [], 0
     for i, item in group:
         size = _require_size(item, i)
-        truth = _reference_objects(item, i)
-        predicted = parse_detections(item.prediction, size)
+        truth = _truth(item, i, family, None)
+        predicted = family.parse_output(item.prediction, "detect", size, item.token_logprobs)
         unparsed += bool(item.prediction.strip()) and not predicted
         record = out.records[i]
-        record["parsed"] = detections_json(predicted)
-        record["reference_parsed"] = detections_json(truth)
+        record["parsed"] = objects_json(predicted)
+        record["reference_parsed"] = [{"label": t.label, "box": [round(v, 2) for v in t.box]} for t in truth]
         record["score"] = _f1_at_half(predicted, truth)
-        preds.append([(d.label, d.box, None) for d in predicted])
+        preds.append([(d.label, d.box, d.score) for d in predicted])
         truths.append([(d.label, d.box) for d in truth])
     if any(truths):
         stats = coco_map(preds, truths)
@@ -255,14 +337,22 @@ def _score_detect(group: list[tuple[int, Item]], out: Scored) -> None:
     out.metrics["detect/unparsed"] = float(unparsed)
 
 
-def score_items(items: Sequence[Item], mask_codec: Any | None = None) -> Scored:
-    """Metrics per task plus one record per item; unparseable predictions are counted, never raised."""
+def score_items(
+    items: Sequence[Item], mask_codec: Any | None = None, family: ModelFamily | None = None
+) -> Scored:
+    """Metrics per task plus one record per item; unparseable predictions are counted, never raised.
+
+    ``family`` parses the predictions (default: PaliGemma's, what prediction files without a family
+    were written by).
+    """
+    family = family if family is not None else family_for("paligemma")
     records = [
         {
             **item.extra,
             "task": item.task,
             "prediction": item.prediction,
             "references": list(item.references),
+            **({"reference_objects": targets_json(item.objects)} if item.objects else {}),
             **({"image_size": list(item.image_size)} if item.image_size is not None else {}),
             "parsed": None,
             "score": None,
@@ -274,7 +364,7 @@ def score_items(items: Sequence[Item], mask_codec: Any | None = None) -> Scored:
     for i, item in enumerate(items):
         if item.task not in TASKS:
             raise ValueError(f"item {i}: unknown task {item.task!r} (one of {', '.join(TASKS)})")
-        if not item.references:
+        if not item.references and not item.objects:
             where = item.extra.get("source") or f"item {i}"
             raise ValueError(f"{where}: no references to score against")
         by_task.setdefault(item.task, []).append((i, item))
@@ -284,9 +374,9 @@ def score_items(items: Sequence[Item], mask_codec: Any | None = None) -> Scored:
         elif task in ("vqa", "docvqa", "ocr"):
             _score_text(task, group, out)
         elif task in ("refer_detect", "refer_segment"):
-            _score_referring(task, group, out, mask_codec)
+            _score_referring(task, group, out, mask_codec, family)
         else:
-            _score_detect(group, out)
+            _score_detect(group, out, family)
         out.metrics[f"{task}/count"] = float(len(group))
     for record in records:
         if isinstance(record["score"], float) and not math.isfinite(record["score"]):
@@ -294,9 +384,9 @@ def score_items(items: Sequence[Item], mask_codec: Any | None = None) -> Scored:
     return out
 
 
-def sample_item(sample: Sample, prediction: str) -> Item:
-    """An ``Item`` for a dataset sample; box tasks read the image size from ``meta`` or the file header."""
-    size = sample.meta.get("image_size")
+def sample_item(sample: Sample, prediction: str, token_logprobs: Sequence[float] | None = None) -> Item:
+    """An ``Item`` for a dataset sample; box tasks read the image size from the sample or the file header."""
+    size = sample.image_size or sample.meta.get("image_size")
     if size is None and sample.task in BOX_TASKS:
         from pg_tune.data.images import image_size
 
@@ -305,9 +395,11 @@ def sample_item(sample: Sample, prediction: str) -> Item:
     return Item(
         task=sample.task,
         prediction=prediction,
-        references=sample.all_references,
+        references=() if sample.targets and not sample.suffix else sample.all_references,
         image_size=tuple(size) if size is not None else None,
         gt_mask=np.asarray(gt_mask, dtype=bool) if gt_mask is not None else None,
+        objects=sample.targets,
+        token_logprobs=token_logprobs,
         extra={
             "source": sample.source,
             "image": str(sample.image) if isinstance(sample.image, (str, Path)) else None,
@@ -317,31 +409,39 @@ def sample_item(sample: Sample, prediction: str) -> Item:
 
 
 def score_samples(
-    samples: Sequence[Sample], predictions: Sequence[str], mask_codec: Any | None = None
+    samples: Sequence[Sample],
+    predictions: Sequence[str],
+    mask_codec: Any | None = None,
+    family: ModelFamily | None = None,
+    token_logprobs: Sequence[Sequence[float] | None] | None = None,
 ) -> Scored:
-    """``score_items`` for dataset samples and their generated texts (same order)."""
+    """``score_items`` for dataset samples and their generated texts (same order).
+
+    ``token_logprobs`` (optional, one sequence per prediction) give detections a score.
+    """
     if len(samples) != len(predictions):
         raise ValueError(f"got {len(predictions)} predictions for {len(samples)} samples")
-    return score_items([sample_item(s, p) for s, p in zip(samples, predictions, strict=True)], mask_codec)
+    logprobs = token_logprobs if token_logprobs is not None else [None] * len(samples)
+    items = [sample_item(s, p, lp) for s, p, lp in zip(samples, predictions, logprobs, strict=True)]
+    return score_items(items, mask_codec, family)
 
 
 def score(
-    samples: Sequence[Sample], predictions: Sequence[str], mask_codec: Any | None = None
+    samples: Sequence[Sample],
+    predictions: Sequence[str],
+    mask_codec: Any | None = None,
+    family: ModelFamily | None = None,
 ) -> dict[str, float]:
     """Metrics per task, named ``{task}/{metric}`` (what the training loop logs)."""
-    return score_samples(samples, predictions, mask_codec).metrics
+    return score_samples(samples, predictions, mask_codec, family).metrics
 
 
 def load_mask_codec(vae_path: str | Path | None) -> Any | None:
     """The mask VQ-VAE from ``vae_path`` or the local cache, or None; never downloads.
 
     Evaluation must not reach the network on its own, so without a file it scores boxes only.
+    (``pg_tune.codecs.masks.load_codec``: the one loader.)
     """
-    from pg_tune.codecs import masks
+    from pg_tune.codecs.masks import load_codec
 
-    if vae_path is not None:
-        if not Path(vae_path).is_file():
-            raise FileNotFoundError(f"VQ-VAE weights not found: {vae_path} (big_vision's vae-oid.npz)")
-        return masks.MaskCodec.from_npz(vae_path)
-    cached = masks._default_cache_dir() / masks.VAE_FILENAME
-    return masks.MaskCodec.load(cached) if cached.is_file() else None
+    return load_codec(vae_path)

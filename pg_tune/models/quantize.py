@@ -4,8 +4,8 @@ Which modules are quantized (and why the others are not):
 
 - the language model's decoder linears (attention + MLP): quantized. They are most of the
   parameters (2B/9B/27B), and LoRA adapters sit on them.
-- ``lm_head`` (tied to the 257,216-row embedding table), ``model.multi_modal_projector`` and the
-  SigLIP ``model.vision_tower``: kept in the model dtype (bf16 on a GPU, fp32 on CPU), never
+- the head (PaliGemma: ``lm_head``, tied to the 257,216-row embedding table), the projector
+  (``model.multi_modal_projector``) and the image encoder (SigLIP ``model.vision_tower``): kept in the model dtype (bf16 on a GPU, fp32 on CPU), never
   quantized. The head and embeddings are tied, so quantizing one breaks the tie; the projector is a
   single small layer between two models; the vision tower is ~400M parameters (an eighth of the
   3B model) and quantizing it degrades image features for every task, for a small saving. Set
@@ -16,7 +16,8 @@ Which modules are quantized (and why the others are not):
 
 transformers matches ``llm_int8_skip_modules`` entries from the *start* of a module name (or as a
 suffix), so the entries must be full paths (``model.vision_tower``): a bare ``vision_tower`` is
-silently ignored. ``check_quantized`` verifies after loading what is really in effect.
+silently ignored. ``check_quantized`` verifies after loading what is really in effect. The paths
+come from the model family (``ModelFamily.modules`` / ``keep_unquantized``).
 """
 
 from __future__ import annotations
@@ -28,22 +29,17 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 
 from pg_tune.config.recipe import QuantizationConfig
+from pg_tune.models.family import ModelFamily
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-KEEP_IN_MODEL_DTYPE = ("lm_head", "model.multi_modal_projector")
-VISION_TOWER = "model.vision_tower"
 
-
-def skip_modules(quantization: QuantizationConfig) -> list[str]:
+def skip_modules(quantization: QuantizationConfig, family: ModelFamily) -> list[str]:
     """Module paths bitsandbytes must leave unquantized (full paths from the model's root)."""
-    names = list(KEEP_IN_MODEL_DTYPE)
-    if not quantization.quantize_vision_tower:
-        names.append(VISION_TOWER)
-    return names
+    return family.keep_unquantized(quantize_vision=quantization.quantize_vision_tower)
 
 
-def bnb_config(quantization: QuantizationConfig) -> BitsAndBytesConfig:
+def bnb_config(quantization: QuantizationConfig, family: ModelFamily) -> BitsAndBytesConfig:
     """The ``BitsAndBytesConfig`` for ``from_pretrained`` from a recipe's ``quantization`` section."""
     if quantization.mode == "4bit":
         return BitsAndBytesConfig(
@@ -51,10 +47,10 @@ def bnb_config(quantization: QuantizationConfig) -> BitsAndBytesConfig:
             bnb_4bit_quant_type=quantization.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=quantization.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=_DTYPES[quantization.bnb_4bit_compute_dtype],
-            llm_int8_skip_modules=skip_modules(quantization),
+            llm_int8_skip_modules=skip_modules(quantization, family),
         )
     if quantization.mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules(quantization))
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules(quantization, family))
     raise ValueError(f"quantization.mode={quantization.mode!r}: nothing to configure for bitsandbytes")
 
 
@@ -74,7 +70,9 @@ class QuantizationReport:
         return what + f"; kept in model dtype: {', '.join(self.kept) or 'none'}"
 
 
-def check_quantized(model: nn.Module, quantization: QuantizationConfig) -> QuantizationReport:
+def check_quantized(
+    model: nn.Module, quantization: QuantizationConfig, family: ModelFamily
+) -> QuantizationReport:
     """Assert the loaded model is quantized as the recipe says; raise naming the recipe key if not.
 
     bitsandbytes and transformers ignore what they do not understand (a misspelt key, a skip entry
@@ -95,16 +93,18 @@ def check_quantized(model: nn.Module, quantization: QuantizationConfig) -> Quant
                         f"quantization.bnb_4bit_use_double_quant={quantization.bnb_4bit_use_double_quant} "
                         f"but {name} has compress_statistics={module.weight.compress_statistics}"
                     )
-    if not any(".language_model." in n for n in quantized):
+    language_model = family.modules.language_model
+    if not any(n.startswith(language_model + ".") or f".{language_model}." in n for n in quantized):
         raise RuntimeError(
             f"quantization.mode={quantization.mode!r} but no language-model layer is quantized"
         )
-    expected_kept = skip_modules(quantization)
+    expected_kept = skip_modules(quantization, family)
     for prefix in expected_kept:
         wrong = [n for n in quantized if n == prefix or n.startswith(prefix + ".")]
         if wrong:
             raise RuntimeError(f"{prefix} should stay unquantized but {wrong[0]} is {quantized_cls.__name__}")
-    if quantization.quantize_vision_tower and not any(n.startswith(VISION_TOWER + ".") for n in quantized):
+    vision = family.modules.vision
+    if quantization.quantize_vision_tower and not any(n.startswith(vision + ".") for n in quantized):
         raise RuntimeError("quantization.quantize_vision_tower=true but no vision-tower layer is quantized")
     compute_dtype = quant_type = None
     if quantization.mode == "4bit":

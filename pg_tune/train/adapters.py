@@ -6,16 +6,19 @@ import peft
 from torch import nn
 
 from pg_tune.config.recipe import LoraConfig, Recipe
-from pg_tune.models.paligemma import lora_target_regex
+from pg_tune.models.family import ModelFamily, family_for
 
 
-def apply_lora(model: nn.Module, lora: LoraConfig, base_name: str) -> peft.PeftModel:
-    """Freeze the base and add LoRA adapters on the recipe's target preset."""
+def apply_lora(
+    model: nn.Module, lora: LoraConfig, base_name: str, family: ModelFamily | None = None
+) -> peft.PeftModel:
+    """Freeze the base and add LoRA adapters on the recipe's target preset (the family's module names)."""
+    family = family if family is not None else family_for(model)
     config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora_target_regex(lora),
+        target_modules=family.lora_target_regex(lora),
         modules_to_save=list(lora.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",

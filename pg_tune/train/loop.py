@@ -32,7 +32,7 @@ from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
 from pg_tune.data.sample import DataError
 from pg_tune.evaluate.run import evaluate_samples
 from pg_tune.hub import push_from_training
-from pg_tune.models.paligemma import load_model, load_processor, resolve_dtype
+from pg_tune.models.family import family_for, resolve_dtype
 from pg_tune.train.adapters import prepare_model, trainable_summary
 from pg_tune.train.checkpoint import BestPolicy, best_checkpoint, load_checkpoint, read_state, save_checkpoint
 from pg_tune.train.logbook import MetricsLog
@@ -158,18 +158,19 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
     tracker_run_ids = _tracker_run_ids(accelerator, trackers)
 
     bad_rows = BadRows(recipe.data.on_bad_row)
-    train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed)
-    eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed)
+    family = family_for(recipe.model.name_or_path)
+    train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed, family=family)
+    eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed, family=family)
     say(f"data: {len(train_samples)} train samples, {len(eval_samples)} eval samples; {bad_rows.report()}")
     if not train_samples:
         raise ValueError("data.train produced no samples")
 
-    processor = load_processor(recipe.model)
+    processor = family.load_processor(recipe.model)
     # A quantized base cannot be moved after loading: each rank loads (and quantizes) its own
     # copy straight onto its own device.
     quantized = recipe.quantization.mode != "none"
     device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
-    model = load_model(recipe.model, recipe.quantization, device_map=device_map)
+    model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
     set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
     model = prepare_model(model, recipe)
     say(trainable_summary(model))
@@ -183,11 +184,11 @@ def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = 
         if not quantized:
             model.to(accelerator.device)
         with accelerator.main_process_first():  # one rank writes the cache, the others then read it
-            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe)
-    train_loader = build_train_loader(train_samples, processor, recipe, feature_cache=feature_cache)
+            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe, family)
+    train_loader = build_train_loader(train_samples, processor, recipe, feature_cache, family)
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     train_loader.collate_fn = SafeCollator(train_loader.collate_fn, recipe.data.on_bad_row)
-    loss_module = SuffixLoss(model)
+    loss_module = SuffixLoss(model, family=family)
     optimizer = build_optimizer(model.parameters(), recipe.train)
     loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / recipe.train.grad_accum)

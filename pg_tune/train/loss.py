@@ -25,15 +25,11 @@ token too, so a long answer is not worth less than a short one). ``sum / count``
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pg_tune.data.collate import IGNORE_INDEX
-from pg_tune.data.feature_cache import vision_is_frozen
-from pg_tune.models.paligemma import base_model_of
+from pg_tune.models.family import ModelFamily, family_for
 
 # 256 rows x 257,216 fp32 logits = 263 MB: the largest full-vocabulary tensor the head creates.
 DEFAULT_CHUNK_ROWS = 256
@@ -181,46 +177,38 @@ def head_cross_entropy_sum(
     )
 
 
-def image_features(core: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projected image features ``[batch, image_tokens, text_hidden]``; no autograd if frozen."""
-    grad_context = torch.no_grad() if vision_is_frozen(core) else contextlib.nullcontext()
-    with grad_context:
-        return core.model.get_image_features(pixel_values.to(core.dtype)).pooler_output
-
-
 class SuffixLoss(nn.Module):
-    """Wraps a (peft) PaliGemma; ``forward(batch)`` returns ``(loss_sum, n_supervised_tokens)``.
+    """Wraps a (peft) model; ``forward(batch)`` returns ``(loss_sum, n_supervised_tokens)``.
 
     Wrapping makes the loss part of ``forward``, so DDP/FSDP see one module call per step.
-    ``batch`` is the collator's output; with the feature cache it carries ``image_features``
-    instead of (or besides) ``pixel_values`` and SigLIP is skipped.
+    ``batch`` is the family collator's output; with the feature cache it carries ``image_features``
+    instead of (or besides) ``pixel_values`` and the image encoder is skipped. Everything
+    model-specific comes from the ``family`` (by default the one of the model's ``config.model_type``):
+    its image features, the decoder's hidden states, the head weight and soft-cap.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_ROWS):
+    def __init__(
+        self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_ROWS, family: ModelFamily | None = None
+    ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.family = family if family is not None else family_for(model)
         self.workspace = LogitsWorkspace()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        core = base_model_of(self.model)
+        core = self.family.unwrap(self.model)
         if "image_features" in batch:
             features = batch["image_features"].to(core.dtype)
         else:
-            features = image_features(core, batch["pixel_values"])
-        outputs = core.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"],
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
-            use_cache=False,
-        )
+            features = self.family.image_features(core, batch)
+        last_hidden = self.family.decoder_hidden(core, batch, features)
         # Position t predicts token t + 1: keep only the rows whose next token is supervised.
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
-        hidden = outputs.last_hidden_state[:, :-1][mask]
-        softcap = getattr(core.config.get_text_config(), "final_logit_softcapping", None)
+        hidden = last_hidden[:, :-1][mask]
+        weight, softcap = self.family.head(core)
         total = head_cross_entropy_sum(
-            hidden, core.lm_head.weight, targets[mask], softcap, self.chunk_size, self.workspace
+            hidden, weight, targets[mask], softcap, self.chunk_size, self.workspace
         )
         return total, mask.sum()

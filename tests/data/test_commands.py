@@ -14,13 +14,13 @@ def mixed_recipe(tmp_path, samples_dir, vae_path):
     s = samples_dir
     text = f"""
 output_dir: {tmp_path}/run
-model: {{name_or_path: tiny-paligemma2}}
+model: {{name_or_path: tiny-paligemma2, vae_path: {vae_path}}}
 data:
   max_text_length: 40
   train:
     - {{format: coco_captions, annotations: {s}/coco_captions/captions_val2017.json, images: {s}/coco_captions/images, train_pairs: one_per_image}}
     - {{format: coco_detection, annotations: {s}/coco_detection/instances_val2017.json, images: {s}/coco_detection/images, weight: 2}}
-    - {{format: jsonl, path: {s}/jsonl/data.jsonl, vae_path: {vae_path}}}
+    - {{format: jsonl, path: {s}/jsonl/data.jsonl}}
   eval:
     - {{format: docvqa, annotations: {s}/docvqa/val_v1.0.json, images: {s}/docvqa}}
 """
@@ -41,6 +41,11 @@ def test_preview_writes_the_mixed_epoch_and_draws(mixed_recipe, tmp_path, capsys
     assert sum(r["task"] == "caption" and r["entry"] == 0 for r in rows) == 2
     assert sum(r["entry"] == 1 for r in rows) == 4
     assert all({"image", "prefix", "suffix"} <= set(r) for r in rows)
+    # The text shown is the model family's rendering of the structured targets, next to the targets.
+    detect = next(r for r in rows if r["task"] == "detect" and r["entry"] == 1)
+    assert detect["suffix"].startswith("<loc") and detect["targets"][0]["label"] in detect["suffix"]
+    segment = next(r for r in rows if r["task"] == "refer_segment")
+    assert segment["suffix"].count("<seg") == 16 and "mask" in segment["targets"][0]
     assert "bad rows: none" in capsys.readouterr().out
     assert main(["data", "preview", str(mixed_recipe), "--split", "eval"]) == 0
     printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
@@ -55,12 +60,13 @@ def test_drawn_box_lands_on_the_object(samples_dir):
     from pg_tune.data.formats import BuildContext
     from pg_tune.data.formats.jsonl import JsonlOptions, build
     from pg_tune.data.preview import draw_sample
+    from pg_tune.models.paligemma import PaliGemmaFamily
 
     rows = build(
         JsonlOptions(path=str(samples_dir / "jsonl" / "data.jsonl"), limit=2),
         BuildContext("train", BadRows()),
     )
-    image = np.asarray(draw_sample(rows[1]))
+    image = np.asarray(draw_sample(rows[1], PaliGemmaFamily()))
     # The box's left edge (x = 85/1023*96 = 7.98) is outlined at y=45, below the ellipse's widest
     # point; a transposed (x<->y) decode would put it elsewhere and leave background here.
     outline = (230, 25, 75)

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from pg_tune.config.recipe import DataConfig, LoraConfig, Recipe, TrainConfig
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.feature_cache import FeatureCache, image_key
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.sample import Sample
+from pg_tune.models.paligemma import PaliGemmaCollator
 from pg_tune.models.tiny import build_model
 from pg_tune.train.adapters import apply_lora
 

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 
 from pg_tune.codecs import parse_detections
+from pg_tune.codecs.masks import load_codec
 from pg_tune.config.schema import from_dict
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import FORMATS, BuildContext
 from pg_tune.data.sample import DataError
+from pg_tune.models.paligemma import PaliGemmaFamily
+
+PALIGEMMA = PaliGemmaFamily()
 
 
-def build(fmt: str, stage: str = "train", policy: str = "stop", seed: int = 0, **options):
-    """Build ``fmt`` for ``stage`` (train/eval); ``options`` are the recipe keys (``split`` included)."""
+def build(fmt: str, stage: str = "train", policy: str = "stop", seed: int = 0, vae_path=None, **options):
+    """Build ``fmt`` for ``stage`` (train/eval); ``options`` are the recipe keys (``split`` included).
+
+    Structured rows come back with ``suffix`` set to PaliGemma's rendering of their targets (with the
+    VQ-VAE at ``vae_path``), so the strings below pin big_vision's encodings byte for byte.
+    """
     bad = BadRows(policy)
     opts = from_dict(FORMATS[fmt].options, options, fmt)
-    return list(FORMATS[fmt].build(opts, BuildContext(split=stage, bad_rows=bad, seed=seed))), bad
+    rows = list(FORMATS[fmt].build(opts, BuildContext(split=stage, bad_rows=bad, seed=seed)))
+    codec = load_codec(vae_path) if vae_path else None
+    return [
+        dataclasses.replace(r, suffix=PALIGEMMA.render_target(r, codec)) if r.targets else r for r in rows
+    ], bad
 
 
 def test_coco_captions_train_pairs_and_eval_references(samples_dir):
@@ -44,12 +57,12 @@ def test_coco_detection_prompts_boxes_and_options(samples_dir):
     rows, _ = build("coco_detection", **kw)
     first = rows[0]
     assert first.prefix == "detect cat ; dog" and first.task == "detect"
-    assert first.meta["image_size"] == (96, 64)
+    assert first.image_size == (96, 64)
     # cat bbox [8, 10, 30, 40] in a 96x64 image: y0 = 10/64*1023 = 159.8 -> 160, x0 = 8/96*1023 = 85.25 -> 85
     assert (
         first.suffix == "<loc0160><loc0085><loc0799><loc0405> cat ; <loc0320><loc0554><loc0799><loc0938> dog"
     )
-    dets = parse_detections(first.suffix, first.meta["image_size"])
+    dets = parse_detections(first.suffix, first.image_size)
     assert [d.label for d in dets] == ["cat", "dog"] and dets[0].box[0] == pytest.approx(8, abs=0.1)
     only_dog, _ = build("coco_detection", classes=["dog"], prompt_classes="all", **kw)
     assert [s.prefix for s in only_dog] == ["detect dog", "detect dog"]
@@ -114,7 +127,7 @@ def test_refcoco_detect_from_pickle_and_parquet_agree(samples_dir):
     )
     assert [(s.prefix, s.suffix) for s in from_pickle] == [(s.prefix, s.suffix) for s in from_parquet]
     assert from_pickle[0].prefix == "detect the red cat on the left" and from_pickle[0].task == "refer_detect"
-    assert len(from_pickle) == 3 and from_pickle[0].meta["image_size"] == (96, 64)
+    assert len(from_pickle) == 3 and from_pickle[0].image_size == (96, 64)
     raw, _ = build(
         "refcoco",
         refs=str(d / "refs(unc).p"),
@@ -138,10 +151,13 @@ def test_refcoco_segment_encodes_mask_tokens(samples_dir, vae_path):
     rows, _ = build("refcoco", task="segment", vae_path=vae_path, **kw)
     (row,) = rows
     assert row.prefix == "segment the big blue square" and row.task == "refer_segment"
-    dets = parse_detections(row.suffix, row.meta["image_size"])
+    dets = parse_detections(row.suffix, row.image_size)
     assert len(dets) == 1 and dets[0].seg is not None and len(dets[0].seg) == 16
-    with pytest.raises(DataError, match="vae_path"):
-        build("refcoco", task="segment", **kw)
+    # The real mask travels with the sample (COCO polygons here), for scoring at full resolution.
+    (target,) = row.targets
+    assert isinstance(target.mask, list) and target.rasterise(row.image_size).shape == row.image_size[::-1]
+    with pytest.raises(ValueError, match="model.vae_path"):
+        build("refcoco", task="segment", vae_path=None, **kw)
 
 
 def test_docvqa_train_one_answer_per_question_eval_all(samples_dir):
@@ -166,14 +182,14 @@ def test_jsonl_structured_detect_and_segment(samples_dir, vae_path):
     )
     assert seg_polygon.prefix == "segment red cat" and seg_polygon.task == "refer_segment"
     for row in (seg_polygon, seg_mask):
-        (det,) = parse_detections(row.suffix, row.meta["image_size"])
+        (det,) = parse_detections(row.suffix, row.image_size)
         assert det.seg is not None
     # The mask PNG's tight box is the dog's drawn rectangle [20, 16, 64, 64].
     assert seg_mask.suffix.startswith("<loc0205><loc0256><loc0818><loc0818>")
 
 
 def test_jsonl_structured_without_vae_is_a_clear_error(samples_dir):
-    with pytest.raises(DataError, match="vae_path"):
+    with pytest.raises(ValueError, match="model.vae_path"):
         build("jsonl", path=str(samples_dir / "jsonl" / "data.jsonl"))
 
 

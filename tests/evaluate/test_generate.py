@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.formats.shapes import draw_shape
 from pg_tune.data.sample import Sample
 from pg_tune.evaluate.generate import batch_inputs, generate, max_new_tokens_for
 from pg_tune.models.layout import EOS_ID
+from pg_tune.models.paligemma import PaliGemmaCollator
 from pg_tune.models.tiny import build_model
 from tests.numerics import assert_close_to_scale
 
@@ -145,3 +145,39 @@ def test_peft_wrapped_and_merged_models_generate_like_the_base(pg2_model_and_pro
     assert generate(wrapped, processor, samples, max_new_tokens=4) == expected
     merged = wrapped.merge_and_unload()
     assert generate(merged, processor, samples, max_new_tokens=4) == expected
+
+
+def test_generate_with_logprobs_gives_each_kept_token_its_log_probability(pg2_model_and_processor):
+    from pg_tune.evaluate.generate import generate_with_logprobs
+
+    model, processor = pg2_model_and_processor
+    samples = _samples()
+    generated = generate_with_logprobs(model, processor, samples, max_new_tokens=6)
+    assert [g.text for g in generated] == generate(model, processor, samples, max_new_tokens=6)
+    for sample in samples:
+        (g,) = generate_with_logprobs(model, processor, [sample], max_new_tokens=6)  # same padding as below
+        inputs = batch_inputs(
+            PaliGemmaCollator(processor, 64, train=False), [sample], torch.device("cpu"), torch.float32
+        )
+        out = model.generate(
+            **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            eos_token_id=EOS_ID, pad_token_id=0,
+        )  # fmt: skip
+        ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        kept = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
+        expected = [
+            float(torch.log_softmax(out.logits[step][0].float(), -1)[ids[step]]) for step in range(kept)
+        ]
+        assert len(g.token_logprobs) == kept
+        assert g.token_logprobs == pytest.approx(expected, abs=1e-4)
+        assert all(v <= 0 for v in g.token_logprobs)
+
+
+def test_generate_with_logprobs_under_beam_search_keeps_texts(pg2_model_and_processor):
+    from pg_tune.evaluate.generate import generate_with_logprobs
+
+    model, processor = pg2_model_and_processor
+    samples = _samples()
+    beams = generate_with_logprobs(model, processor, samples, max_new_tokens=5, num_beams=2)
+    assert [g.text for g in beams] == generate(model, processor, samples, max_new_tokens=5, num_beams=2)
+    assert all(g.token_logprobs and all(v <= 1e-6 for v in g.token_logprobs) for g in beams)

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from pg_tune.config.recipe import LoraConfig
-from pg_tune.data.collate import PaliGemmaCollator
 from pg_tune.data.sample import Sample
+from pg_tune.models.paligemma import PaliGemmaCollator
 from pg_tune.models.tiny import build_model
 from pg_tune.train.adapters import apply_lora
 from pg_tune.train.loss import LogitsWorkspace, SuffixLoss, head_cross_entropy_sum

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from pg_tune.cli import main
 from pg_tune.config import load_recipe
-from pg_tune.data import PaliGemmaCollator, Sample
-from pg_tune.models.paligemma import load_model
+from pg_tune.data import Sample
+from pg_tune.models.paligemma import PaliGemmaCollator, load_model
 from pg_tune.train.adapters import prepare_model
 from tests.numerics import assert_close_to_scale
 

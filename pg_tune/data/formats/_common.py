@@ -1,4 +1,4 @@
-"""Small pieces every format shares: reading JSON with line numbers, checking boxes, COCO masks.
+"""Small pieces every format shares: reading JSON with line numbers, checking boxes, prompts.
 
 Private to the format modules; each function reports through ``ctx.bad_rows`` with the place
 (``file:line`` or ``file[index]``) and the field, so nothing is silently dropped.
@@ -11,8 +11,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.sample import DataError
@@ -67,51 +65,6 @@ def check_box(
         bad_rows.bad("degenerate_box", f"{where}: box {list(box_xyxy)!r} has no area inside the image")
         return None
     return clipped
-
-
-def coco_segmentation_to_mask(segmentation: Any, image_size: tuple[int, int]) -> np.ndarray:
-    """A COCO ``segmentation`` (polygons, RLE or uncompressed RLE) -> HxW bool mask, via pycocotools."""
-    from pycocotools import mask as mask_utils
-
-    width, height = image_size
-    if isinstance(segmentation, list):
-        if not segmentation or not all(isinstance(p, list) and len(p) >= 6 for p in segmentation):
-            raise ValueError("polygons must be lists of at least 3 (x, y) points")
-        rles = mask_utils.frPyObjects(segmentation, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(segmentation, dict) and "counts" in segmentation:
-        rle = segmentation
-        if isinstance(rle["counts"], list):
-            rle = mask_utils.frPyObjects(rle, height, width)
-    else:
-        raise ValueError(f"expected polygons or an RLE dict, got {type(segmentation).__name__}")
-    return mask_utils.decode(rle).astype(bool)
-
-
-def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """Tight pixel box ``(x0, y0, x1, y1)`` around a mask (x1/y1 exclusive); ``None`` if empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-
-
-_MASK_CODECS: dict[str, Any] = {}
-
-
-def mask_codec(vae_path: str | None, where: str):
-    """The VQ-VAE mask codec for ``vae_path`` (loaded once per path); a clear error if unset."""
-    if not vae_path:
-        raise DataError(
-            f"{where}: segmentation needs the mask VQ-VAE weights: set vae_path to big_vision's vae-oid.npz"
-        )
-    if vae_path not in _MASK_CODECS:
-        from pg_tune.codecs.masks import MaskCodec
-
-        if not Path(vae_path).is_file():
-            raise DataError(f"{where}: vae_path {vae_path} not found (big_vision's vae-oid.npz)")
-        _MASK_CODECS[vae_path] = MaskCodec.from_npz(vae_path)
-    return _MASK_CODECS[vae_path]
 
 
 def format_prompt(template: str, where: str, **fields: str) -> str:

@@ -5,8 +5,9 @@ One raw record (``annotations`` entry; ``categories`` names it, ``images`` sizes
     {"id": 1768, "image_id": 289343, "category_id": 18, "bbox": [473.07, 395.93, 38.65, 28.67],
      "area": 702.1, "iscrowd": 0, "segmentation": [[...]]}
 
-Each image becomes ``prefix = "detect cat ; dog"`` and ``suffix = "<loc..>x4 cat ; <loc..>x4 dog"``
-(big_vision's box encoding, ``pg_tune.codecs.encode_objects``). Boxes outside the image are clipped
+Each image becomes ``prefix = "detect cat ; dog"`` and its objects as targets (label + pixel box),
+which the model family renders (PaliGemma: ``<loc..>x4 cat ; <loc..>x4 dog``, big_vision's box
+encoding). Boxes outside the image are clipped
 and counted; degenerate ones are bad rows. Selected in a recipe by::
 
     data:
@@ -25,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pg_tune.codecs import coco_bbox_to_xyxy, encode_objects
+from pg_tune.codecs import coco_bbox_to_xyxy
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats._common import check_box, format_prompt, read_json
-from pg_tune.data.sample import DataError, Sample
+from pg_tune.data.sample import DataError, ObjectTarget, Sample
 
 
 @dataclass
@@ -117,10 +118,10 @@ def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:
         present = list(dict.fromkeys(name for name, _ in objs))
         names = all_names if options.prompt_classes == "all" else present
         size = (int(info["width"]), int(info["height"]))
-        suffix = encode_objects(objs, size)
+        targets = tuple(ObjectTarget(name, box) for name, box in objs)
         prefix = format_prompt(options.prompt, where, classes=" ; ".join(names))
-        meta = {"image_size": size, "image_id": image_id, "objects": tuple(objs)}
-        samples.append(Sample(image, prefix, suffix, where, "detect", (suffix,), meta))
+        meta = {"image_id": image_id}
+        samples.append(Sample(image, prefix, "", where, "detect", (), meta, targets=targets, image_size=size))
     return samples
 
 

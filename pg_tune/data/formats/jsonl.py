@@ -11,9 +11,11 @@ A structured form spares writing ``<loc>``/``<seg>`` tokens by hand. Boxes are p
     {"image": "imgs/0002.jpg", "task": "detect", "objects": [{"label": "cat", "box": [10, 20, 200, 180]}]}
     {"image": "imgs/0003.jpg", "task": "segment", "objects": [{"label": "left cat", "polygon": [...]}]}
 
-Detection rows become ``detect cat ; dog`` -> ``<loc..>x4 cat ; <loc..>x4 dog``; segment rows
-``segment left cat`` -> ``<loc..>x4<seg..>x16 left cat`` (as the mix checkpoints answer; needs
-``vae_path``). A row may still set its own ``prefix``.
+Detection rows become the prompt ``detect cat ; dog`` and their objects as targets (label, pixel
+box; segment rows also the mask, kept as polygon or RLE). The model family renders them (PaliGemma:
+``<loc..>x4 cat ; <loc..>x4 dog``, and ``<loc..>x4<seg..>x16 left cat`` for ``segment left cat``
+as the mix checkpoints answer, through the VQ-VAE at ``model.vae_path``). A row may still set its
+own ``prefix``.
 
 Image paths are relative to the JSONL file's folder (or ``image_root``). Optional keys per line:
 ``task`` (the metric family, default from the options) and ``references`` (all ground truths, for
@@ -31,11 +33,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pg_tune.codecs import encode_box
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import check_box, coco_segmentation_to_mask, mask_box, mask_codec
+from pg_tune.data.formats._common import check_box
 from pg_tune.data.images import image_size, load_image
-from pg_tune.data.sample import TASKS, DataError, Sample
+from pg_tune.data.masks import mask_box, mask_to_rle, segmentation_to_mask
+from pg_tune.data.sample import TASKS, DataError, ObjectTarget, Sample
 
 
 @dataclass
@@ -46,8 +48,6 @@ class JsonlOptions:
     task: str = "caption"
     """Metric family for rows without a ``task`` key (caption, vqa, docvqa, detect, ...)."""
     limit: int | None = None
-    vae_path: str | None = None
-    """big_vision's ``vae-oid.npz``, needed only by structured ``segment`` rows."""
 
 
 def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:
@@ -135,7 +135,7 @@ _STRUCTURED_TASKS = {"detect": "detect", "segment": "refer_segment"}
 def _structured_row(
     row: dict, where: str, root: Path, options: JsonlOptions, ctx: BuildContext
 ) -> Sample | None:
-    """``{"image", "task": detect|segment, "objects": [...]}`` -> a sample with encoded tokens."""
+    """``{"image", "task": detect|segment, "objects": [...]}`` -> a sample with typed targets."""
     task = row.get("task")
     if task not in _STRUCTURED_TASKS:
         ctx.bad_rows.bad("wrong_type", f"{where}: field 'task' must be 'detect' or 'segment' with 'objects'")
@@ -153,19 +153,20 @@ def _structured_row(
     except DataError as e:
         ctx.bad_rows.bad("missing_image" if not image.is_file() else "unreadable_image", str(e))
         return None
-    codec = mask_codec(options.vae_path, where) if task == "segment" else None
-    parts, labels, kept = [], [], []
+    segment = task == "segment"
+    labels, targets = [], []
     for k, obj in enumerate(objects):
         at = f"{where}: objects[{k}]"
         if not isinstance(obj, dict) or not isinstance(obj.get("label"), str) or not obj["label"].strip():
             ctx.bad_rows.bad("missing_field", f"{at}: needs a non-empty string 'label'")
             return None
         label = " ".join(obj["label"].split())
-        mask = None
-        if codec is not None:
-            mask = _object_mask(obj, size, root, at, ctx)
-            if mask is None:
+        mask = segmentation = None
+        if segment:
+            found = _object_mask(obj, size, root, at, ctx)
+            if found is None:
                 return None
+            mask, segmentation = found
         if "box" in obj:
             box = check_box(obj["box"], size, f"{at}.box", ctx.bad_rows)
         elif mask is not None:
@@ -177,22 +178,16 @@ def _structured_row(
             return None
         if box is None:
             return None
-        if codec is None:
-            parts.append(f"{encode_box(box, size)} {label}")
-        else:
-            parts.append(f"{codec.encode_segment(mask, box, size)} {label}")
         labels.append(label)
-        kept.append((label, box))
+        targets.append(ObjectTarget(label, box, segmentation))
     prefix = row.get("prefix")
     if not isinstance(prefix, str):
         prefix = f"{task} " + " ; ".join(dict.fromkeys(labels))
-    suffix = " ; ".join(parts)
-    meta = {"image_size": size, "objects": tuple(kept)}
-    return Sample(image, prefix, suffix, where, _STRUCTURED_TASKS[task], (suffix,), meta)
+    return Sample(image, prefix, "", where, _STRUCTURED_TASKS[task], (), {}, tuple(targets), size)
 
 
 def _object_mask(obj: dict, size: tuple[int, int], root: Path, at: str, ctx: BuildContext):
-    """The object's HxW bool mask from ``polygon`` or a ``mask`` PNG; ``None`` after reporting."""
+    """``(HxW bool mask, COCO segmentation)`` from ``polygon`` or a ``mask`` PNG; ``None`` after reporting."""
     import numpy as np
 
     if "polygon" in obj:
@@ -200,7 +195,8 @@ def _object_mask(obj: dict, size: tuple[int, int], root: Path, at: str, ctx: Bui
         if isinstance(polygon, list) and polygon and all(isinstance(p, list) for p in polygon):
             polygon = [v for point in polygon for v in point]
         try:
-            return coco_segmentation_to_mask([[float(v) for v in polygon]], size)
+            segmentation = [[float(v) for v in polygon]]
+            return segmentation_to_mask(segmentation, size), segmentation
         except (TypeError, ValueError) as e:
             ctx.bad_rows.bad("bad_mask", f"{at}.polygon: {e}")
             return None
@@ -215,6 +211,6 @@ def _object_mask(obj: dict, size: tuple[int, int], root: Path, at: str, ctx: Bui
                 "bad_mask", f"{at}.mask: {mask.shape[1]}x{mask.shape[0]} differs from the image {size}"
             )
             return None
-        return mask
+        return mask, mask_to_rle(mask)
     ctx.bad_rows.bad("missing_field", f"{at}: a segment object needs 'polygon' or 'mask'")
     return None

@@ -14,10 +14,12 @@ function such as ``os.system``) is refused with a ``DataError`` instead of being
 The common parquet copies (one row per ref or per sentence, boxes already ``[x0, y0, x1, y1]`` in
 pixels, images by path) are read with ``parquet:`` and a column mapping.
 
-Each sentence is one sample: ``prefix = "detect {expression}"`` and ``suffix = "<loc..>x4"``, or for
-``task: segment`` ``"segment {expression}"`` and ``"<loc..>x4<seg..>x16"`` (big_vision's transfer
-uses the raw sentence as the prefix: set ``prompt: "{expression}"``). Segmentation encodes masks
-with the VQ-VAE at ``vae_path``. Selected in a recipe by::
+Each sentence is one sample: ``prefix = "detect {expression}"`` (``task: segment``:
+``"segment {expression}"``; big_vision's transfer uses the raw sentence as the prefix: set
+``prompt: "{expression}"``) and one target object: the pixel box and, for ``segment``, the real COCO
+mask (polygons or RLE). The model family renders it (PaliGemma: ``<loc..>x4`` /
+``<loc..>x4<seg..>x16``, the masks through the VQ-VAE at ``model.vae_path``); scoring compares with
+the box and mask themselves. Selected in a recipe by::
 
     data:
       train:
@@ -27,7 +29,6 @@ with the VQ-VAE at ``vae_path``. Selected in a recipe by::
           images: coco/train2014
           split: train
           task: segment
-          vae_path: vae-oid.npz
 """
 
 from __future__ import annotations
@@ -39,17 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pg_tune.codecs import coco_bbox_to_xyxy, encode_box
+from pg_tune.codecs import coco_bbox_to_xyxy
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import (
-    check_box,
-    coco_segmentation_to_mask,
-    format_prompt,
-    mask_codec,
-    read_json,
-)
+from pg_tune.data.formats._common import check_box, format_prompt, read_json
 from pg_tune.data.images import image_size
-from pg_tune.data.sample import DataError, Sample
+from pg_tune.data.masks import segmentation_to_mask
+from pg_tune.data.sample import DataError, ObjectTarget, Sample
 
 _DEFAULT_PROMPTS = {"detect": "detect {expression}", "segment": "segment {expression}"}
 
@@ -74,8 +70,6 @@ class RefcocoOptions:
     """Template with ``{expression}``; default ``detect {expression}`` / ``segment {expression}``."""
     sentence: Literal["sent", "raw"] = "sent"
     """Which text of a refer sentence: the cleaned lower-case ``sent`` or the annotator's ``raw``."""
-    vae_path: str | None = None
-    """big_vision's ``vae-oid.npz``, needed for ``task: segment``."""
     limit: int | None = None
 
 
@@ -126,7 +120,6 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
     else:
         raise DataError("refcoco: set refs, instances and images (the refer toolkit's files), or parquet")
     task = "refer_detect" if options.task == "detect" else "refer_segment"
-    codec = mask_codec(options.vae_path, "refcoco") if options.task == "segment" else None
     samples: list[Sample] = []
     for row in rows:
         if options.limit is not None and len(samples) >= options.limit:
@@ -138,20 +131,19 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
         if not row["expressions"]:
             ctx.bad_rows.bad("empty_prefix", f"{where}: no referring expression (sentences is empty)")
             continue
-        meta: dict[str, Any] = {"image_size": size, "box": box}
-        if codec is None:
-            suffix = encode_box(box, size)
-        else:
-            if row.get("segmentation") is None:
+        meta: dict[str, Any] = {}
+        segmentation = None
+        if task == "refer_segment":
+            segmentation = row.get("segmentation")
+            if segmentation is None:
                 ctx.bad_rows.bad("missing_field", f"{where}: task segment needs field 'segmentation'")
                 continue
             try:
-                mask = coco_segmentation_to_mask(row["segmentation"], size)
+                segmentation_to_mask(segmentation, size)  # a bad mask is named now, not mid-training
             except (ValueError, TypeError) as e:
                 ctx.bad_rows.bad("bad_mask", f"{where}: field 'segmentation': {e}")
                 continue
-            suffix = codec.encode_segment(mask, box, size)
-            meta["segmentation"] = row["segmentation"]
+        targets = (ObjectTarget("", box, segmentation),)
         for k, expression in enumerate(row["expressions"]):
             expression = " ".join(str(expression).split())
             if not expression:
@@ -159,7 +151,7 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
                 continue
             prefix = format_prompt(prompt, where, expression=expression)
             samples.append(
-                Sample(row["image"], prefix, suffix, f"{where}[sentence {k}]", task, (suffix,), meta)
+                Sample(row["image"], prefix, "", f"{where}[sentence {k}]", task, (), meta, targets, size)
             )
     return samples
 
