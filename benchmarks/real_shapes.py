@@ -159,13 +159,14 @@ def worker_reference(args, sampler: RssSampler) -> dict:
     )
 
     from pg_tune.config.recipe import parse_recipe
-    from pg_tune.models.paligemma import lora_target_regex
+    from pg_tune.models.family import family_for
     from pg_tune.models.quantize import bnb_config
 
     recipe = parse_recipe(
         recipe_data(args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps)
     )
-    kwargs = {"quantization_config": bnb_config(recipe.quantization)} if args.case == "qlora" else {}
+    family = family_for(args.checkpoint)
+    kwargs = {"quantization_config": bnb_config(recipe.quantization, family)} if args.case == "qlora" else {}
     model = PaliGemmaForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16, **kwargs)
     processor = PaliGemmaProcessor.from_pretrained(args.checkpoint)
     sampler.mark("loaded")
@@ -173,7 +174,7 @@ def worker_reference(args, sampler: RssSampler) -> dict:
         r=8,
         lora_alpha=16,
         lora_dropout=0.0,
-        target_modules=lora_target_regex(recipe.lora),
+        target_modules=family.lora_target_regex(recipe.lora),
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, config)

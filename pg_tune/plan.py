@@ -122,9 +122,11 @@ def load_config(recipe: Recipe):
         return shape_config(shape), f"pg_tune's copy of {name}'s published config (not in the hub cache)"
 
 
-def _dtype_for(recipe: Recipe, device: str) -> torch.dtype:
-    from pg_tune.models.paligemma import _DTYPES
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
+
+def _dtype_for(recipe: Recipe, device: str) -> torch.dtype:
+    """The recipe's dtype; ``auto`` as training resolves it on ``device`` (bf16 on CUDA, fp32 on CPU)."""
     if recipe.model.dtype != "auto":
         return _DTYPES[recipe.model.dtype]
     return torch.bfloat16 if device == "cuda" else torch.float32
@@ -165,11 +167,17 @@ def estimate(
     from torch import nn
     from transformers import PaliGemmaForConditionalGeneration
 
-    from pg_tune.models.paligemma import lora_target_regex
+    from pg_tune.models.family import family_for
     from pg_tune.models.quantize import skip_modules
     from pg_tune.train.loss import DEFAULT_CHUNK_ROWS
 
     config, source = config_and_source or load_config(recipe)
+    if config.model_type != "paligemma":
+        raise ValueError(
+            f"model.name_or_path={recipe.model.name_or_path!r} is a {config.model_type} model; pg-tune plan "
+            "models PaliGemma's layers only so far"
+        )
+    family = family_for(recipe.model.name_or_path)
     batch = batch_size or recipe.train.batch_size
     dtype = _dtype_for(recipe, device)
     size = torch.finfo(dtype).bits // 8
@@ -177,8 +185,8 @@ def estimate(
         model = PaliGemmaForConditionalGeneration(config)
     quant = recipe.quantization
     quantized = quant.mode != "none"
-    skipped = skip_modules(quant) if quantized else []
-    target = re.compile(lora_target_regex(recipe.lora))
+    skipped = skip_modules(quant, family) if quantized else []
+    target = re.compile(family.lora_target_regex(recipe.lora))
 
     # --- weights (exact) ---------------------------------------------------------------------
     full_params = q_params = 0
