@@ -64,7 +64,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         choices=["module", "full"],
         default="module",
         help="module: stream the merge shard by shard, check each merged module on random inputs "
-        "(memory: about one shard); full: load the whole model, compare logits on --samples samples",
+        "(memory: about the largest tensor); full: load the whole model, compare logits on --samples samples",
     )
     p.add_argument("--samples", type=int, default=4, help="samples in the --parity full check")
     p.add_argument("--device", default=None, help="where to merge (default: cuda if available, else cpu)")
