@@ -54,6 +54,7 @@ class SideResult:
     seconds: float
     best_step_s: float
     first_loss: float
+    trainable_params: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,12 +150,30 @@ def _peak_memory_gb(device: str) -> tuple[float, str]:
 
 
 def _recipe(args):
-    from pg_tune.config.recipe import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
+    from pg_tune.config.recipe import (
+        DataConfig,
+        FullConfig,
+        LoraConfig,
+        ModelConfig,
+        PartialConfig,
+        Recipe,
+        TrainConfig,
+    )
 
     return Recipe(
         output_dir=tempfile.mkdtemp(prefix="pg_tune_bench_"),
         model=ModelConfig(name_or_path=args.preset, dtype=args.dtype),
-        lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, targets="attention_mlp"),
+        method=args.method,
+        lora=LoraConfig(
+            r=args.lora_r,
+            alpha=2 * args.lora_r,
+            dropout=0.0,
+            targets="attention_mlp",
+            use_dora=args.use_dora,
+            use_rslora=args.use_rslora,
+        ),
+        full=FullConfig(vision=args.full_vision),
+        partial=PartialConfig(groups=args.partial_groups.split(",")),
         data=DataConfig(
             max_text_length=128,
             num_workers=args.num_workers,
@@ -193,6 +212,7 @@ def _run_pg_tune(args, samples, device: str) -> tuple[list[float], list[int], fl
     optimizer = build_optimizer(trainable, recipe.train)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     marks, tokens, first_loss = [], [], float("nan")
+    _run_pg_tune.trainable_params = sum(p.numel() for p in trainable)
     batches = _endless(loader)
     _sync(device)
     marks.append(time.perf_counter())
@@ -241,6 +261,7 @@ def _run_reference(args, samples, device: str) -> tuple[list[float], list[int], 
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, config)
+    _run_reference.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def collate_fn(examples):
         texts = ["<image>" + s.prefix for s in examples]
@@ -332,6 +353,7 @@ def run_side(args) -> SideResult:
         seconds=seconds,
         best_step_s=min(b - a for a, b in itertools.pairwise(timed)),
         first_loss=first_loss,
+        trainable_params=getattr(runner, "trainable_params", 0),
     )
 
 
@@ -351,11 +373,28 @@ def _worker_command(args, side: str, data_dir: str) -> list[str]:
         "--optimizer",
         args.optimizer,
     ]
+    cmd += ["--method", args.method, "--partial-groups", args.partial_groups]
+    for flag in ("use_dora", "use_rslora", "full_vision"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag.replace('_', '-')}")
     if args.group_by_length:
         cmd.append("--group-by-length")
     if args.feature_cache:
         cmd += ["--feature-cache", args.feature_cache]
     return cmd
+
+
+def _method_label(args) -> str:
+    if args.method == "full":
+        return "full" + (" + vision" if args.full_vision else "")
+    if args.method == "partial":
+        return f"partial [{args.partial_groups}]"
+    return (
+        "LoRA"
+        + (" + DoRA" if args.use_dora else "")
+        + (" + rsLoRA" if args.use_rslora else "")
+        + f" r={args.lora_r}"
+    )
 
 
 def _spread(values: list[float]) -> str:
@@ -416,6 +455,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=32, help="distinct images/rows in the data")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
     parser.add_argument("--group-by-length", action="store_true", help="pg_tune side: data.group_by_length")
+    parser.add_argument(
+        "--method",
+        default="lora",
+        choices=["lora", "full", "partial"],
+        help="pg_tune side: the recipe's method",
+    )
+    parser.add_argument(
+        "--partial-groups", default="attention", help="pg_tune side, --method partial: groups"
+    )
+    parser.add_argument(
+        "--full-vision", action="store_true", help="pg_tune side, --method full: train SigLIP"
+    )
+    parser.add_argument("--use-dora", action="store_true", help="pg_tune side: lora.use_dora")
+    parser.add_argument("--use-rslora", action="store_true", help="pg_tune side: lora.use_rslora")
     parser.add_argument("--feature-cache", default=None, help="pg_tune side: data.feature_cache directory")
     parser.add_argument("--sides", default="pg_tune,reference", help="comma-separated subset of the sides")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
@@ -452,12 +505,14 @@ def main(argv: list[str] | None = None) -> int:
                 results[side].append(result)
                 print(
                     f"rep {rep + 1}/{args.reps} {side:<9} {result.samples_per_s:6.2f} samples/s  "
-                    f"peak {result.peak_memory_gb:.2f} GB  first loss {result.first_loss:.4f}",
+                    f"peak {result.peak_memory_gb:.2f} GB  first loss {result.first_loss:.4f}  "
+                    f"trainable {result.trainable_params:,}",
                     flush=True,
                 )
     print()
     print(
-        f"preset {args.preset}, batch {args.batch_size}, {args.dtype}, LoRA r={args.lora_r} attention+MLP, "
+        f"preset {args.preset}, batch {args.batch_size}, {args.dtype}, reference: LoRA r={args.lora_r} attention+MLP; "
+        f"pg_tune: {_method_label(args)}, "
     )
     print(f"{args.threads} threads, {args.steps} timed steps x {args.reps} reps")
     print(format_table(results, peak, args.device))

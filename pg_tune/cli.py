@@ -1,6 +1,7 @@
 """The ``pg-tune`` command line (also ``python -m pg_tune``).
 
-pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says (--resume auto|PATH continues)
+pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says (--resume auto|PATH continues,
+                                             --overwrite starts a non-empty output_dir clean)
 pg-tune validate RECIPE [key.sub=value ...]  check a recipe without loading anything heavy
 pg-tune plan RECIPE [--memory 24GiB]         expected peak memory by part; the micro-batch that fits
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from pg_tune import commands_export
 from pg_tune.commands_data import add_data_parser
-from pg_tune.commands_eval import add_eval_parser, add_predict_parser, add_remote_code_argument
+from pg_tune.commands_eval import add_eval_parser, add_predict_parser
+from pg_tune.commands_train import add_train_parser
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
 from pg_tune.plan import add_plan_parser
@@ -32,65 +34,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from pg_tune.train.loop import train
-    from pg_tune.train.resume import ResumeError
-    from pg_tune.train.signals import TrainingStopped
-
-    recipe, resolved_recipe = load_recipe(args.recipe, args.overrides)
-    recipe.model.trust_remote_code = args.trust_remote_code
-    try:
-        result = train(recipe, resolved_recipe, resume=args.resume)
-    except TrainingStopped as e:
-        print(f"pg-tune: {e}", file=sys.stderr)
-        return e.exit_code
-    except ResumeError as e:
-        print(f"pg-tune: error: {e}", file=sys.stderr)
-        return 2
-    if result.is_main_process:
-        print(_summary(result))
-    return 0
-
-
-def _summary(result) -> str:
-    lines = [
-        "",
-        "=== pg_tune summary ===",
-        f"steps:          {result.steps} in {result.seconds:.0f} s",
-        f"loss:           {result.first_loss:.4f} (first step) -> {result.last_loss:.4f} (last step)",
-    ]
-    for name in sorted(set(result.metrics_before) | set(result.metrics_after)):
-        if name.endswith("/count"):
-            continue
-        before = result.metrics_before.get(name)
-        after = result.metrics_after.get(name)
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"{name + ':':<15} {fmt(before)} (before) -> {fmt(after)} (after)")
-    lines += [
-        f"adapter:        {result.adapter_dir}",
-        *([f"best:           {result.best_checkpoint}"] if result.best_checkpoint else []),
-        f"metrics log:    {result.output_dir / 'metrics.jsonl'}",
-    ]
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pg-tune", description="Fine-tune PaliGemma with LoRA/QLoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune from a recipe")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="auto|PATH",
-        help="continue from the newest complete checkpoint of output_dir (auto) or from PATH",
-    )
-    add_remote_code_argument(p)
-    p.set_defaults(func=_cmd_train)
+    add_train_parser(sub)
 
     p = sub.add_parser("validate", help="check a recipe (keys, types, dataset formats)")
     p.add_argument("recipe")

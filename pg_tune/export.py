@@ -12,6 +12,10 @@ merged model's logits must match the unmerged base + adapter (both fp32) within
 ``PARITY_ATOL + PARITY_RTOL * max|logit|``. The cost of casting to the export dtype, and for a QLoRA
 run the gap between the quantized model that was trained and the merged full-precision one, are
 measured and reported (not enforced: they are the expected price of those choices).
+
+A ``full`` or ``partial`` run (``method: full|partial``) has no adapter: it saved a complete model
+folder (``RUN/model``) that loads with transformers alone. Exporting it only casts that folder to
+``--dtype`` (the cast's logit change is measured and reported) and adds the model card.
 """
 
 from __future__ import annotations
@@ -53,14 +57,27 @@ class Run:
     recipe: Recipe
     resolved: dict[str, Any]
     adapter_dir: Path
+    """``RUN/adapter`` for a LoRA run; for a full or partial run the complete model, ``RUN/model``."""
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_full_model(self) -> bool:
+        """A ``full`` / ``partial`` run: ``adapter_dir`` holds a complete model, not an adapter."""
+        return self.recipe.method != "lora"
 
 
 def read_run(run_dir: str | Path) -> Run:
-    """Read a run folder's recipe, summary and adapter location; errors name the missing file."""
+    """Read a run folder's recipe, summary and adapter (or model) location; errors name the missing file."""
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "adapter"
-    for required in (adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"):
+    if (run_dir / "model" / "config.json").is_file() and not adapter_dir.is_dir():
+        adapter_dir = run_dir / "model"  # a full or partial run: a complete model folder
+        required_files = [adapter_dir / "config.json"]
+        if not any(adapter_dir.glob("*.safetensors")):
+            raise ExportError(f"{run_dir}: not a finished training run (no weights in {adapter_dir})")
+    else:
+        required_files = [adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"]
+    for required in required_files:
         if not required.is_file():
             raise ExportError(f"{run_dir}: not a finished training run ({required} is missing)")
     recipe_path = next(
@@ -70,8 +87,10 @@ def read_run(run_dir: str | Path) -> Run:
         raise ExportError(f"{run_dir}: recipe.yaml is missing (looked in the run folder and adapter/)")
     resolved = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
     recipe = parse_recipe(resolved)
-    # The base comes from the recipe, which must name the one the adapter was trained on.
-    adapter_base(adapter_dir, recipe.model.name_or_path, f"{recipe_path} (model.name_or_path)")
+    # The base comes from the recipe, which must name the one the adapter was trained on (a full or
+    # partial run's folder is the whole model: no base to check).
+    if recipe.method == "lora":
+        adapter_base(adapter_dir, recipe.model.name_or_path, f"{recipe_path} (model.name_or_path)")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     return Run(run_dir, recipe, resolved, adapter_dir, summary)
@@ -188,7 +207,7 @@ def export_merged(
         raise ExportError(f"{out_dir}: exists and is not empty; choose a new --out folder")
     if parity not in ("module", "full"):
         raise ExportError(f"--parity {parity!r}: choose module or full")
-    if parity == "module":
+    if parity == "module" and not run.is_full_model:  # full/partial runs have no adapter to merge
         from pg_tune.merge import MergeError, stream_export
 
         try:
@@ -202,6 +221,8 @@ def export_merged(
     mask_codec = family.load_mask_codec(run.recipe.model.vae_path)
     collator = family.collator(processor, run.recipe.data.max_text_length, train=True, mask_codec=mask_codec)
     batches = [collator([(i, s)]) for i, s in enumerate(samples)]
+    if run.is_full_model:
+        return _export_full_model(run, out_dir, dtype, batches, processor, device, max_shard_size, family)
 
     # 1. base + adapter, unmerged, fp32: the reference.
     model = _load_with_adapter(run, quantized=False, device=device)
@@ -251,6 +272,37 @@ def export_merged(
             report["quantized_vs_merged"],
         )
         del qmodel
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    (out_dir / "README.md").write_text(build_model_card(run, kind="merged", export_report=report))
+    print(f"exported to {out_dir}")
+    return report
+
+
+def _export_full_model(
+    run: Run,
+    out_dir: Path,
+    dtype: str,
+    batches: list[dict[str, torch.Tensor]],
+    processor: Any,
+    device: str,
+    max_shard_size: str,
+    family: Any,
+) -> dict[str, Any]:
+    """A full / partial run's model folder, cast to ``dtype``: nothing to merge, the cast measured."""
+    from pg_tune.model_card import build_model_card
+
+    model = family.model_class.from_pretrained(run.adapter_dir, dtype=torch.float32).to(device)
+    reference = text_logits(model, batches)
+    report: dict[str, Any] = {"dtype": dtype, "samples": len(batches), "method": run.recipe.method}
+    model = model.to(EXPORT_DTYPES[dtype])
+    if dtype != "fp32":
+        report["cast"] = compare_logits(reference, text_logits(model, batches))
+        _say(f"cast to {dtype} vs the trained fp32 weights", report["cast"])
+    model.config.name_or_path = run.recipe.model.name_or_path
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    processor.save_pretrained(out_dir)
+    del model
+    gc.collect()
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     (out_dir / "README.md").write_text(build_model_card(run, kind="merged", export_report=report))
     print(f"exported to {out_dir}")

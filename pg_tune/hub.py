@@ -90,12 +90,13 @@ def upload_plan(
         report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
         items = _folder_items(folder, skip={"README.md"})
     else:
-        # peft writes its own template README.md into the adapter folder; ours replaces it.
+        # peft writes its own template README.md into the adapter folder; ours replaces it. A full
+        # or partial run's folder is a complete model already (run.adapter_dir is RUN/model).
         items = _folder_items(run.adapter_dir, skip={"README.md"})
     items += [UploadItem(name, run.run_dir / name) for name in RUN_RECORDS if (run.run_dir / name).is_file()]
     card = build_model_card(
         run,
-        kind="merged" if merged else "adapter",
+        kind="merged" if merged or run.is_full_model else "adapter",
         export_report=report,
         repo_id=repo_id,
         base_model=base_model,
@@ -177,7 +178,11 @@ def push(
         print("  " + item.describe())
     if dry_run:
         return items
-    what = "merged weights" if merged else "LoRA adapter"
+    what = (
+        "merged weights"
+        if merged
+        else ("model weights" if read_run(run_dir).is_full_model else "LoRA adapter")
+    )
     info = upload(items, repo_id, private, revision, f"pg_tune: {what} from {Path(run_dir).name}", endpoint)
     print(f"pushed: {info.commit_url}")
     return items

@@ -95,6 +95,12 @@ def _module_parity_text(report: dict[str, Any]) -> str:
     return text
 
 
+def _method_tags(method: str, kind: str) -> list[str]:
+    if method != "lora":
+        return [f"{method}-finetune"]
+    return ["lora"] if kind == "adapter" else ["merged-lora"]
+
+
 def build_model_card(
     run: Run,
     kind: Literal["adapter", "merged"],
@@ -116,7 +122,7 @@ def build_model_card(
                 DEFAULT_TAGS[:1]
                 + list(family.hub_tags)
                 + DEFAULT_TAGS[1:]
-                + (["lora"] if kind == "adapter" else ["merged-lora"])
+                + _method_tags(run.recipe.method, kind)
                 + (tags or [])
             )
         ),
@@ -126,6 +132,12 @@ def build_model_card(
     title = repo_id or run.run_dir.name
     base_text = f"`{base}`" if base else f"`{recipe.model.name_or_path}` (a local or built-in base)"
     method = "QLoRA" if recipe.quantization.mode != "none" else "LoRA"
+    if recipe.method == "lora" and recipe.lora.use_dora:
+        method = "DoRA" if recipe.quantization.mode == "none" else "QDoRA"
+    if recipe.method == "full":
+        method = "full fine-tuning" + (", vision encoder included" if recipe.full.vision else "")
+    elif recipe.method == "partial":
+        method = f"partial fine-tuning of {', '.join(recipe.partial.groups)}"
     if recipe.quantization.mode != "none":
         method += f" ({recipe.quantization.mode} {recipe.quantization.bnb_4bit_quant_type} base)"
     if kind == "adapter":
@@ -135,15 +147,24 @@ def build_model_card(
     steps = run.summary.get("steps")
     parts = [
         f"# {title}\n",
-        f"{'A LoRA adapter' if kind == 'adapter' else 'Merged weights'} for {base_text}, fine-tuned with "
+        f"{'A LoRA adapter' if kind == 'adapter' else 'Merged weights' if recipe.method == 'lora' else 'Weights'}"
+        f" for {base_text}, fine-tuned with "
         f"pg_tune ({method}" + (f", {steps} optimizer steps" if steps else "") + ").\n",
         "## Usage\n",
         usage,
         "## Evaluation\n",
         _metrics_table(run.summary),
     ]
-    if export_report:
+    if export_report and "parity_fp32" in export_report:
         parts += ["## Export parity\n", _parity_text(export_report)]
+    elif export_report and "cast" in export_report:  # a full / partial run: nothing merged, only cast
+        c = export_report["cast"]
+        parts += [
+            "## Export\n",
+            f"Saved as {export_report['dtype']}: max |Δlogit| {c['max_abs_diff']:.3g} (mean "
+            f"{c['mean_abs_diff']:.3g}) against the trained fp32 weights, top-1 agreement "
+            f"{100 * c['top1_agreement']:.2f}% over {c['positions']} positions.\n",
+        ]
     parts += [
         "## Training recipe\n",
         "The resolved recipe (defaults filled in) this model was trained with:\n",

@@ -255,7 +255,7 @@ def test_recipe_errors_name_the_dotted_path(tmp_path, patch, fragment):
 
 @pytest.mark.slow
 def test_training_skips_and_counts_a_corrupt_image(tmp_path, shapes_jsonl):
-    from pg_tune.train.loop import train
+    from pg_tune.commands_train import run_training
 
     images = sorted((shapes_jsonl.parent / "images").glob("*.png"))
     images[3].write_bytes(b"corrupted after indexing")  # build sees the file; only decoding fails
@@ -267,7 +267,7 @@ def test_training_skips_and_counts_a_corrupt_image(tmp_path, shapes_jsonl):
         "eval": {"before_training": False},
     }
     recipe, resolved = load_recipe(_recipe_file(tmp_path, data))
-    result = train(recipe, resolved)
+    result = run_training(recipe, resolved)
     assert result.steps == 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["bad_rows"]["training"] == {"corrupt_image": 1}

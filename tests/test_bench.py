@@ -27,6 +27,11 @@ def _args(tmp_path, side: str) -> argparse.Namespace:
         group_by_length=True,
         feature_cache=None,
         data_dir=str(tmp_path),
+        method="lora",
+        partial_groups="attention",
+        full_vision=False,
+        use_dora=False,
+        use_rslora=False,
     )
 
 

@@ -15,7 +15,7 @@ from pg_tune.export import ExportError, export_merged, read_run
 
 def make_run(out_dir, checkpoint, quantization: str = "none"):
     """A real training run folder: 2 steps of LoRA (or QLoRA) on the saved tiny checkpoint."""
-    from pg_tune.train.loop import train
+    from pg_tune.commands_train import run_training
 
     recipe = parse_recipe(
         {
@@ -31,7 +31,7 @@ def make_run(out_dir, checkpoint, quantization: str = "none"):
             "eval": {"max_new_tokens": 4},
         }
     )
-    train(recipe, resolved(recipe))
+    run_training(recipe, resolved(recipe))
     return out_dir
 
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pg_tune.cli import main as cli_main
-from pg_tune.config.recipe import parse_recipe
+from pg_tune.config.recipe import parse_recipe, resolved
 from pg_tune.config.schema import ConfigError
 from pg_tune.export import read_run
 from pg_tune.hub import push_from_training, upload_plan
@@ -307,3 +307,33 @@ def test_private_push_into_an_existing_public_repo_is_refused(fake_hub, quick_ru
     assert fake_hub["commits"] == []
     assert cli_main(["push", str(quick_run), "--repo-id", "me/already-public", "--public"]) == 0
     assert len(fake_hub["commits"]) == 1
+
+
+@pytest.mark.slow
+def test_train_command_pushes_checkpoints_then_the_adapter_with_its_summary(
+    fake_hub, tmp_path, tiny_checkpoint
+):
+    """The loop knows nothing of the Hub: the train command pushes each checkpoint (a callback)
+    and, after train() returns and summary.json is written, the adapter."""
+    from pg_tune.commands_train import run_training
+
+    recipe = parse_recipe(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name_or_path": str(tiny_checkpoint), "dtype": "float32"},
+            "lora": {"r": 2, "alpha": 4, "dropout": 0.0, "targets": "attention"},
+            "data": {"train": [{"format": "shapes", "num_samples": 4}]},
+            "train": {"max_steps": 2, "batch_size": 2, "save_every": 1, "keep_last": 2},
+            "eval": {"before_training": False},
+            "hub": {"repo_id": "me/from-train", "push_checkpoints": True},
+        }
+    )
+    run_training(recipe, resolved(recipe))
+    pushed = [
+        {line["value"]["path"] for line in c["lines"] if line["key"] in ("file", "lfsFile")}
+        for c in fake_hub["commits"]
+    ]
+    assert len(pushed) == 3
+    assert "checkpoints/step-0000001/trainable.safetensors" in pushed[0]
+    assert "checkpoints/step-0000002/trainable.safetensors" in pushed[1]
+    assert {"adapter_model.safetensors", "summary.json"} <= pushed[2]

@@ -19,6 +19,7 @@ from pg_tune.codecs.boxes import (
     encode_box,
     encode_objects,
     loc_bins,
+    parse_detection_spans,
     parse_detections,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "encode_box",
     "encode_objects",
     "loc_bins",
+    "parse_detection_spans",
     "parse_detections",
     # from masks (torch), loaded on first use:
     "VAE_NUM_BYTES",

@@ -19,6 +19,7 @@ can recover (possibly ``[]``).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "encode_box",
     "encode_objects",
     "loc_bins",
+    "parse_detection_spans",
     "parse_detections",
 ]
 
@@ -64,7 +66,12 @@ def _check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
         width, height = image_size
     except (TypeError, ValueError):
         raise ValueError(f"image_size must be (width, height), got {image_size!r}") from None
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (width, height)):
+    # numbers.Real covers Python and numpy scalars (np.int64 from an array's shape, np.float32);
+    # bool is a Real too but never a size.
+    if not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in (width, height)
+    ):
         raise ValueError(f"image_size must be two positive numbers (width, height), got {image_size!r}")
     return int(width), int(height)
 
@@ -167,14 +174,23 @@ def parse_detections(text: str, image_size: Sequence[int]) -> list[Detection]:
 
     ``image_size`` is ``(width, height)`` of the original image; a bad one is a caller bug and raises.
     """
+    return [detection for detection, _ in parse_detection_spans(text, image_size)]
+
+
+def parse_detection_spans(text: str, image_size: Sequence[int]) -> list[tuple[Detection, tuple[int, int]]]:
+    """`parse_detections`, each detection with the ``[start, end)`` characters of ``text`` it was read
+    from (its loc tokens through its label, separators excluded), e.g. to score it from the
+    log-probabilities of the tokens that wrote it (``pg_tune.evaluate.metrics.detection``)."""
     width, height = _check_image_size(image_size)
     if not isinstance(text, str):
         return []
-    text = _OTHER_SPECIAL_RE.sub(" ", text)
+    # Same length, so character positions still index the caller's text.
+    text = _OTHER_SPECIAL_RE.sub(lambda m: " " * len(m.group()), text)
 
-    detections: list[Detection] = []
+    detections: list[tuple[Detection, tuple[int, int]]] = []
     seen: set[tuple[str, tuple[int, ...], tuple[int, ...] | None]] = set()
     pending_locs: list[int] = []
+    pending_start = 0
     current: dict | None = None
 
     def finish() -> None:
@@ -182,6 +198,7 @@ def parse_detections(text: str, image_size: Sequence[int]) -> list[Detection]:
         if current is None:
             return
         locs, segs, label = current["loc"], current["seg"], " ".join("".join(current["label"]).split())
+        start, end = current["start"], current["end"]
         current = None
         if not all(0 <= b <= MAX_LOC for b in locs):
             return
@@ -199,21 +216,25 @@ def parse_detections(text: str, image_size: Sequence[int]) -> list[Detection]:
             xmax / MAX_LOC * width,
             ymax / MAX_LOC * height,
         )
-        detections.append(Detection(label=label, box=box, loc=loc, seg=seg))
+        detections.append((Detection(label=label, box=box, loc=loc, seg=seg), (start, end)))
 
     for match in _PIECE_RE.finditer(text):
         loc_digits, seg_digits, separator, other = match.groups()
         if loc_digits is not None:
             if current is not None:
                 finish()
+            if not pending_locs:
+                pending_start = match.start()
             pending_locs.append(int(loc_digits))
             if len(pending_locs) == 4:
                 current = {"loc": pending_locs, "seg": [], "label": [], "labelled": False}
+                current.update(start=pending_start, end=match.end())
                 pending_locs = []
         elif seg_digits is not None:
             pending_locs = []
             if current is not None and not current["labelled"] and len(current["seg"]) < NUM_SEG_TOKENS:
                 current["seg"].append(int(seg_digits))
+                current["end"] = match.end()
         elif separator is not None:
             pending_locs = []
             finish()
@@ -223,6 +244,7 @@ def parse_detections(text: str, image_size: Sequence[int]) -> list[Detection]:
                 if current is not None:
                     current["labelled"] = True
                     current["label"].append(other)
+                    current["end"] = match.start() + len(other.rstrip())
             elif current is not None and current["labelled"]:
                 current["label"].append(other)
     finish()

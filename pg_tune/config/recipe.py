@@ -1,6 +1,6 @@
 """The recipe: a YAML file turned into small typed sections, validated before anything loads.
 
-Sections: ``model``, ``lora``, ``quantization``, ``data``, ``train``, ``eval``, ``logging``,
+Sections: ``model``, ``method`` (with ``lora`` / ``full`` / ``partial``), ``quantization``, ``data``, ``train``, ``eval``, ``logging``,
 ``hub``, ``output_dir``. Each dataset entry under ``data.train`` / ``data.eval`` names its ``format`` and
 carries that format's own keys (see ``data_formats/``).
 """
@@ -66,14 +66,44 @@ class LoraConfig:
     """Also adapt the SigLIP encoder's layers (same target set)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter, e.g. ``[multi_modal_projector]``."""
+    use_dora: bool = False
+    """DoRA (peft): a learned magnitude per output row besides the low-rank direction update.
+    Closer to full fine-tuning at low rank; each step costs more (about 1.2-2x on the adapted layers)."""
+    use_rslora: bool = False
+    """rsLoRA (peft): scale by ``alpha / sqrt(r)`` instead of ``alpha / r``, so high ranks
+    (64 and up) still learn; same cost as LoRA."""
 
     def check(self, path: str) -> None:
-        _at_least(path, "r", self.r, 1)
+        # r is checked by Recipe.check, and only when LoRA is the method.
         _at_least(path, "alpha", self.alpha, 1)
         if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
             raise ConfigError(
                 f"{path}.dropout: must be in [0, 1) (a probability; 0 = off), got {self.dropout}"
             )
+
+
+TRAIN_METHODS = ("lora", "full", "partial")
+PARAMETER_GROUPS = ("attention", "mlp", "llm", "projector", "vision")
+
+
+@dataclass
+class FullConfig:
+    """``method: full``: every weight of the language model and the projector trains."""
+
+    vision: bool = False
+    """Also train the SigLIP encoder (big_vision's transfers do; costs its weights' optimizer state)."""
+
+
+@dataclass
+class PartialConfig:
+    """``method: partial``: only the named groups train, the rest stays frozen."""
+
+    groups: list[Literal["attention", "mlp", "llm", "projector", "vision"]] = field(
+        default_factory=lambda: ["attention"]
+    )
+    """``attention``: the language model's attention projections (big_vision's T4 notebook);
+    ``mlp``: its MLPs; ``llm``: the whole language model, embeddings included; ``projector``: the
+    image-to-text projection; ``vision``: the SigLIP encoder."""
 
 
 @dataclass
@@ -108,6 +138,9 @@ class DataConfig:
     """``stop`` at the first bad row, or ``skip`` it and count it; counts are always printed."""
     num_workers: int = 0
     """DataLoader worker processes decoding and resizing images."""
+    shuffle: bool = True
+    """Shuffle the training rows (seeded by ``train.seed``). ``false``: every entry in its file
+    order, entries one after the other (curricula, debugging, comparing a stream with a table)."""
     group_by_length: bool = False
     """Batch rows of similar text length together (less padding); order stays random."""
     feature_cache: str | None = None
@@ -117,6 +150,11 @@ class DataConfig:
     def check(self, path: str) -> None:
         _at_least(path, "max_text_length", self.max_text_length, 1, " (text tokens after the image tokens)")
         _at_least(path, "num_workers", self.num_workers, 0, " (0 = load in the main process)")
+        if not self.shuffle and self.group_by_length:
+            raise ConfigError(
+                f"{path}.shuffle: false keeps the rows in file order, {path}.group_by_length reorders "
+                "them by length; set one of the two"
+            )
 
 
 @dataclass
@@ -144,6 +182,9 @@ class TrainConfig:
     """Write a checkpoint under ``checkpoints/`` every N (>= 1) optimizer steps; unset: none."""
     keep_last: int = 2
     """Checkpoints kept besides the best one (see ``eval.best_metric``)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing (PyTorch's definition: ``eps`` spread over the whole vocabulary);
+    big_vision tunes it for some transfers. 0 = off."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss or gradient norm: ``stop`` (checkpoint the last good state, name the batch's
     rows, exit non-zero) or ``skip`` the optimizer step and count it."""
@@ -159,6 +200,8 @@ class TrainConfig:
         _finite_in(path, "weight_decay", self.weight_decay, 0, math.inf)
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ConfigError(f"{path}.max_grad_norm: must be a finite number > 0, got {self.max_grad_norm}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{path}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -177,6 +220,12 @@ class EvalConfig:
     """Eval metric that names the best checkpoint, kept besides the last ``train.keep_last``, e.g.
     ``caption/exact_match`` (names as printed by evaluation). Evaluated every ``eval.every`` steps."""
     best_mode: Literal["max", "min"] = "max"
+    min_delta: float = 0.0
+    """An evaluation must beat the best ``best_metric`` by more than this to count as better (for
+    the best checkpoint and for ``patience``)."""
+    patience: int | None = None
+    """Early stopping: stop cleanly after this many evaluations in a row without a better
+    ``best_metric``; the best checkpoint is kept. Needs ``best_metric`` and ``every``."""
 
     def check(self, path: str) -> None:
         for name in ("batch_size", "max_new_tokens", "num_beams"):
@@ -189,6 +238,16 @@ class EvalConfig:
             _at_least(f"{path}.max_new_tokens_per_task", task, budget, 1)
         if self.best_metric is not None:
             _check_metric_name(f"{path}.best_metric", self.best_metric)
+        if self.min_delta < 0:
+            raise ConfigError(f"{path}.min_delta: must be >= 0, got {self.min_delta}")
+        if self.patience is not None:
+            if self.patience < 1:
+                raise ConfigError(f"{path}.patience: must be >= 1 (or unset), got {self.patience}")
+            if not self.best_metric or not self.every:
+                raise ConfigError(
+                    f"{path}.patience: early stopping watches {path}.best_metric evaluated every {path}.every "
+                    "steps; set both"
+                )
 
 
 def _check_metric_name(path: str, name: str) -> None:
@@ -247,7 +306,12 @@ class HubConfig:
 class Recipe:
     output_dir: str
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: Literal["lora", "full", "partial"] = "lora"
+    """What trains: ``lora`` adapters (section ``lora``), the ``full`` model (section ``full``), or
+    ``partial`` named groups (section ``partial``). See the README's "Training methods"."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    full: FullConfig = field(default_factory=FullConfig)
+    partial: PartialConfig = field(default_factory=PartialConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -258,6 +322,16 @@ class Recipe:
     def check(self, path: str) -> None:
         if not self.data.train:
             raise ConfigError("data.train: at least one dataset entry is needed")
+        # The lora section is only read (and only checked) when LoRA is the method.
+        if self.method == "lora":
+            _at_least("lora", "r", self.lora.r, 1)
+        if self.method != "lora" and self.quantization.mode != "none":
+            raise ConfigError(
+                f"method: {self.method!r} trains base weights, which cannot be {self.quantization.mode} "
+                "quantized; set quantization.mode=none, or method=lora for QLoRA"
+            )
+        if self.method == "partial" and not self.partial.groups:
+            raise ConfigError(f"partial.groups: name at least one of {', '.join(PARAMETER_GROUPS)}")
         if self.eval.best_metric is not None and not self.data.eval:
             raise ConfigError(
                 f"eval.best_metric: {self.eval.best_metric!r} needs an evaluation: add a data.eval dataset "

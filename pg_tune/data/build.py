@@ -13,6 +13,7 @@ from pg_tune.config.recipe import DatasetEntry
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import FORMATS, BuildContext
 from pg_tune.data.sample import DataError, LazySamples, Sample
+from pg_tune.data.stream import StreamingSamples, as_streams
 
 
 class ConcatSamples(LazySamples):
@@ -38,8 +39,11 @@ class ConcatSamples(LazySamples):
 
 def build_samples(
     entries: list[DatasetEntry], split: str, bad_rows: BadRows, seed: int = 0, family=None
-) -> ConcatSamples:
+) -> ConcatSamples | StreamingSamples:
     """All samples of one split, concatenated in recipe order.
+
+    When a training entry streams (``hf`` with ``streaming: true``), the split is a
+    ``StreamingSamples``: every entry read as a stream and mixed by weight (``pg_tune.data.stream``).
 
     With a model ``family``, rows whose text holds one of its control tokens (``<image>``, ``<eos>``,
     ...) are bad rows (reason ``reserved_token``) now, under ``data.on_bad_row``; lazily read
@@ -49,7 +53,16 @@ def build_samples(
     parts = [FORMATS[entry.format].build(entry.options, ctx) for entry in entries]
     if family is not None:
         parts = [_drop_reserved(part, family, bad_rows) for part in parts]
+    if any(_is_stream(p) for p in parts):
+        streams = as_streams(parts, seed, _is_stream)
+        for i, stream in enumerate(streams):
+            stream.entry = i
+        return StreamingSamples(streams, [e.weight for e in entries], seed)
     return ConcatSamples(parts)
+
+
+def _is_stream(part: object) -> bool:
+    return hasattr(part, "rows") and hasattr(part, "to_sample")
 
 
 def _drop_reserved(part: Sequence[Sample], family, bad_rows: BadRows) -> Sequence[Sample]:
@@ -73,5 +86,7 @@ def train_order(
     """The rows training visits in ``epoch``, in order (what ``MixSampler`` yields)."""
     from pg_tune.data.mix import build_train_index
 
+    if isinstance(samples, StreamingSamples):  # a stream's order is its index
+        return range(epoch * len(samples), (epoch + 1) * len(samples))  # type: ignore[return-value]
     parts = samples.parts if isinstance(samples, ConcatSamples) else [samples]
     return build_train_index([e.weight for e in entries], parts, seed, epoch)

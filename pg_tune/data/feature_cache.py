@@ -7,9 +7,9 @@ pg_tune's only image pipeline), the projector's output for an image never change
 memory-mapped ``.npy`` shards; the training collator then reads rows from them instead of decoding,
 resizing and encoding images.
 
-Entries are keyed by the image's bytes (sha256 of the file, or of the pixels of an in-memory
-image), and the cache directory by a fingerprint of the vision weights and of the image processor's
-settings, so a changed checkpoint, resolution or normalisation never reads stale features.
+Entries are keyed by the image's bytes (sha256 of the file, or of the pixels, mode and size of an
+in-memory image, hashed again on every access, never remembered by ``id()``), and the cache
+directory by a fingerprint of the vision weights and of the image processor's settings, so a changed checkpoint, resolution or normalisation never reads stale features.
 
 Layout: ``DIR/<weights-fingerprint>-<preprocessing-fingerprint>/``
 ``index.json`` (``{"dtype": ..., "entries": {image_key: [shard, row]}}``) and ``shard-00000.npy`` ...
@@ -89,7 +89,10 @@ class FeatureCache:
         self.dtype = getattr(torch, index["dtype"])
         self.entries: dict[str, tuple[int, int]] = {k: tuple(v) for k, v in index["entries"].items()}
         self._shards: dict[int, np.ndarray] = {}
-        self._keys: dict[object, str] = {}  # image path (or id) -> key: each file is hashed once per process
+        # Image path -> key, so each file is hashed once per process. In-memory images are never
+        # memoised: lazy formats (hf) make a new PIL image per access and Python reuses the ids of
+        # freed objects, so an id() key could hand one row another image's features.
+        self._path_keys: dict[str, str] = {}
 
     @classmethod
     def build(
@@ -162,13 +165,18 @@ class FeatureCache:
     def __getstate__(self):
         return {**self.__dict__, "_shards": {}}
 
+    def _key(self, image: str | Path | Image.Image) -> str:
+        if not isinstance(image, (str, Path)):
+            return image_key(image)  # content: pixel bytes, mode and size
+        path = str(image)
+        if path not in self._path_keys:
+            self._path_keys[path] = image_key(path)
+        return self._path_keys[path]
+
     def features(self, samples: Sequence[Sample]) -> torch.Tensor:
         rows = []
         for sample in samples:
-            handle = str(sample.image) if isinstance(sample.image, (str, Path)) else id(sample.image)
-            key = self._keys.get(handle)
-            if key is None:
-                key = self._keys[handle] = image_key(sample.image)
+            key = self._key(sample.image)
             if key not in self.entries:
                 raise KeyError(
                     f"{sample.source}: image {sample.image!r} is not in the feature cache {self.directory}"

@@ -32,9 +32,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(image: str | Path | Image.Image, source: str = "") -> Image.Image:
     """Return an RGB image, or raise ``DataError`` saying which file and row were bad and why."""
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
     where = f"{source}: " if source else ""
+    if isinstance(image, Image.Image):
+        # Lazily opened in-memory images (hf rows' bytes) decode here: a truncated one is a bad row.
+        try:
+            return to_rgb(image)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise data_error(
+                "corrupt_image", f"{where}cannot decode the image (corrupt or truncated?): {e}"
+            ) from None
     path = Path(image)
     if not path.is_file():
         raise data_error("missing_image", f"{where}image file not found: {path}")

@@ -14,11 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from pg_tune.config.recipe import Recipe
-from pg_tune.data.collate import SampleDataset
 from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
 from pg_tune.data.mix import MixSampler
-from pg_tune.data.sample import Sample
+from pg_tune.data.safe_collate import SafeSampleDataset
+from pg_tune.data.sample import DataError, Sample
 from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
+from pg_tune.data.stream import EpochSampler, StreamingSamples
 
 
 def build_train_loader(
@@ -40,11 +41,15 @@ def build_train_loader(
         from pg_tune.models.family import family_for
 
         family = family_for(recipe.model.name_or_path)
-    parts = getattr(samples, "parts", None) or [samples]
-    weights = [e.weight for e in recipe.data.train] if len(parts) == len(recipe.data.train) else [1.0]
-    sampler = MixSampler(parts, weights, seed=recipe.train.seed)
     mask_codec = family.load_mask_codec(recipe.model.vae_path)
     collator = family.collator(processor, recipe.data.max_text_length, train=True, mask_codec=mask_codec)
+    if isinstance(samples, StreamingSamples):
+        return _streaming_loader(samples, collator, recipe, feature_cache)
+    parts = getattr(samples, "parts", None) or [samples]
+    weights = [e.weight for e in recipe.data.train] if len(parts) == len(recipe.data.train) else [1.0]
+    sampler = MixSampler(parts, weights, seed=recipe.train.seed, shuffle=recipe.data.shuffle)
+    # Lazy rows (hf) that fail while being read are counted by SafeCollator, not raised here.
+    dataset = SafeSampleDataset(samples, recipe.data.on_bad_row)
     workers = recipe.data.num_workers
     common = dict(
         collate_fn=CachedFeatureCollator(collator, feature_cache) if feature_cache is not None else collator,
@@ -59,9 +64,37 @@ def build_train_loader(
             sampler=sampler,
             seed=recipe.train.seed,
         )
-        return DataLoader(SampleDataset(samples), batch_sampler=batch_sampler, **common)
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, drop_last=False, **common)
+
+
+def _streaming_loader(
+    samples: StreamingSamples, collator, recipe: Recipe, feature_cache: FeatureCache | None
+) -> DataLoader:
+    """Streamed entries: rows in the stream's own order (shuffled by its buffer), read sequentially.
+
+    The sampler yields positions ``epoch * len + j`` in order, so a resumed run's skipped batches
+    (``accelerate.skip_first_batches``) are never read: the first position it asks for makes the
+    stream fast-forward there without decoding a row. Each DataLoader worker (and each rank) reads
+    the stream too and skips the rows of the others, so workers multiply the reading, not the decoding.
+    """
+    for flag, name in ((recipe.data.group_by_length, "group_by_length"), (feature_cache, "feature_cache")):
+        if flag:
+            raise DataError(
+                f"data.{name}: not available with a streamed training entry (it needs every row up "
+                "front); turn it off or drop streaming: true"
+            )
+    samples.shuffle = recipe.data.shuffle
+    workers = recipe.data.num_workers
     return DataLoader(
-        SampleDataset(samples), batch_size=recipe.train.batch_size, sampler=sampler, drop_last=False, **common
+        SafeSampleDataset(samples, recipe.data.on_bad_row),
+        batch_size=recipe.train.batch_size,
+        sampler=EpochSampler(len(samples)),
+        drop_last=False,
+        collate_fn=collator,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
     )
 
 

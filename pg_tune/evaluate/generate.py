@@ -57,6 +57,13 @@ class Generated:
 
     text: str
     token_logprobs: tuple[float, ...]
+    token_spans: tuple[tuple[int, int], ...] = ()
+    """``[start, end)`` characters of ``text`` each kept token wrote (same length as
+    ``token_logprobs``), so a score can be given to each object of an answer, not only to the answer."""
+
+    def scored_tokens(self) -> list[tuple[int, int, float]]:
+        """``(start, end, logprob)`` per token: what scoring takes (``Item.token_logprobs``)."""
+        return [(a, b, lp) for (a, b), lp in zip(self.token_spans, self.token_logprobs, strict=True)]
 
 
 def _chosen_logprobs(model, out, new: torch.Tensor) -> list[list[float]]:
@@ -70,6 +77,17 @@ def _chosen_logprobs(model, out, new: torch.Tensor) -> list[list[float]]:
         for k, step in enumerate(out.scores)
     ]
     return torch.stack(steps, dim=1).tolist()
+
+
+def _char_spans(family: ModelFamily, processor, ids: list[int]) -> tuple[tuple[int, int], ...]:
+    """``[start, end)`` of the decoded text each token adds, from decoding growing prefixes (exact
+    however the tokenizer merges spaces; answers that need scores are short)."""
+    spans, previous = [], 0
+    for n in range(1, len(ids) + 1):
+        length = max(previous, len(family.decode(processor, ids[:n])))
+        spans.append((previous, length))
+        previous = length
+    return tuple(spans)
 
 
 def _until_end(ids: list[int], end_ids: set[int]) -> int:
@@ -175,8 +193,10 @@ def _generate(
             new = sequences[:, inputs["input_ids"].shape[1] :]
             scores = _chosen_logprobs(model, out, new) if logprobs else None
             for k, (i, row) in enumerate(zip(chunk, new.tolist(), strict=True)):
-                kept = scores[k][: _until_end(row, end_ids)] if scores is not None else []
-                results[i] = Generated(family.decode(processor, row), tuple(float(v) for v in kept))
+                end_at = _until_end(row, end_ids)
+                kept = scores[k][:end_at] if scores is not None else []
+                spans = _char_spans(family, processor, row[:end_at]) if scores is not None else ()
+                results[i] = Generated(family.decode(processor, row), tuple(float(v) for v in kept), spans)
     finally:
         if was_training:
             model.train()

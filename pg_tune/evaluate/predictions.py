@@ -15,7 +15,7 @@ from typing import Any
 
 from pg_tune.data.images import MAX_IMAGE_PIXELS
 from pg_tune.data.sample import TASKS, DataError, targets_from_json
-from pg_tune.evaluate.scoring import BOX_TASKS, Item, Scored, score_items
+from pg_tune.evaluate.scoring import BOX_TASKS, TEXT_TASKS, Item, Scored, score_items
 
 _SCORING_KEYS = ("task", "prediction", "references", "image_size", "reference_objects")
 
@@ -45,9 +45,11 @@ def _item(row: Any, where: str) -> Item:
         if "reference_objects" in row
         else ()
     )
+    # Text tasks may have none (a DocVQA test row: written, counted as unscored); box tasks need one.
+    empty_ok = task in TEXT_TASKS
     if (
         not isinstance(references, list)
-        or not (references or objects)
+        or not (references or objects or empty_ok)
         or not all(isinstance(r, str) for r in references)
     ):
         raise DataError(
@@ -79,7 +81,21 @@ def _item(row: Any, where: str) -> Item:
         if k not in _SCORING_KEYS + ("parsed", "score", "reference_parsed", "box_iou")
     }
     extra.setdefault("source", where)
-    return Item(task, prediction, references, size, extra=extra, objects=objects)
+    logprobs = row.get("token_logprobs")  # detect: [[start, end, logprob], ...], the boxes' confidences
+    if logprobs is not None and (
+        not isinstance(logprobs, list)
+        or not all(
+            isinstance(t, list) and len(t) == 3 and all(isinstance(v, (int, float)) for v in t)
+            for t in logprobs
+        )
+    ):
+        raise DataError(
+            f"{where}: field 'token_logprobs' must be [[start, end, logprob], ...], got {logprobs!r:.80}"
+        )
+    token_logprobs = [(int(a), int(b), float(lp)) for a, b, lp in logprobs] if logprobs else None
+    return Item(
+        task, prediction, references, size, extra=extra, objects=objects, token_logprobs=token_logprobs
+    )
 
 
 def read_predictions(path: str | Path) -> list[Item]:

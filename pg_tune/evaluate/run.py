@@ -101,7 +101,7 @@ def _predictions(model, processor, samples, recipe, accelerator=None, progress=F
     if not any(s.task == "detect" for s in samples):
         return predict_texts(model, processor, samples, recipe, accelerator, progress), None
     generated = predict(model, processor, samples, recipe, accelerator, progress)
-    return [g.text for g in generated], [g.token_logprobs for g in generated]
+    return [g.text for g in generated], [g.scored_tokens() for g in generated]
 
 
 # --- loading a model to evaluate ---------------------------------------------------------------

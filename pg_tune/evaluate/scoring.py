@@ -8,7 +8,8 @@ The metric family comes from the task (``Sample.task``)::
     ocr            ocr/anls
     refer_detect   refer_detect/acc@0.5, refer_detect/acc@0.75, refer_detect/box_miou (mean box IoU)
     refer_segment  refer_segment/miou (mask mIoU, needs the VQ-VAE), refer_segment/acc@0.5 (boxes)
-    detect         detect/map, detect/map_50, detect/map_75 (COCO, pycocotools)
+    detect         detect/map, detect/map_50, detect/map_75 (COCO, pycocotools; boxes ranked by
+                   token log-probabilities), detect/precision@0.5, recall@0.5, unknown_labels
 
 Box and mask tasks are scored against the sample's TRUE ground truth (``Sample.targets``: pixel
 boxes of the original image, real masks rasterised from polygons/RLE at the original resolution),
@@ -48,7 +49,7 @@ from pg_tune.evaluate.metrics import (
     cider_d,
     coco_map,
     mask_iou,
-    normalize_vqa_answer,
+    matches_at,
     vqa_accuracy,
 )
 from pg_tune.models.family import ModelFamily, ParsedObject, family_for
@@ -73,7 +74,16 @@ METRIC_NAMES = {
     "ocr": ("anls", "exact_match", "empty", "count"),
     "refer_detect": ("acc@0.5", "acc@0.75", "box_miou", "unparsed", "count"),
     "refer_segment": ("miou", "acc@0.5", "acc@0.75", "box_miou", "unparsed", "count"),
-    "detect": ("map", "map_50", "map_75", "unparsed", "count"),
+    "detect": (
+        "map",
+        "map_50",
+        "map_75",
+        "precision@0.5",
+        "recall@0.5",
+        "unknown_labels",
+        "unparsed",
+        "count",
+    ),
 }
 """Every metric each task reports, as ``{task}/{name}``: what ``eval.best_metric`` may name
 (tests/test_config.py checks it against what ``score_items`` really returns)."""
@@ -87,7 +97,8 @@ class Item:
     true ground-truth objects (pixel boxes, real masks) of box and mask tasks; ``gt_mask`` an optional
     full-size boolean mask overriding the first object's. Without ``objects`` the ground truth is read
     from ``references[0]`` by the family's parser (quantised; only for old prediction files).
-    ``token_logprobs`` (optional) give detections a score. ``extra`` is copied into the record.
+    ``token_logprobs`` (optional, ``(start, end, logprob)`` per generated token) give each detection
+    a confidence. ``extra`` is copied into the record.
     """
 
     task: str
@@ -97,7 +108,7 @@ class Item:
     gt_mask: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     objects: Sequence[ObjectTarget] = ()
-    token_logprobs: Sequence[float] | None = None
+    token_logprobs: Sequence[tuple[int, int, float]] | None = None
 
 
 @dataclass
@@ -205,10 +216,7 @@ def _score_caption(group: list[tuple[int, Item]], out: Scored) -> None:
 
 
 def _vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    # The official leave-one-out rule scores any answer against a single reference as 0 (no subset
-    # keeps it), so one-answer datasets are scored by exact match after the official normalisation.
-    if len(answers) == 1:
-        return float(normalize_vqa_answer(prediction) == normalize_vqa_answer(answers[0]))
+    # One rule per answer count (10: official, 1: exact match, else min(matches/3, 1)): see metrics/vqa.py.
     return vqa_accuracy(prediction, answers)
 
 
@@ -316,11 +324,19 @@ def _f1_at_half(predicted: Sequence[ParsedObject], truth: Sequence[_Truth]) -> f
 
 
 def _score_detect(group: list[tuple[int, Item]], out: Scored, family: ModelFamily) -> None:
-    preds, truths, unparsed = [], [], 0
+    # Rules (box confidences from token log-probabilities, crowd regions, labels outside the
+    # category set): pg_tune.evaluate.metrics.detection's module docstring and docs/evaluation.md.
+    preds, truths, crowds, unparsed, unscored = [], [], [], 0, 0
+    categories: set[str] = set()
     for i, item in group:
         size = _require_size(item, i)
         truth = _truth(item, i, family, None)
+        crowd = [(c["label"], tuple(c["box"])) for c in item.extra.get("crowd") or ()]
+        categories.update(item.extra.get("categories") or ())
+        categories.update(t.label for t in truth)
+        categories.update(label for label, _ in crowd)
         predicted = family.parse_output(item.prediction, "detect", size, item.token_logprobs)
+        unscored += sum(d.score is None for d in predicted)
         unparsed += bool(item.prediction.strip()) and not predicted
         record = out.records[i]
         record["parsed"] = objects_json(predicted)
@@ -328,13 +344,30 @@ def _score_detect(group: list[tuple[int, Item]], out: Scored, family: ModelFamil
         record["score"] = _f1_at_half(predicted, truth)
         preds.append([(d.label, d.box, d.score) for d in predicted])
         truths.append([(d.label, d.box) for d in truth])
+        crowds.append(crowd)
     if any(truths):
-        stats = coco_map(preds, truths)
+        stats = coco_map(preds, truths, crowds=crowds)
         for name in ("map", "map_50", "map_75"):
             out.metrics[f"detect/{name}"] = stats[name]
+        counts = [matches_at(p, t, c) for p, t, c in zip(preds, truths, crowds, strict=True)]
+        hits, false, n_truth = (sum(column) for column in zip(*counts, strict=True))
+        out.metrics["detect/precision@0.5"] = hits / (hits + false) if hits + false else 0.0
+        out.metrics["detect/recall@0.5"] = hits / n_truth
     else:
         out.notes.append("detect: no ground-truth boxes in any reference; mAP not computed")
     out.metrics["detect/unparsed"] = float(unparsed)
+    out.metrics["detect/unknown_labels"] = float(
+        sum(label not in categories for image in preds for label, _, _ in image)
+    )
+    if unscored:
+        out.notes.append(
+            f"detect: {unscored} boxes have no token log-probabilities (e.g. a predictions file "
+            "without token_logprobs); they were ranked with score 1.0, so mAP depends on their order"
+        )
+
+
+TEXT_TASKS = ("caption", "vqa", "docvqa", "ocr")
+"""Tasks whose rows may come without ground truth (DocVQA's test split withholds its answers)."""
 
 
 def score_items(
@@ -343,7 +376,9 @@ def score_items(
     """Metrics per task plus one record per item; unparseable predictions are counted, never raised.
 
     ``family`` parses the predictions (default: PaliGemma's, what prediction files without a family
-    were written by).
+    were written by). A text-task item with no references (e.g. a DocVQA test question) is not
+    scored: its record keeps ``score: None``, it is left out of the task's metrics and counted in
+    ``{task}/unscored``.
     """
     family = family if family is not None else family_for("paligemma")
     records = [
@@ -361,14 +396,24 @@ def score_items(
     ]
     out = Scored(metrics={}, records=records)
     by_task: dict[str, list[tuple[int, Item]]] = {}
+    unscored: dict[str, int] = {}
     for i, item in enumerate(items):
         if item.task not in TASKS:
             raise ValueError(f"item {i}: unknown task {item.task!r} (one of {', '.join(TASKS)})")
         if not item.references and not item.objects:
+            if item.task in TEXT_TASKS:
+                unscored[item.task] = unscored.get(item.task, 0) + 1
+                by_task.setdefault(item.task, [])
+                continue
             where = item.extra.get("source") or f"item {i}"
             raise ValueError(f"{where}: no references to score against")
         by_task.setdefault(item.task, []).append((i, item))
     for task, group in sorted(by_task.items()):
+        if task in unscored:
+            out.metrics[f"{task}/unscored"] = float(unscored[task])
+            out.notes.append(f"{task}: {unscored[task]} rows have no ground truth (not scored)")
+        if not group:
+            continue
         if task == "caption":
             _score_caption(group, out)
         elif task in ("vqa", "docvqa", "ocr"):
@@ -384,7 +429,9 @@ def score_items(
     return out
 
 
-def sample_item(sample: Sample, prediction: str, token_logprobs: Sequence[float] | None = None) -> Item:
+def sample_item(
+    sample: Sample, prediction: str, token_logprobs: Sequence[tuple[int, int, float]] | None = None
+) -> Item:
     """An ``Item`` for a dataset sample; box tasks read the image size from the sample or the file header."""
     size = sample.image_size or sample.meta.get("image_size")
     if size is None and sample.task in BOX_TASKS:
@@ -392,10 +439,21 @@ def sample_item(sample: Sample, prediction: str, token_logprobs: Sequence[float]
 
         size = image_size(sample.image, sample.source)
     gt_mask = sample.meta.get("mask")
+    # No references, suffix or targets: no ground truth at all (a DocVQA test row): not scored.
+    has_truth = bool(sample.references) or bool(sample.suffix) or bool(sample.targets)
+    detect_extra = {}
+    if sample.task == "detect":
+        # What detection scoring needs beyond text, carried in the record so a predictions file
+        # re-scores to the same numbers: token log-probabilities (box confidences), crowd regions.
+        detect_extra = {
+            "token_logprobs": [list(t) for t in token_logprobs] if token_logprobs else None,
+            "crowd": [{"label": label, "box": list(box)} for label, box in sample.meta.get("crowd", ())],
+            "categories": list(sample.meta.get("categories", ())),
+        }
     return Item(
         task=sample.task,
-        prediction=prediction,
-        references=() if sample.targets and not sample.suffix else sample.all_references,
+        prediction=str(prediction),
+        references=() if (sample.targets and not sample.suffix) or not has_truth else sample.all_references,
         image_size=tuple(size) if size is not None else None,
         gt_mask=np.asarray(gt_mask, dtype=bool) if gt_mask is not None else None,
         objects=sample.targets,
@@ -404,6 +462,7 @@ def sample_item(sample: Sample, prediction: str, token_logprobs: Sequence[float]
             "source": sample.source,
             "image": str(sample.image) if isinstance(sample.image, (str, Path)) else None,
             "prefix": sample.prefix,
+            **detect_extra,
         },
     )
 
@@ -413,11 +472,12 @@ def score_samples(
     predictions: Sequence[str],
     mask_codec: Any | None = None,
     family: ModelFamily | None = None,
-    token_logprobs: Sequence[Sequence[float] | None] | None = None,
+    token_logprobs: Sequence[Sequence[tuple[int, int, float]] | None] | None = None,
 ) -> Scored:
     """``score_items`` for dataset samples and their generated texts (same order).
 
-    ``token_logprobs`` (optional, one sequence per prediction) give detections a score.
+    ``token_logprobs`` (optional, one ``(start, end, logprob)`` sequence per prediction,
+    ``Generated.scored_tokens()``) give each detection a confidence.
     """
     if len(samples) != len(predictions):
         raise ValueError(f"got {len(predictions)} predictions for {len(samples)} samples")

@@ -222,7 +222,7 @@ class ModelFamily(abc.ABC):
         text: str,
         task: str,
         image_size: tuple[int, int],
-        token_logprobs: Sequence[float] | None = None,
+        token_logprobs: Sequence[tuple[int, int, float]] | None = None,
         mask_codec: Any | None = None,
     ) -> list[ParsedObject]:
         """Objects in generated text (box tasks); ``[]`` when nothing valid; never raises on text."""

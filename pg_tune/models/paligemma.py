@@ -31,11 +31,19 @@ from torch import nn
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from pg_tune.codecs.boxes import MAX_LOC, NUM_SEG_TOKENS, OBJECT_SEPARATOR, encode_box, parse_detections
+from pg_tune.codecs.boxes import (
+    MAX_LOC,
+    NUM_SEG_TOKENS,
+    OBJECT_SEPARATOR,
+    encode_box,
+    parse_detection_spans,
+    parse_detections,
+)
 from pg_tune.config.recipe import LoraConfig, ModelConfig, QuantizationConfig
 from pg_tune.data.collate import IGNORE_INDEX
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import TASKS, DataError, Sample
+from pg_tune.evaluate.metrics.detection import object_confidence
 from pg_tune.model_source import require_safetensors
 from pg_tune.models import tiny
 from pg_tune.models.family import ModelFamily, ModulePaths, ParsedObject, resolve_dtype, unwrap_model
@@ -415,14 +423,14 @@ class PaliGemmaFamily(ModelFamily):
         text: str,
         task: str,
         image_size: tuple[int, int],
-        token_logprobs: Sequence[float] | None = None,
+        token_logprobs: Sequence[tuple[int, int, float]] | None = None,
         mask_codec: Any | None = None,
     ) -> list[ParsedObject]:
         """Referring tasks: big_vision's first-4-tokens rule; detection: every ``<loc>x4 label`` object.
 
-        ``token_logprobs`` (one per generated token, when the caller kept them) give each detection a
-        score: the mean log-probability of the whole answer (the tokens of one object cannot be told
-        apart from the text alone).
+        ``token_logprobs`` (``(start, end, logprob)`` per generated token, when the caller kept them)
+        give each detection a confidence: exp(mean log-probability of the tokens that wrote it, its
+        loc tokens and label), so COCO mAP ranks boxes by the model's belief, not by dataset order.
         """
         if not isinstance(text, str):
             return []
@@ -431,8 +439,14 @@ class PaliGemmaFamily(ModelFamily):
         else:
             objects = _detections(text, image_size, mask_codec)
         if token_logprobs:
-            score = float(sum(token_logprobs) / len(token_logprobs))
-            objects = [ParsedObject(o.label, o.box, score, o.mask, o.tokens) for o in objects]
+            if task in ("refer_detect", "refer_segment"):
+                spans = [(0, len(text))] * len(objects)  # one answer, one object
+            else:  # the same parser as _detections: same objects, same order
+                spans = [span for _, span in parse_detection_spans(text, image_size)]
+            objects = [
+                ParsedObject(o.label, o.box, object_confidence(span, token_logprobs), o.mask, o.tokens)
+                for o, span in zip(objects, spans, strict=True)
+            ]
         return objects
 
     def load_mask_codec(self, vae_path: str | Path | None) -> Any | None:

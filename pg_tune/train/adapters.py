@@ -1,4 +1,6 @@
-"""Attaching LoRA adapters with peft, from a recipe's ``lora`` section, after k-bit preparation."""
+"""Preparing the base for training: k-bit preparation, checkpointing, then the recipe's method —
+LoRA adapters with peft (``lora`` section, DoRA / rsLoRA switches included), or ``full`` /
+``partial`` fine-tuning of base weights (``pg_tune.train.methods``)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ def apply_lora(
         modules_to_save=list(lora.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
     )
     # autocast_adapter_dtype (peft's default) keeps the trainable LoRA weights in fp32 even on a
     # bf16 or 4-bit base, so the optimizer never updates low-precision copies.
@@ -63,10 +67,23 @@ def enable_checkpointing(model: nn.Module) -> None:
     model.enable_input_require_grads()
 
 
-def prepare_model(model: nn.Module, recipe: Recipe) -> peft.PeftModel:
-    """Everything between loading the base and training it: k-bit prep, checkpointing, adapters."""
+def apply_method(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """The recipe's ``method``: a peft model with adapters (``lora``), or ``model`` itself with the
+    chosen base weights unfrozen (``full`` / ``partial``). Warns when it cannot fit in memory."""
+    from pg_tune.train.methods import method_groups, unfreeze_groups, warn_if_too_large
+
+    if recipe.method == "lora":
+        model = apply_lora(model, recipe.lora, recipe.model.name_or_path)
+    else:
+        model = unfreeze_groups(model, method_groups(recipe))
+    warn_if_too_large(model, recipe)
+    return model
+
+
+def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Everything between loading the base and training it: k-bit prep, checkpointing, the method."""
     if is_quantized(model):
         prepare_for_kbit_training(model)
     if recipe.train.gradient_checkpointing:
         enable_checkpointing(model)
-    return apply_lora(model, recipe.lora, recipe.model.name_or_path)
+    return apply_method(model, recipe)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pg_tune.train.storage import disk_full_guard
+
 
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
@@ -15,7 +17,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
+        with disk_full_guard(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+                f.flush()

@@ -2,7 +2,13 @@
 
 Run it with ``pg-tune train RECIPE [key.sub=value ...]``; the same command runs under
 ``accelerate launch -m pg_tune train RECIPE`` or ``torchrun -m pg_tune train RECIPE`` on many
-processes. Pieces it calls (loss, checkpoints, metrics log, generation) live in their own modules.
+processes. ``train()`` tells the whole story in one screen; one accumulation window is
+``train_step``. What they call lives in its own small module: the run state a checkpoint saves and
+a resume restores (``state``), the decisions — evaluate, best, early stop, checkpoint, non-finite
+(``policies``), checkpoints (``checkpoint``), resume (``resume``), the output folder, atomic writes
+and a full disk (``storage``), evaluation with bad eval rows (``evaluation``), signals (``signals``),
+the result (``result``). Writing ``summary.json`` and pushing to the Hub belong to the command that
+called ``train()`` (``pg_tune.commands_train``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import math
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,50 +31,442 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from pg_tune.config.recipe import Recipe
+from pg_tune.config.recipe import Recipe, TrainConfig
+from pg_tune.config.schema import ConfigError
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
-from pg_tune.data.sample import DataError
-from pg_tune.evaluate.run import evaluate_samples
-from pg_tune.hub import push_from_training
+from pg_tune.data.sample import DataError, Sample
 from pg_tune.models.family import family_for, resolve_dtype
+from pg_tune.train import policies
 from pg_tune.train.adapters import prepare_model, trainable_summary
-from pg_tune.train.checkpoint import BestPolicy, best_checkpoint, load_checkpoint, read_state, save_checkpoint
+from pg_tune.train.checkpoint import RECIPE_FILE, best_checkpoint, load_checkpoint, save_checkpoint
+from pg_tune.train.evaluation import evaluate_during_training, readable_eval_samples
 from pg_tune.train.logbook import MetricsLog
 from pg_tune.train.loss import SuffixLoss
 from pg_tune.train.optim import build_optimizer, build_scheduler
+from pg_tune.train.result import TrainResult, finished_run, write_final_state
 from pg_tune.train.resume import (
     capture_rng,
     check_fingerprint,
+    check_recipe_changes,
     find_resume_checkpoint,
     restore_rng,
+    rng_isolated,
     run_fingerprint,
     truncate_metrics_log,
 )
-from pg_tune.train.signals import (
-    NonFiniteError,
-    StopSignals,
-    TrainingInterrupted,
-    maybe_kill_after_checkpoint,
+from pg_tune.train.signals import NonFiniteError, StopSignals, TrainingInterrupted
+from pg_tune.train.state import TrainState
+from pg_tune.train.storage import (
+    atomic_folder,
+    check_output_dir,
+    disk_full_guard,
+    final_folder,
+    remove_entries,
+    remove_stale_temporaries,
 )
+from pg_tune.train.trackers import start_trackers
+
+CheckpointCallback = Callable[[int, Path, Accelerator], None]
+"""Called on every rank after each checkpoint is on disk: (step, folder, accelerator)."""
 
 
 @dataclass
-class TrainResult:
-    output_dir: Path
-    adapter_dir: Path
-    steps: int
-    first_loss: float
-    last_loss: float
-    metrics_before: dict[str, float] = field(default_factory=dict)
-    metrics_after: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    is_main_process: bool = True
-    best_checkpoint: Path | None = None
-    model: Any = field(default=None, repr=False)
-    """The trained peft model, for callers using pg_tune as a library."""
+class _Run:
+    """The prepared pieces that one optimizer step and one checkpoint need."""
+
+    accelerator: Accelerator
+    loss_module: Any
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.nn.Parameter]
+    train_config: TrainConfig
+    train_samples: Sequence[Sample]
+    train_bad: BadRows
+    """Rows dropped inside the collator (under ``stop`` the collator raises instead)."""
+    peft_model: Any
+    processor: Any
+    loader: Any
+    steps_per_epoch: int
+    fingerprint: dict[str, Any]
+
+
+def train(
+    recipe: Recipe,
+    resolved_recipe: dict[str, Any],
+    resume: str | None = None,
+    *,
+    overwrite: bool = False,
+    on_checkpoint: Sequence[CheckpointCallback] = (),
+) -> TrainResult:
+    """Fine-tune as the recipe says. ``resume`` (``auto`` or a path) continues a run; ``overwrite``
+    starts ``output_dir`` clean; a non-empty ``output_dir`` without either is refused."""
+    started = time.time()
+    output_dir = Path(recipe.output_dir)
+    notes: list[str] = []
+    resume_from = find_resume_checkpoint(resume, output_dir, notes) if resume else None
+    accelerator = _accelerator(recipe)
+    main, say = accelerator.is_main_process, accelerator.print
+    _prepare_output_dir(accelerator, recipe, resume, overwrite)
+    if resume and (finished := finished_run(output_dir, accelerator, resolved_recipe)):
+        return finished
+    state = _begin(accelerator, recipe, resolved_recipe, resume, resume_from, notes)
+    state.tracker_run_ids = start_trackers(accelerator, recipe, resolved_recipe, state.tracker_run_ids)
+
+    bad_rows, eval_bad = BadRows(recipe.data.on_bad_row), BadRows(recipe.data.on_bad_row)
+    family = family_for(recipe.model.name_or_path)
+    train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed, family=family)
+    eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed, family=family)
+    eval_samples = readable_eval_samples(eval_samples, recipe.eval.limit, eval_bad)
+    say(f"data: {len(train_samples)} train samples, {len(eval_samples)} eval samples; {bad_rows.report()}")
+    if not train_samples:
+        raise DataError("data.train produced no samples")
+    run = _build_run(accelerator, recipe, family, train_samples, state, resume_from)
+    log = MetricsLog(output_dir / "metrics.jsonl", enabled=main)
+    best = policies.best_policy(recipe.eval)
+    pending_rng = _restore(run, resume_from) if resume_from else None
+
+    def evaluate(when: str) -> dict[str, float]:
+        metrics = evaluate_during_training(
+            accelerator, run.peft_model, run.processor, eval_samples, recipe, eval_bad
+        )
+        say(f"\neval {when}: {json.dumps(metrics)}")
+        log.write({"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    def checkpoint() -> Path:
+        return _checkpoint(run, state, output_dir, resolved_recipe, best, on_checkpoint)
+
+    if eval_samples and recipe.eval.before_training and not resume_from:
+        state.metrics_before = evaluate("before training")
+
+    # --- train -------------------------------------------------------------------------------
+    if pending_rng is not None:
+        restore_rng(pending_rng)  # batches are fetched RNG-neutrally: dropout continues exactly here
+    stop_reason = f"trained the planned {state.total_steps} steps"
+    progress = tqdm(
+        total=state.total_steps,
+        initial=state.step,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+    )
+    samples_seen, window_start, last_saved = 0, time.time(), -1
+    run.loss_module.train()
+    with StopSignals() as stop, contextlib.closing(progress):
+        for window in _windows(run, state):
+            step_result = train_step(run, window)
+            if step_result is None:  # every row of the window failed to load (one process): skip it
+                continue
+            samples_seen += step_result.rows
+            state.truncated += step_result.truncated
+            progress.update(1)
+            if step_result.nonfinite:
+                _on_nonfinite(
+                    run, state, step_result, log, checkpoint, already_saved=last_saved == state.step
+                )
+                continue
+            state.step += 1
+            state.tokens_seen += step_result.tokens
+            state.first_loss = step_result.loss if state.step == 1 else state.first_loss
+            state.last_loss = step_result.loss
+            if state.step % recipe.train.log_every == 0 or state.step in (1, state.total_steps):
+                record = _step_record(run, state, step_result, samples_seen, time.time() - window_start)
+                progress.set_postfix(loss=f"{step_result.loss:.4f}", lr=f"{record['lr']:.2e}")
+                log.write(record)
+                if recipe.logging.trackers:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+                samples_seen, window_start = 0, time.time()
+            # Evaluate before checkpointing, so the checkpoint records the metric that may make it the best.
+            new_best, state.eval_metrics = False, {}
+            if eval_samples and policies.should_evaluate(state.step, recipe.eval):
+                new_best = policies.record_evaluation(state, evaluate(f"at step {state.step}"), best)
+                if best and best.metric not in state.eval_metrics:
+                    say(f"warning: eval.best_metric={best.metric!r} not among {sorted(state.eval_metrics)}")
+            early_stop = policies.early_stop_reason(state, recipe.eval)
+            stopping = _any_rank(accelerator, stop.received is not None)
+            saved = None
+            if policies.should_checkpoint(state, recipe.train, new_best, stopping):
+                saved, last_saved = checkpoint(), state.step
+            if stopping:
+                raise TrainingInterrupted(stop.received or signal.SIGTERM, state.step, saved)
+            if early_stop:
+                stop_reason = early_stop
+                say(f"\n{early_stop}")
+                break
+    bad = _finish_counts(run, state, bad_rows, eval_bad, recipe)
+
+    adapter_dir = _save_adapter(run, resolved_recipe, output_dir)
+    metrics_after = evaluate("after training") if eval_samples else {}
+    if recipe.logging.trackers:
+        accelerator.log({f"eval/{k}": v for k, v in metrics_after.items()}, step=state.step)
+        accelerator.end_training()
+    result = TrainResult(
+        output_dir,
+        adapter_dir,
+        state,
+        metrics_after,
+        time.time() - started,
+        is_main_process=main,
+        stop_reason=stop_reason,
+        bad_rows=bad,
+        world_size=accelerator.num_processes,
+        dtype=str(resolve_dtype(recipe.model.dtype)),
+        model=run.peft_model,
+    )
+    if main:
+        result.best_checkpoint = best_checkpoint(output_dir / "checkpoints", best) if best else None
+        if result.best_checkpoint:
+            say(
+                f"best checkpoint by {best.metric} ({best.mode}): {result.best_checkpoint} ({state.best_value})"
+            )
+        write_final_state(output_dir, result)
+    return result
+
+
+# --- one optimizer step ----------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    """Supervised tokens of the step over all ranks."""
+    rows: int
+    truncated: int
+    batches: int
+    """Micro-batches the window held (rows that failed to load included)."""
+    nonfinite: bool = False
+    sources: list[str] = field(default_factory=list)
+    """The window's rows (every rank), when the step was non-finite."""
+
+
+def train_step(run: _Run, window: list[dict[str, Any]]) -> StepResult | None:
+    """Forward and backward over one accumulation window, then the optimizer step.
+
+    Returns None when every row of the window failed to load (one process; under DDP that stops
+    the run, a rank without rows cannot join the all-reduce). A non-finite loss or gradient norm
+    leaves the weights untouched (``nonfinite=True``): the caller applies ``train.on_nonfinite``.
+    """
+    acc, cfg = run.accelerator, run.train_config
+    fetched = len(window)
+    for batch in window:
+        for reason, message in batch.pop(BAD_ROWS_KEY, []):
+            run.train_bad.bad(reason, message)
+    window = [b for b in window if batch_rows(b)]
+    empty_ranks = int(acc.reduce(torch.tensor(int(not window), device=acc.device), "sum"))
+    if empty_ranks:
+        if acc.num_processes > 1:
+            raise DataError(
+                f"every row of a {cfg.grad_accum}-batch window failed to load on {empty_ranks} rank(s): "
+                f"{run.train_bad.report()}"
+            )
+        return None
+    # Normalise by the GLOBAL count of supervised tokens in this optimizer step (all micro-batches,
+    # all ranks); DDP averages gradients over ranks, hence the world factor.
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+    global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
+    scale = acc.num_processes / max(global_tokens, 1)
+    loss_sum_all = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(window):
+        with contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(run.loss_module):
+            with acc.autocast():
+                loss_sum, _ = run.loss_module(batch)
+            acc.backward(loss_sum * scale)
+        loss_sum_all += loss_sum.detach().float()
+    grad_norm = float(acc.clip_grad_norm_(run.trainable, cfg.max_grad_norm))
+    loss = float(acc.reduce(loss_sum_all, "sum")) / max(global_tokens, 1)
+    result = StepResult(
+        loss,
+        grad_norm,
+        global_tokens,
+        rows=sum(b["input_ids"].shape[0] for b in window),
+        truncated=sum(int(b["truncated"].sum()) for b in window),
+        batches=fetched,
+    )
+    if policies.is_nonfinite(loss, grad_norm, scaler_owns_inf=acc.scaler is not None):
+        run.optimizer.zero_grad(set_to_none=True)
+        local = [run.train_samples[int(i)].source for b in window for i in b["sample_index"]]
+        result.nonfinite, result.sources = True, gather_object(local) if acc.num_processes > 1 else local
+        return result
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def _windows(run: _Run, state: TrainState) -> Iterator[list[dict[str, Any]]]:
+    """Accumulation windows from the resumed position to the last step; ``state.epoch`` and
+    ``state.epoch_batches`` follow. Fetching never moves the training's RNG (``rng_isolated``)."""
+    loader = run.loader
+    if state.epoch_batches >= len(loader):  # the checkpoint closed its epoch
+        state.epoch, state.epoch_batches = state.epoch + 1, 0
+    for epoch in range(state.epoch, math.ceil(state.total_steps / run.steps_per_epoch)):
+        if state.step >= state.total_steps:
+            return
+        state.epoch = epoch
+        loader.set_epoch(epoch)
+        epoch_loader = loader
+        if state.epoch_batches:  # the resumed epoch: skip the batches already seen (indices only)
+            epoch_loader = run.accelerator.skip_first_batches(loader, state.epoch_batches)
+            epoch_loader.set_epoch(epoch)
+        batches = iter(epoch_loader)
+        while state.step < state.total_steps:
+            with rng_isolated():
+                window = list(itertools.islice(batches, run.train_config.grad_accum))
+            if not window:
+                break
+            state.epoch_batches += len(window)
+            yield window
+        state.epoch_batches = 0
+
+
+def _step_record(
+    run: _Run, state: TrainState, result: StepResult, samples: int, seconds: float
+) -> dict[str, Any]:
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": result.loss,
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": result.grad_norm,
+        "samples_per_s": samples * run.accelerator.num_processes / max(seconds, 1e-9),
+        "supervised_tokens": state.tokens_seen,
+    }
+    if state.nonfinite_skipped:
+        record["nonfinite_skipped"] = state.nonfinite_skipped
+    return record
+
+
+def _on_nonfinite(
+    run: _Run, state: TrainState, result: StepResult, log: MetricsLog, checkpoint, already_saved: bool
+) -> None:
+    """``train.on_nonfinite``: skip the step (the data and LR schedule move on) or stop with a
+    checkpoint of the last good state, naming the batch's rows."""
+    what = (
+        f"non-finite loss {result.loss} / gradient norm {result.grad_norm} at step {state.step + 1} "
+        f"(epoch {state.epoch})"
+    )
+    if run.train_config.on_nonfinite == "skip":
+        state.nonfinite_skipped += 1
+        run.accelerator.print(
+            f"\nwarning: {what}; step skipped ({state.nonfinite_skipped} so far); rows: {result.sources}"
+        )
+        run.scheduler.step()
+        state.step += 1
+        log.write({"step": state.step, "epoch": state.epoch, "nonfinite_skipped": state.nonfinite_skipped})
+        return
+    # The checkpoint holds the state before this window: its batches are to be seen again.
+    state.epoch_batches -= result.batches
+    saved = Path(run.accelerator.project_dir) / "checkpoints" / f"step-{state.step:07d}"
+    if not already_saved:
+        saved = checkpoint()
+    raise NonFiniteError(
+        f"{what}; the batch's rows: {', '.join(result.sources)}. Weights were not updated; the last good "
+        f"state (step {state.step}) is checkpointed at {saved}. Fix or drop those rows, lower train.lr, "
+        "or set train.on_nonfinite=skip"
+    )
+
+
+# --- setup, checkpoints, evaluation, the end ---------------------------------------------------------
+
+
+def _begin(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    resolved_recipe: dict[str, Any],
+    resume: str | None,
+    resume_from: Path | None,
+    notes: list[str],
+) -> TrainState:
+    """The state to start from (a checkpoint's, or a fresh one); refuse a resume whose recipe
+    changes what is trained; write ``recipe.yaml``; drop log records a crash left behind."""
+    output_dir, say = Path(recipe.output_dir), accelerator.print
+    state = TrainState()
+    if resume_from:
+        state = TrainState.from_dict(json.loads((resume_from / "state.json").read_text()))
+        stored = resume_from / RECIPE_FILE
+        notes += check_recipe_changes(
+            resume_from, json.loads(stored.read_text()) if stored.is_file() else None, resolved_recipe
+        )
+    if accelerator.is_main_process:
+        with disk_full_guard(output_dir / "recipe.yaml"):
+            (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
+        say(yaml.safe_dump(resolved_recipe, sort_keys=False))
+        for note in notes:
+            say(note)
+        # Log records after the checkpoint were written and then lost; with no checkpoint, all were.
+        dropped = truncate_metrics_log(output_dir / "metrics.jsonl", state.step if resume_from else -1)
+        if resume_from:
+            say(f"resuming from {resume_from} (step {state.step}); dropped {dropped} later log records")
+        elif resume:
+            say(f"--resume {resume}: no checkpoint under {output_dir / 'checkpoints'}, starting from scratch")
+    return state
+
+
+def _build_run(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    family,
+    train_samples: Sequence[Sample],
+    state: TrainState,
+    resume_from: Path | None,
+) -> _Run:
+    """Model with adapters, loader, optimizer and schedule, prepared by Accelerate."""
+    processor = family.load_processor(recipe.model)
+    # A quantized base cannot be moved after loading: each rank loads its own copy onto its device.
+    quantized = recipe.quantization.mode != "none"
+    device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
+    model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
+    set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
+    model = prepare_model(model, recipe)
+    accelerator.print(trainable_summary(model))
+    fingerprint = run_fingerprint(recipe, model)
+    if resume_from:
+        stored = json.loads(fp.read_text()) if (fp := resume_from / "fingerprint.json").is_file() else None
+        check_fingerprint(resume_from, stored, fingerprint)
+    feature_cache = None
+    if recipe.data.feature_cache:
+        if not quantized:
+            model.to(accelerator.device)
+        with accelerator.main_process_first():  # one rank writes the cache, the others then read it
+            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe, family)
+    loader = build_train_loader(train_samples, processor, recipe, feature_cache, family)
+    # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
+    loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)
+    loss_module, optimizer, loader = accelerator.prepare(
+        SuffixLoss(model, family=family, label_smoothing=recipe.train.label_smoothing),
+        build_optimizer(model.parameters(), recipe.train),
+        loader,
+    )
+    steps_per_epoch = math.ceil(len(loader) / recipe.train.grad_accum)
+    state.total_steps = _total_steps(recipe.train, steps_per_epoch)
+    state.data_layout = [accelerator.num_processes, recipe.train.batch_size, recipe.train.grad_accum]
+    train_bad = BadRows("skip")
+    train_bad.counts.update(state.bad_rows_in_training)
+    peft_model = accelerator.unwrap_model(loss_module).model
+    return _Run(
+        accelerator,
+        loss_module,
+        optimizer,
+        build_scheduler(optimizer, recipe.train, state.total_steps),
+        [p for p in peft_model.parameters() if p.requires_grad],
+        recipe.train,
+        train_samples,
+        train_bad,
+        peft_model,
+        processor,
+        loader,
+        steps_per_epoch,
+        fingerprint,
+    )
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (all ranks must agree to stop)."""
+    return int(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum")) > 0
 
 
 def _mixed_precision(recipe: Recipe) -> str:
@@ -77,30 +476,116 @@ def _mixed_precision(recipe: Recipe) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def _flat_scalars(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat_scalars(value, f"{name}."))
-        elif isinstance(value, (int, float, str, bool)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
+def _accelerator(recipe: Recipe) -> Accelerator:
+    return Accelerator(
+        mixed_precision=_mixed_precision(recipe),
+        log_with=list(recipe.logging.trackers) or None,
+        project_dir=recipe.output_dir,
+        # The shuffling order of epoch e is a function of (seed + e) alone, so a resumed run can
+        # rebuild it and skip the batches already seen.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
+    )
 
 
-def _better(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
+def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    if total < 1:
+        raise ConfigError(
+            f"train.max_steps: must be >= 1 (or unset to train train.epochs={cfg.epochs} epochs), got {cfg.max_steps}"
+        )
+    return total
 
 
-def _tracker_run_ids(accelerator: Accelerator, trackers: list[str]) -> dict[str, str]:
-    ids = {}
-    if "wandb" in trackers and accelerator.is_main_process:
-        run = accelerator.get_tracker("wandb", unwrap=True)
-        if getattr(run, "id", None):
-            ids["wandb"] = run.id
-    return ids
+def _prepare_output_dir(
+    accelerator: Accelerator, recipe: Recipe, resume: str | None, overwrite: bool
+) -> None:
+    """Every rank checks before anyone writes; the main process then clears what --overwrite removes."""
+    output_dir = Path(recipe.output_dir)
+    to_remove = check_output_dir(output_dir, resume, overwrite, extra=(recipe.logging.project,))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if to_remove:
+            accelerator.print(f"--overwrite: removing {', '.join(str(p) for p in to_remove)}")
+            remove_entries(to_remove)
+        remove_stale_temporaries(output_dir)
+        remove_stale_temporaries(output_dir / "checkpoints")
+    accelerator.wait_for_everyone()
+
+
+def _restore(run: _Run, checkpoint: Path) -> dict[str, Any] | None:
+    """Load weights, optimizer, scheduler and scaler; returns this rank's RNG state to restore
+    when training starts."""
+    acc = run.accelerator
+    loaded = load_checkpoint(checkpoint, run.peft_model, run.optimizer, run.scheduler, acc.scaler)
+    processes = (loaded.state.get("data_layout") or [acc.num_processes])[0]
+    if processes != acc.num_processes:
+        acc.print(
+            f"warning: the checkpoint was written by {processes} processes, this run has "
+            f"{acc.num_processes}: the data position in the epoch is approximate"
+        )
+    if not loaded.rng_states:
+        return None
+    return loaded.rng_states[min(acc.process_index, len(loaded.rng_states) - 1)]
+
+
+def _checkpoint(
+    run: _Run,
+    state: TrainState,
+    output_dir: Path,
+    resolved_recipe: dict[str, Any],
+    best,
+    on_checkpoint: Sequence[CheckpointCallback],
+) -> Path:
+    acc = run.accelerator
+    rng = [capture_rng()]
+    rng_states = gather_object(rng) if acc.num_processes > 1 else rng
+    state.bad_rows_in_training = dict(run.train_bad.counts)
+    path = output_dir / "checkpoints" / f"step-{state.step:07d}"
+    if acc.is_main_process:
+        save_checkpoint(
+            output_dir / "checkpoints",
+            state.step,
+            run.peft_model,
+            run.optimizer,
+            run.scheduler,
+            state.to_dict(),
+            run.train_config.keep_last,
+            scaler=acc.scaler,
+            rng_states=rng_states,
+            fingerprint=run.fingerprint,
+            recipe=resolved_recipe,
+            best=best,
+        )
+    acc.wait_for_everyone()
+    for callback in on_checkpoint:
+        callback(state.step, path, acc)
+    return path
+
+
+def _finish_counts(
+    run: _Run, state: TrainState, bad_rows: BadRows, eval_bad: BadRows, recipe: Recipe
+) -> dict:
+    acc = run.accelerator
+    if state.truncated:
+        acc.print(
+            f"note: {state.truncated} training rows had their suffix truncated to data.max_text_length="
+            f"{recipe.data.max_text_length}"
+        )
+    training_counts: Counter[str] = Counter()
+    per_rank = (
+        gather_object([dict(run.train_bad.counts)]) if acc.num_processes > 1 else [run.train_bad.counts]
+    )
+    for counts in per_rank:
+        training_counts.update(counts)
+    run.train_bad.counts = training_counts
+    acc.print(f"data (build): {bad_rows.report()}\ndata (during training): {run.train_bad.report()}")
+    if eval_bad.counts:
+        acc.print(f"data (eval): {eval_bad.report()}")
+    if state.nonfinite_skipped:
+        acc.print(
+            f"note: {state.nonfinite_skipped} optimizer steps skipped for a non-finite loss or gradient norm"
+        )
+    return {"build": dict(bad_rows.counts), "training": dict(training_counts), "eval": dict(eval_bad.counts)}
 
 
 def _adapter_state_for_saving(accelerator: Accelerator, loss_module) -> dict[str, torch.Tensor] | None:
@@ -114,373 +599,17 @@ def _adapter_state_for_saving(accelerator: Accelerator, loss_module) -> dict[str
     return {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
 
 
-def train(recipe: Recipe, resolved_recipe: dict[str, Any], resume: str | None = None) -> TrainResult:
-    """Fine-tune as the recipe says; ``resume`` (``auto`` or a path) continues from a checkpoint."""
-    started = time.time()
-    # --- setup -------------------------------------------------------------------------------
-    output_dir = Path(recipe.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
-    resume_from = find_resume_checkpoint(resume, output_dir) if resume else None
-    resumed = read_state(resume_from) if resume_from else {}
-    trackers = list(recipe.logging.trackers)
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(recipe),
-        log_with=trackers or None,
-        project_dir=str(output_dir),
-        # The shuffling order of epoch e is a function of (seed + e) alone, so a resumed run can
-        # rebuild it and skip the batches already seen.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.train.seed),
-    )
-    main = accelerator.is_main_process
-    say = accelerator.print
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
-        say(yaml.safe_dump(resolved_recipe, sort_keys=False))
-        if resume_from:
-            dropped = truncate_metrics_log(output_dir / "metrics.jsonl", resumed["step"])
-            say(f"resuming from {resume_from} (step {resumed['step']}); dropped {dropped} later log records")
-        elif resume:
-            say(f"--resume {resume}: no checkpoint under {checkpoints_dir}, starting from scratch")
-    if trackers:
-        init_kwargs: dict[str, Any] = {}
-        if "wandb" in trackers:
-            init_kwargs["wandb"] = {
-                "name": recipe.logging.run_name,
-                "dir": str(output_dir),
-                "mode": recipe.logging.wandb_mode,
-            }
-            if run_id := resumed.get("tracker_run_ids", {}).get("wandb"):
-                init_kwargs["wandb"].update(id=run_id, resume="allow")
-        accelerator.init_trackers(
-            recipe.logging.project, config=_flat_scalars(resolved_recipe), init_kwargs=init_kwargs
-        )
-    tracker_run_ids = _tracker_run_ids(accelerator, trackers)
-
-    bad_rows = BadRows(recipe.data.on_bad_row)
-    family = family_for(recipe.model.name_or_path)
-    train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed, family=family)
-    eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed, family=family)
-    say(f"data: {len(train_samples)} train samples, {len(eval_samples)} eval samples; {bad_rows.report()}")
-    if not train_samples:
-        raise ValueError("data.train produced no samples")
-
-    processor = family.load_processor(recipe.model)
-    # A quantized base cannot be moved after loading: each rank loads (and quantizes) its own
-    # copy straight onto its own device.
-    quantized = recipe.quantization.mode != "none"
-    device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
-    model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
-    set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
-    model = prepare_model(model, recipe)
-    say(trainable_summary(model))
-    fingerprint = run_fingerprint(recipe, model)
-    if resume_from:
-        stored = json.loads(fp.read_text()) if (fp := resume_from / "fingerprint.json").is_file() else None
-        check_fingerprint(resume_from, stored, fingerprint)
-
-    feature_cache = None
-    if recipe.data.feature_cache:
-        if not quantized:
-            model.to(accelerator.device)
-        with accelerator.main_process_first():  # one rank writes the cache, the others then read it
-            feature_cache = prepare_feature_cache(train_samples, model, processor, recipe, family)
-    train_loader = build_train_loader(train_samples, processor, recipe, feature_cache, family)
-    # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
-    train_loader.collate_fn = SafeCollator(train_loader.collate_fn, recipe.data.on_bad_row)
-    loss_module = SuffixLoss(model, family=family)
-    optimizer = build_optimizer(model.parameters(), recipe.train)
-    loss_module, optimizer, train_loader = accelerator.prepare(loss_module, optimizer, train_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / recipe.train.grad_accum)
-    total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, recipe.train, total_steps)
-    peft_model = accelerator.unwrap_model(loss_module).model
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    log = MetricsLog(output_dir / "metrics.jsonl", enabled=main)
-    best = BestPolicy(recipe.eval.best_metric, recipe.eval.best_mode) if recipe.eval.best_metric else None
-
-    # --- restore -------------------------------------------------------------------------------
-    pending_rng = None
-    if resume_from:
-        loaded = load_checkpoint(resume_from, peft_model, optimizer, scheduler, accelerator.scaler)
-        if loaded.rng_states:
-            rank = accelerator.process_index
-            pending_rng = loaded.rng_states[rank if rank < len(loaded.rng_states) else 0]
-        if resumed.get("total_steps") != total_steps:
-            say(
-                f"warning: the checkpoint's run had {resumed.get('total_steps')} steps, this one has {total_steps}"
-            )
-        layout = (accelerator.num_processes, recipe.train.batch_size, recipe.train.grad_accum)
-        if tuple(resumed.get("data_layout", layout)) != layout:
-            say(
-                f"warning: (processes, batch_size, grad_accum) was {resumed['data_layout']}, now {layout}: "
-                "the data position in the epoch is approximate"
-            )
-
-    # --- evaluate the base -------------------------------------------------------------------
-    metrics_before: dict[str, float] = resumed.get("metrics_before", {})
-    if eval_samples and recipe.eval.before_training and not resume_from:
-        metrics_before = evaluate_samples(accelerator, peft_model, processor, eval_samples, recipe)
-        say(f"eval before training: {json.dumps(metrics_before)}")
-        log.write({"step": 0, **{f"eval/{k}": v for k, v in metrics_before.items()}})
-
-    # --- train -------------------------------------------------------------------------------
-    step = resumed.get("step", 0)
-    first_loss, last_loss = resumed.get("first_loss", math.nan), resumed.get("last_loss", math.nan)
-    tokens_seen, truncated = resumed.get("tokens_seen", 0), resumed.get("truncated", 0)
-    nonfinite_skipped = resumed.get("nonfinite_skipped", 0)
-    best_value = resumed.get("best_value")
-    train_bad = BadRows("skip")  # rows dropped inside the collator; under "stop" the collator raises
-    train_bad.counts.update(resumed.get("bad_rows_in_training", {}))
-    start_epoch, skip_batches = resumed.get("epoch", 0), resumed.get("epoch_batches", 0)
-    if skip_batches >= len(train_loader):
-        start_epoch, skip_batches = start_epoch + 1, 0
-    samples_seen = 0
-    last_saved = -1
-
-    def checkpoint_now(epoch: int, epoch_batches: int, eval_metrics: dict[str, float]) -> Path | None:
-        nonlocal last_saved
-        rng = [capture_rng()]
-        rng_states = gather_object(rng) if accelerator.num_processes > 1 else rng
-        path = None
-        if main:
-            state = {
-                "epoch": epoch,
-                "epoch_batches": epoch_batches,
-                "total_steps": total_steps,
-                "tokens_seen": tokens_seen,
-                "truncated": truncated,
-                "nonfinite_skipped": nonfinite_skipped,
-                "first_loss": first_loss,
-                "last_loss": last_loss,
-                "best_value": best_value,
-                "eval_metrics": eval_metrics,
-                "metrics_before": metrics_before,
-                "tracker_run_ids": tracker_run_ids,
-                "bad_rows_in_training": dict(train_bad.counts),
-                "data_layout": [accelerator.num_processes, recipe.train.batch_size, recipe.train.grad_accum],
-            }
-            path = save_checkpoint(
-                checkpoints_dir,
-                step,
-                peft_model,
-                optimizer,
-                scheduler,
-                state,
-                recipe.train.keep_last,
-                scaler=accelerator.scaler,
-                rng_states=rng_states,
-                fingerprint=fingerprint,
-                best=best,
-            )
-        accelerator.wait_for_everyone()
-        last_saved = step
-        maybe_kill_after_checkpoint(step)
-        push_from_training(output_dir, recipe, accelerator, step=step)
-        return path or checkpoints_dir / f"step-{step:07d}"
-
-    progress = tqdm(
-        total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process
-    )
-    window_start = time.time()
-    loss_module.train()
-    with StopSignals() as stop:
-        for epoch in range(start_epoch, math.ceil(total_steps / steps_per_epoch)):
-            if step >= total_steps:
-                break
-            train_loader.set_epoch(epoch)
-            loader, epoch_batches = train_loader, 0
-            if epoch == start_epoch and skip_batches:
-                loader = accelerator.skip_first_batches(train_loader, skip_batches)
-                loader.set_epoch(epoch)
-                epoch_batches = skip_batches
-            batches = iter(loader)
-            while step < total_steps:
-                window = list(itertools.islice(batches, recipe.train.grad_accum))
-                if not window:
-                    break
-                epoch_batches += len(window)
-                if pending_rng is not None:
-                    # Restored after the resumed loader has started, so dropout and every other
-                    # random draw continue exactly where the checkpointed run left them.
-                    restore_rng(pending_rng)
-                    pending_rng = None
-                for batch in window:
-                    for reason, message in batch.pop(BAD_ROWS_KEY, []):
-                        train_bad.bad(reason, message)
-                window = [b for b in window if batch_rows(b)]
-                empty_ranks = int(
-                    accelerator.reduce(torch.tensor(int(not window), device=accelerator.device), "sum")
-                )
-                if empty_ranks:
-                    if accelerator.num_processes > 1:
-                        raise DataError(
-                            f"every row of a {recipe.train.grad_accum}-batch window failed to load on "
-                            f"{empty_ranks} rank(s) at step {step + 1}: {train_bad.report()}"
-                        )
-                    continue
-                # Normalise by the GLOBAL count of supervised tokens in this optimizer step (all
-                # micro-batches, all ranks); DDP averages gradients over ranks, hence the world factor.
-                local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-                global_tokens = int(
-                    accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
-                )
-                scale = accelerator.num_processes / max(global_tokens, 1)
-                step_loss_sum = torch.zeros((), device=accelerator.device)
-                for i, batch in enumerate(window):
-                    sync = i == len(window) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
-                        with accelerator.autocast():
-                            loss_sum, _ = loss_module(batch)
-                        accelerator.backward(loss_sum * scale)
-                    step_loss_sum += loss_sum.detach().float()
-                    samples_seen += batch["input_ids"].shape[0]
-                    truncated += int(batch["truncated"].sum())
-                grad_norm = float(accelerator.clip_grad_norm_(trainable, recipe.train.max_grad_norm))
-                loss_value = float(accelerator.reduce(step_loss_sum, "sum")) / max(global_tokens, 1)
-                # Under fp16 the gradient scaler owns inf gradients (it skips the step, lowers the scale).
-                grad_bad = accelerator.scaler is None and not math.isfinite(grad_norm)
-                if not math.isfinite(loss_value) or grad_bad:
-                    optimizer.zero_grad(set_to_none=True)
-                    local = [train_samples[int(i)].source for b in window for i in b["sample_index"]]
-                    sources = gather_object(local) if accelerator.num_processes > 1 else local
-                    what = f"non-finite loss {loss_value} / gradient norm {grad_norm} at step {step + 1} (epoch {epoch})"
-                    if recipe.train.on_nonfinite == "skip":
-                        nonfinite_skipped += 1
-                        say(f"\nwarning: {what}; step skipped ({nonfinite_skipped} so far); rows: {sources}")
-                        scheduler.step()  # the schedule follows the data position, update or not
-                        step += 1
-                        progress.update(1)
-                        log.write({"step": step, "epoch": epoch, "nonfinite_skipped": nonfinite_skipped})
-                        continue
-                    saved = (
-                        checkpoint_now(epoch, epoch_batches - len(window), {}) if last_saved != step else None
-                    )
-                    saved = saved or checkpoints_dir / f"step-{step:07d}"
-                    progress.close()
-                    raise NonFiniteError(
-                        f"{what}; the batch's rows: {', '.join(sources)}. Weights were not updated; the last good "
-                        f"state (step {step}) is checkpointed at {saved}. Fix or drop those rows, lower train.lr, "
-                        "or set train.on_nonfinite=skip"
-                    )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_seen += global_tokens
-                first_loss = loss_value if step == 1 else first_loss
-                last_loss = loss_value
-                progress.update(1)
-                if step % recipe.train.log_every == 0 or step == 1 or step == total_steps:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    record = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss_value,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "samples_per_s": samples_seen * accelerator.num_processes / elapsed,
-                        "supervised_tokens": tokens_seen,
-                    }
-                    if nonfinite_skipped:
-                        record["nonfinite_skipped"] = nonfinite_skipped
-                    progress.set_postfix(
-                        loss=f"{loss_value:.4f}",
-                        lr=f"{record['lr']:.2e}",
-                        sps=f"{record['samples_per_s']:.1f}",
-                    )
-                    log.write(record)
-                    if trackers:
-                        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                    samples_seen, window_start = 0, time.time()
-                # Evaluate before checkpointing, so the checkpoint records the metric that may make it the best.
-                eval_metrics: dict[str, float] = {}
-                new_best = False
-                if recipe.eval.every and step % recipe.eval.every == 0 and eval_samples:
-                    eval_metrics = evaluate_samples(accelerator, peft_model, processor, eval_samples, recipe)
-                    say(f"\neval at step {step}: {json.dumps(eval_metrics)}")
-                    log.write({"step": step, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
-                    if best and best.metric in eval_metrics:
-                        new_best = _better(eval_metrics[best.metric], best_value, best.mode)
-                        best_value = eval_metrics[best.metric] if new_best else best_value
-                    elif best:
-                        say(f"warning: eval.best_metric={best.metric!r} not among {sorted(eval_metrics)}")
-                stop_votes = torch.tensor(int(stop.received is not None), device=accelerator.device)
-                stopping = int(accelerator.reduce(stop_votes, "sum")) > 0
-                if (recipe.train.save_every and step % recipe.train.save_every == 0) or new_best or stopping:
-                    saved = checkpoint_now(epoch, epoch_batches, eval_metrics)
-                if stopping:
-                    progress.close()
-                    raise TrainingInterrupted(stop.received or signal.SIGTERM, step, saved)
-    progress.close()
-    if truncated:
-        say(
-            f"note: {truncated} training rows had their suffix truncated to data.max_text_length="
-            f"{recipe.data.max_text_length}"
-        )
-    training_counts: Counter[str] = Counter()
-    for counts in (
-        gather_object([dict(train_bad.counts)]) if accelerator.num_processes > 1 else [train_bad.counts]
-    ):
-        training_counts.update(counts)
-    train_bad.counts = training_counts
-    say(f"data (build): {bad_rows.report()}\ndata (during training): {train_bad.report()}")
-    if nonfinite_skipped:
-        say(f"note: {nonfinite_skipped} optimizer steps skipped for a non-finite loss or gradient norm")
-
-    # --- save --------------------------------------------------------------------------------
-    adapter_dir = output_dir / "adapter"
+def _save_adapter(run: _Run, resolved_recipe: dict[str, Any], output_dir: Path) -> Path:
+    """The final adapter, written atomically like a checkpoint (a full disk leaves no half-written
+    folder beside a valid-looking one)."""
+    accelerator = run.accelerator
+    adapter_dir = final_folder(output_dir, str(resolved_recipe.get("method", "lora")))
     accelerator.wait_for_everyone()
-    full_state = _adapter_state_for_saving(accelerator, loss_module)  # a collective under FSDP/ZeRO-3
-    if main:
-        peft_model.save_pretrained(adapter_dir, state_dict=full_state)
-        processor.save_pretrained(adapter_dir)
-        (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
-
-    # --- evaluate the adapted model ------------------------------------------------------------
-    metrics_after: dict[str, float] = {}
-    if eval_samples:
-        metrics_after = evaluate_samples(accelerator, peft_model, processor, eval_samples, recipe)
-        say(f"eval after training: {json.dumps(metrics_after)}")
-        log.write({"step": step, **{f"eval/{k}": v for k, v in metrics_after.items()}})
-    if trackers:
-        accelerator.log({f"eval/{k}": v for k, v in metrics_after.items()}, step=step)
-        accelerator.end_training()
-    result = TrainResult(
-        output_dir,
-        adapter_dir,
-        step,
-        first_loss,
-        last_loss,
-        metrics_before,
-        metrics_after,
-        time.time() - started,
-        is_main_process=main,
-        model=peft_model,
-    )
-    if best and main:
-        result.best_checkpoint = best_checkpoint(checkpoints_dir, best)
-        if result.best_checkpoint:
-            say(f"best checkpoint by {best.metric} ({best.mode}): {result.best_checkpoint} ({best_value})")
-    if main:
-        (output_dir / "summary.json").write_text(
-            json.dumps(
-                {
-                    "steps": step,
-                    "first_loss": first_loss,
-                    "last_loss": last_loss,
-                    "metrics_before": metrics_before,
-                    "metrics_after": metrics_after,
-                    "seconds": result.seconds,
-                    "world_size": accelerator.num_processes,
-                    "dtype": str(resolve_dtype(recipe.model.dtype)),
-                    "nonfinite_skipped": nonfinite_skipped,
-                    "bad_rows": {"build": dict(bad_rows.counts), "training": dict(train_bad.counts)},
-                    "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-                    "best_value": best_value,
-                },
-                indent=2,
-            )
-        )
-    push_from_training(output_dir, recipe, accelerator)
-    return result
+    full_state = _adapter_state_for_saving(accelerator, run.loss_module)  # a collective under FSDP/ZeRO-3
+    if accelerator.is_main_process:
+        with atomic_folder(adapter_dir) as tmp:
+            run.peft_model.save_pretrained(tmp, state_dict=full_state)
+            run.processor.save_pretrained(tmp)
+            (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
+    accelerator.wait_for_everyone()
+    return adapter_dir

@@ -10,6 +10,8 @@ gradient) alive for the backward pass. Here:
   gradient with respect to the hidden states (softmax minus one-hot, times the head), then frees
   the logits. The backward pass only scales that stored gradient. Compared with checkpointed
   chunks this skips recomputing the 257,216-wide matmul and the log-softmax, a third of the head;
+- label smoothing (``train.label_smoothing``, as ``torch.nn.functional.cross_entropy``'s
+  ``label_smoothing``) is folded into the same fused loss and gradient;
 - the frozen, tied embedding / head weight gets no gradient (it is only computed when the weight
   requires grad, e.g. a full fine-tune);
 - the image features run without autograd when nothing in the vision tower and projector is
@@ -81,8 +83,14 @@ def _chunk_loss_and_grads(
     want_hidden_grad: bool,
     want_weight_grad: bool,
     workspace: LogitsWorkspace | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Summed cross-entropy of one chunk, and the gradients of that sum (logits never leave here)."""
+    """Summed cross-entropy of one chunk, and the gradients of that sum (logits never leave here).
+
+    With label smoothing ``eps`` over ``V`` classes the target is ``(1 - eps) * one_hot + eps / V``
+    (PyTorch's definition), so per row ``loss = lse - (1 - eps) * z[t] - eps * mean(z)`` and
+    ``d loss / d z = softmax(z) - (1 - eps) * one_hot - eps / V``, ``z`` being the capped logits.
+    """
     # At least fp32: bf16 logits over 257,216 classes lose the loss's precision.
     logits_dtype = torch.promote_types(weight.dtype, torch.float32)
     if workspace is not None and logits_dtype == weight.dtype:
@@ -98,12 +106,22 @@ def _chunk_loss_and_grads(
         logits.mul_(softcap)
     rows = torch.arange(targets.numel(), device=targets.device)
     target_logits = logits[rows, targets]
+    if label_smoothing:
+        # Read before the softmax overwrites the logits: -sum_j log p_j / V = lse - mean(z).
+        mean_logits = logits.mean(dim=-1)
     lse = _softmax_in_place(logits)  # logits now hold the softmax
-    loss = (lse - target_logits).sum()
+    if label_smoothing:
+        loss = (lse - (1.0 - label_smoothing) * target_logits - label_smoothing * mean_logits).sum()
+    else:
+        loss = (lse - target_logits).sum()
     if not (want_hidden_grad or want_weight_grad):
         return loss, None, None
     grad_logits = logits
-    grad_logits[rows, targets] -= 1.0
+    if label_smoothing:
+        grad_logits.sub_(label_smoothing / grad_logits.shape[-1])
+        grad_logits[rows, targets] -= 1.0 - label_smoothing
+    else:
+        grad_logits[rows, targets] -= 1.0
     if capped_tanh is not None:
         # d(c * tanh(z / c)) / dz = 1 - tanh(z / c)^2
         grad_logits.mul_(capped_tanh.square_().neg_().add_(1.0))
@@ -118,7 +136,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     """Sum over rows of CE(softcap(hidden @ weight.T), targets), with gradients made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_rows, workspace):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_rows, workspace, label_smoothing):
         want_hidden_grad = ctx.needs_input_grad[0]
         want_weight_grad = ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
@@ -136,6 +154,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                     want_hidden_grad,
                     want_weight_grad,
                     workspace,
+                    label_smoothing,
                 )
                 total += loss
                 if g_h is not None:
@@ -151,7 +170,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         out_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
         out_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
-        return out_hidden, out_weight, None, None, None, None
+        return out_hidden, out_weight, None, None, None, None, None
 
 
 def head_cross_entropy_sum(
@@ -161,19 +180,29 @@ def head_cross_entropy_sum(
     softcap: float | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     workspace: LogitsWorkspace | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Summed token cross-entropy of ``softcap(hidden @ weight.T)`` against ``targets`` (fp32).
 
     ``hidden`` is ``[rows, hidden_size]`` (supervised positions only), ``weight`` the
     ``[vocab, hidden_size]`` head. Differentiable in ``hidden`` (and ``weight`` if it requires grad).
-    ``workspace`` (optional) holds the logits buffer between calls.
+    ``workspace`` (optional) holds the logits buffer between calls. ``label_smoothing`` is
+    ``torch.nn.functional.cross_entropy``'s (uniform over the head's whole vocabulary).
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     return _FusedHeadCrossEntropy.apply(
-        hidden, weight, targets, float(softcap) if softcap else None, chunk_rows, workspace
+        hidden,
+        weight,
+        targets,
+        float(softcap) if softcap else None,
+        chunk_rows,
+        workspace,
+        float(label_smoothing),
     )
 
 
@@ -188,12 +217,17 @@ class SuffixLoss(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_ROWS, family: ModelFamily | None = None
+        self,
+        model: nn.Module,
+        chunk_size: int = DEFAULT_CHUNK_ROWS,
+        family: ModelFamily | None = None,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.family = family if family is not None else family_for(model)
+        self.label_smoothing = label_smoothing
         self.workspace = LogitsWorkspace()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +243,6 @@ class SuffixLoss(nn.Module):
         hidden = last_hidden[:, :-1][mask]
         weight, softcap = self.family.head(core)
         total = head_cross_entropy_sum(
-            hidden, weight, targets[mask], softcap, self.chunk_size, self.workspace
+            hidden, weight, targets[mask], softcap, self.chunk_size, self.workspace, self.label_smoothing
         )
         return total, mask.sum()

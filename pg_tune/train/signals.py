@@ -6,6 +6,8 @@ requeued and resumed with ``--resume auto``. A second Ctrl-C stops at once (Pyth
 
 Fault injection for the resume tests: ``PG_TUNE_FAULT_KILL_AFTER_CHECKPOINT=N`` makes the process
 SIGKILL itself right after the checkpoint of step N is on disk — a crash with no clean-up at all.
+It is a checkpoint callback the train command installs only when the variable is set; the loop
+itself knows nothing of it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -69,9 +72,16 @@ class StopSignals:
         self._previous.clear()
 
 
-def maybe_kill_after_checkpoint(step: int) -> None:
-    """The crash of the resume tests: SIGKILL ourselves once step N's checkpoint is written."""
+def kill_after_checkpoint_callback() -> Callable[..., None] | None:
+    """The crash of the resume tests, as a checkpoint callback: SIGKILL ourselves once step N's
+    checkpoint is written. None unless ``PG_TUNE_FAULT_KILL_AFTER_CHECKPOINT`` is set."""
     target = os.environ.get(KILL_AFTER_CHECKPOINT_ENV)
-    if target is not None and int(target) == step:
-        print(f"pg-tune: {KILL_AFTER_CHECKPOINT_ENV}={step}: SIGKILL now", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if target is None:
+        return None
+
+    def kill(step: int, *_: object) -> None:
+        if int(target) == step:
+            print(f"pg-tune: {KILL_AFTER_CHECKPOINT_ENV}={step}: SIGKILL now", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill

@@ -1,5 +1,6 @@
 """Box codec: exact token strings for hand-computed cases, round trips, and tolerant parsing."""
 
+import numpy as np
 import pytest
 
 from pg_tune.codecs.boxes import (
@@ -60,10 +61,21 @@ def test_bad_boxes_name_the_value(bad):
         encode_box(bad, SIZE)
 
 
-@pytest.mark.parametrize("bad", [(0, 10), (10,), (-1, 5), None])
+@pytest.mark.parametrize("bad", [(0, 10), (10,), (-1, 5), None, (True, True)])
 def test_bad_image_size_names_the_value(bad):
     with pytest.raises(ValueError, match="image_size"):
         encode_box([0, 0, 1, 1], bad)
+
+
+@pytest.mark.parametrize("convert", [np.int64, np.int32, np.uint16, np.float32, np.float64])
+def test_numpy_image_sizes_are_accepted(convert):
+    # Sizes often come from numpy (an array's shape, a parquet column): same tokens as Python ints.
+    size = (convert(640), convert(480))
+    assert encode_box([64, 48, 320, 240], size) == encode_box([64, 48, 320, 240], SIZE)
+    assert decode_box([0, 0, 1023, 1023], size) == (0.0, 0.0, 640.0, 480.0)
+    assert (
+        parse_detections("<loc0102><loc0102><loc0512><loc0512> cat", np.array([640, 480]))[0].label == "cat"
+    )
 
 
 def test_decode_box_uses_1023():

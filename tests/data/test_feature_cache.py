@@ -81,3 +81,32 @@ def test_changed_weights_use_another_directory_and_trainable_tower_is_refused(tm
     peft_model = apply_lora(model, LoraConfig(r=2, vision=True), "tiny-paligemma")
     with pytest.raises(ValueError, match="lora.vision"):
         FeatureCache.build(tmp_path / "c", samples, peft_model, processor.image_processor)
+
+
+def test_in_memory_images_of_a_lazy_hf_dataset_get_their_own_features(tmp_path, tiny):
+    # The hf format decodes a fresh PIL image on every access; once one is freed Python reuses its
+    # id for the next, so an id()-keyed memo hands a row the previous row's features.
+    from pathlib import Path
+
+    from pg_tune.data.bad_rows import BadRows
+    from pg_tune.data.formats import BuildContext
+    from pg_tune.data.formats.hf import HfOptions, build
+
+    model, processor = tiny
+    docs = Path(__file__).resolve().parents[2] / "data_formats" / "samples" / "hf" / "docs"
+    options = HfOptions(path=str(docs), split="train", prompt="{question}", columns={"suffix": "answers"})
+    view = build(options, BuildContext("train", BadRows()))
+    cache = FeatureCache.build(tmp_path / "c", list(view), model, processor.image_processor)
+    assert len(cache.entries) == 2
+    collator = PaliGemmaCollator(processor, 32)
+    with torch.no_grad():
+        pixels = collator(list(enumerate(view)))["pixel_values"]
+        expected = model.model.get_image_features(pixels).pooler_output
+    wrong = []
+    for step in range(24):
+        row = step % 2
+        sample = view[row]  # a new image object, often at the address the last one freed
+        if not torch.equal(cache.features([sample])[0], expected[row]):
+            wrong.append(step)
+        del sample
+    assert wrong == []

@@ -244,3 +244,53 @@ def test_detection_object_orders():
 
     once = _ordered(objs, "random", random.Random("0:1"))
     assert once == _ordered(objs, "random", random.Random("0:1")) and sorted(once) == sorted(objs)
+
+
+def _format_options(samples_dir, fmt):
+    """Recipe keys that read each shipped sample (every format has one; shapes needs none)."""
+    d = samples_dir
+    return {
+        "coco_captions": dict(
+            annotations=str(d / "coco_captions" / "captions_val2017.json"),
+            images=str(d / "coco_captions" / "images"),
+        ),
+        "coco_detection": dict(
+            annotations=str(d / "coco_detection" / "instances_val2017.json"),
+            images=str(d / "coco_detection" / "images"),
+        ),
+        "docvqa": dict(annotations=str(d / "docvqa" / "val_v1.0.json"), images=str(d / "docvqa")),
+        "jsonl": dict(path=str(d / "jsonl" / "data.jsonl")),
+        "hf": dict(
+            path=str(d / "hf" / "docs"), split="train", prompt="{question}", columns={"suffix": "answers"}
+        ),
+        "refcoco": dict(
+            refs=str(d / "refcoco" / "refs(unc).p"),
+            instances=str(d / "refcoco" / "instances.json"),
+            images=str(d / "refcoco" / "images"),
+            split="val",
+        ),
+        "shapes": dict(num_samples=5),
+    }[fmt]
+
+
+@pytest.mark.parametrize("stage", ["train", "eval"])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_limit_is_at_most_n_emitted_samples_in_every_format(samples_dir, tmp_path, fmt, stage):
+    # Old meanings: images (coco_captions: 1 image = 3 training captions), rows before answer
+    # expansion (docvqa: 1 question = 2 training answers), refs before sentences (refcoco), none
+    # (shapes). Now every format emits the first N samples of what it would emit without a limit.
+    options = _format_options(samples_dir, fmt)
+    if fmt == "jsonl":  # structured segment rows need the VQ-VAE; keep the sample's first two lines
+        options["path"] = str(_first_lines(samples_dir / "jsonl" / "data.jsonl", 2, tmp_path))
+    full, _ = build(fmt, stage=stage, **options)
+    assert len(full) >= 2, "the sample must have more rows than the limit for this test to mean anything"
+    for n in (1, 2):
+        limited, _ = build(fmt, stage=stage, limit=n, **options)
+        assert [s.source for s in limited] == [s.source for s in full][:n]
+
+
+def _first_lines(path, n, folder):
+    out = folder / "data.jsonl"
+    out.write_text("".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+    (out.parent / "images").symlink_to(path.parent / "images")
+    return out

@@ -32,8 +32,8 @@ def _refer_jsonl(folder, n: int = 4):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
+    from pg_tune.commands_train import run_training
     from pg_tune.config.recipe import parse_recipe, resolved
-    from pg_tune.train.loop import train
 
     root = tmp_path_factory.mktemp("eval_cli")
     refer = _refer_jsonl(root / "refer")
@@ -55,7 +55,7 @@ def trained_run(tmp_path_factory):
         },
     }
     recipe = parse_recipe(data)
-    train(recipe, resolved(recipe))
+    run_training(recipe, resolved(recipe))
     recipe_path = root / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     return root, recipe_path

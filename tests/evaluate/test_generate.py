@@ -181,3 +181,45 @@ def test_generate_with_logprobs_under_beam_search_keeps_texts(pg2_model_and_proc
     beams = generate_with_logprobs(model, processor, samples, max_new_tokens=5, num_beams=2)
     assert [g.text for g in beams] == generate(model, processor, samples, max_new_tokens=5, num_beams=2)
     assert all(g.token_logprobs and all(v <= 1e-6 for v in g.token_logprobs) for g in beams)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_detect_generations_carry_token_logprobs_of_the_model(
+    pg2_model_and_processor, num_beams, monkeypatch
+):
+    # Each token's log-probability must be what a teacher-forced forward pass over prompt + output
+    # gives at that position (log-softmax of the logits), for greedy and for beam search alike.
+
+    from pg_tune.evaluate.generate import Generated, generate_with_logprobs
+
+    model, processor = pg2_model_and_processor
+    sample = _samples()[2]
+    assert sample.task == "detect"
+    outputs = []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        outputs.append((kwargs, real_generate(**kwargs)))
+        return outputs[-1][1]
+
+    monkeypatch.setattr(model, "generate", spy)
+    (text,) = generate_with_logprobs(model, processor, [sample], max_new_tokens=6, num_beams=num_beams)
+    monkeypatch.setattr(model, "generate", real_generate)
+    assert isinstance(text, Generated) and text.token_logprobs
+    spans = list(text.token_spans)
+    assert "".join(text.text[a:b] for a, b in spans) == text.text  # spans tile the text in order
+    ((inputs, out),) = outputs
+    prompt_length = inputs["input_ids"].shape[1]
+    generated = out.sequences[:, prompt_length : prompt_length + len(spans)]
+    n = generated.shape[1]
+    full = {
+        "input_ids": torch.cat([inputs["input_ids"], generated], dim=1),
+        "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(generated)], dim=1),
+        "token_type_ids": torch.cat([inputs["token_type_ids"], torch.ones_like(generated)], dim=1),
+        "pixel_values": inputs["pixel_values"],
+    }
+    with torch.no_grad():
+        logits = model(**full).logits[0, -n - 1 : -1]
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(1, generated[0, :, None])[:, 0]
+    assert_close_to_scale(torch.tensor(text.token_logprobs), expected)
+    assert [lp for *_, lp in text.scored_tokens()] == list(text.token_logprobs)

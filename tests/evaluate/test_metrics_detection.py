@@ -49,7 +49,7 @@ def test_equal_scores_rank_in_output_order():
 def test_no_or_unknown_predictions_score_zero():
     gts = [[("cat", (0, 0, 10, 10))]]
     assert coco_map([[]], gts)["map"] == 0.0
-    # "dog" is not a ground-truth category: dropped, so nothing is detected.
+    # "dog" has no ground truth: its own category, which pycocotools leaves out of the mean AP.
     assert coco_map([[("dog", (0, 0, 10, 10), None)]], gts)["map"] == 0.0
 
 

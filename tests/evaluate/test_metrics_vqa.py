@@ -83,3 +83,36 @@ def test_bad_inputs_are_refused():
         vqa_accuracy("2", "2")
     with pytest.raises(ValueError, match="2 predictions but 1"):
         mean_vqa_accuracy(["a", "b"], [["a"] * 10])
+
+
+def _official_leave_one_out(prediction: str, answers: list[str]) -> float:
+    """The official vqaEval.py arithmetic, applied blindly to however many answers (the old rule)."""
+    matches = sum(a == prediction for a in answers)
+    return sum(min(1.0, (matches - (a == prediction)) / 3.0) for a in answers) / len(answers)
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        (["yes", "yes", "yes"], 1.0),  # unanimous 3-answer row: big_vision 1.0, leave-one-out 0.67
+        (["yes", "yes"], 2 / 3),  # 2 of 2 match: min(2/3, 1); leave-one-out gave 0.33
+        (["yes", "no", "no"], 1 / 3),  # 1 of 3: min(1/3, 1); leave-one-out gave 0.0
+        (["yes", "yes", "no", "no", "no"], 2 / 3),  # leave-one-out gave (2/3 + 3 * 2/3) / 5 = 0.53
+        (["yes"] * 3 + ["no"] * 9, 1.0),  # 12 answers: not the official setting; leave-one-out 0.92
+    ],
+)
+def test_fewer_or_more_than_ten_answers_follow_big_vision_generic_rule(answers, expected):
+    assert vqa_accuracy("yes", answers) == pytest.approx(expected, abs=1e-12)
+    # Each case is one where the two rules disagree, so the test tells them apart.
+    assert _official_leave_one_out("yes", answers) != pytest.approx(expected, abs=1e-6)
+
+
+def test_ten_answers_keep_the_official_rule_where_generic_would_differ():
+    answers = ["yes"] * 3 + ["no"] * 7
+    assert vqa_accuracy("yes", answers) == pytest.approx(_official_leave_one_out("yes", answers)) == 0.9
+    assert min(1.0, 3 / 3) != 0.9  # big_vision's generic rule would give 1.0 here
+
+
+def test_single_answer_is_exact_match_after_normalisation():
+    assert vqa_accuracy("Two.", ["2"]) == 1.0
+    assert vqa_accuracy("3", ["2"]) == 0.0

@@ -43,6 +43,27 @@ def test_vqa_accuracy_official_rule_and_single_answer_exact_match():
     assert out.metrics["vqa/accuracy"] == pytest.approx(1.9 / 3)
 
 
+def test_vqa_three_answer_rows_from_jsonl_score_like_big_vision(tmp_path):
+    # Custom VQA data with 3 answers (jsonl "references"): unanimous and right scores 1.0, not 0.67.
+    from PIL import Image
+
+    from pg_tune.data.bad_rows import BadRows
+    from pg_tune.data.formats import BuildContext
+    from pg_tune.data.formats.jsonl import JsonlOptions, build
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [
+        {"image": "a.png", "prefix": "answer en what color?", "suffix": "red", "task": "vqa",
+         "references": ["red", "red", "red"]},
+        {"image": "a.png", "prefix": "answer en how many?", "suffix": "2", "task": "vqa",
+         "references": ["2", "two", "3"]},
+    ]  # fmt: skip
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    samples = build(JsonlOptions(path=str(tmp_path / "vqa.jsonl")), BuildContext("eval", BadRows()))
+    out = score_samples(samples, ["red", "2"])
+    assert [r["score"] for r in out.records] == pytest.approx([1.0, 2 / 3])
+
+
 def test_docvqa_anls_hand_computed():
     # "helo" vs "hello": edit distance 1 over 5 chars -> 1 - 0.2 = 0.8; "xyz" vs "abc": NL 1 -> 0.
     out = score_items([Item("docvqa", "helo", ["hello", "hi"]), Item("docvqa", "xyz", ["abc"])])
@@ -150,3 +171,39 @@ def test_gt_mask_from_meta_is_used_instead_of_decoding_the_reference():
     empty = np.zeros((SIZE[1], SIZE[0]), dtype=bool)
     out = score_items([Item("refer_segment", _loc(box), [ref], SIZE, gt_mask=empty)], mask_codec=codec)
     assert out.records[0]["score"] == 0.0  # no mask predicted: 0, even against an empty ground truth
+
+
+def test_docvqa_test_split_rows_are_unscored_but_written(tmp_path):
+    # SP-DocVQA's test_v1.0.json has no "answers" key; one val row (with answers) rides along.
+    from pathlib import Path
+
+    from pg_tune.data.bad_rows import BadRows
+    from pg_tune.data.formats import BuildContext
+    from pg_tune.data.formats.docvqa import DocvqaOptions, build
+    from pg_tune.evaluate.predictions import read_predictions, rescore, write_predictions
+
+    samples_dir = Path(__file__).resolve().parents[2] / "data_formats" / "samples" / "docvqa"
+    val = json.loads((samples_dir / "val_v1.0.json").read_text(encoding="utf-8"))
+    test_rows = [{k: v for k, v in row.items() if k != "answers"} for row in val["data"]]
+    mixed = {**val, "dataset_split": "test", "data": [val["data"][0], *test_rows]}
+    (tmp_path / "test_v1.0.json").write_text(json.dumps(mixed), encoding="utf-8")
+    options = DocvqaOptions(annotations=str(tmp_path / "test_v1.0.json"), images=str(samples_dir))
+    samples = build(options, BuildContext("eval", BadRows()))
+    assert len(samples) == 3
+    out = score_samples(samples, ["1/8/93", "1/8/93", "$ 42.00"])
+    # Before: the two test rows were scored against "" and pulled ANLS to 1/3.
+    assert out.metrics["docvqa/anls"] == 1.0
+    assert out.metrics["docvqa/unscored"] == 2.0 and out.metrics["docvqa/count"] == 1.0
+    assert [r["score"] for r in out.records] == [1.0, None, None]
+    assert [r["references"] for r in out.records][1:] == [[], []]
+    path = write_predictions(tmp_path / "predictions.jsonl", out.records)
+    assert [item.prediction for item in read_predictions(path)] == ["1/8/93", "1/8/93", "$ 42.00"]
+    rescored, _ = rescore(path)
+    assert rescored.metrics == out.metrics
+
+
+def test_only_unscored_rows_give_a_count_and_no_metric():
+    out = score_items([Item("docvqa", "x", [])])
+    assert out.metrics == {"docvqa/unscored": 1.0}
+    with pytest.raises(ValueError, match="no references"):
+        score_items([Item("detect", "x", [], image_size=(10, 10))])

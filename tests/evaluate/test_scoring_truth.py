@@ -6,6 +6,8 @@ and the VQ-VAE reconstruction of the reference (issue 13 items 1, 3, 5).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -121,8 +123,10 @@ def test_detection_truth_is_pixel_boxes_and_scores_come_from_token_logprobs():
     prediction = PG.render_target(sample)
     out = score_samples([sample], [prediction], None, PG)
     assert out.records[0]["reference_parsed"] == [{"label": "cat", "box": [10.2, 10.9, 60.4, 60.6]}]
-    (parsed,) = PG.parse_output(prediction, "detect", SIZE, token_logprobs=[-0.5, -1.5])
-    assert parsed.score == pytest.approx(-1.0)
+    # (start, end, logprob) per token; a box's confidence is exp(mean) over the tokens that wrote it.
+    tokens = [(0, 9, -0.5), (9, len(prediction), -1.5)]
+    (parsed,) = PG.parse_output(prediction, "detect", SIZE, token_logprobs=tokens)
+    assert parsed.score == pytest.approx(math.exp(-1.0))
 
 
 def test_old_prediction_files_without_targets_still_score_from_the_reference_text():
@@ -147,8 +151,9 @@ def test_predictions_file_keeps_the_true_ground_truth_for_rescoring(codec, tmp_p
 def test_token_logprobs_reach_the_parsed_detections():
     sample = _sample("detect", [ObjectTarget("cat", (10.0, 10.0, 60.0, 60.0))], "detect cat")
     prediction = PG.render_target(sample)
-    out = score_samples([sample], [prediction], None, PG, token_logprobs=[[-0.2, -0.4]])
-    assert out.records[0]["parsed"][0]["score"] == pytest.approx(-0.3)
+    tokens = [(0, 9, -0.2), (9, len(prediction), -0.4)]
+    out = score_samples([sample], [prediction], None, PG, token_logprobs=[tokens])
+    assert out.records[0]["parsed"][0]["score"] == pytest.approx(math.exp(-0.3), abs=1e-4)
     assert out.metrics["detect/map"] == pytest.approx(1.0)
 
 

@@ -141,3 +141,62 @@ def test_workspace_is_reused_and_changes_nothing():
         torch.testing.assert_close(got, expected)
     first = workspace.get(4, 300, torch.float32, torch.device("cpu"))
     assert first.data_ptr() == workspace.get(2, 300, torch.float32, torch.device("cpu")).data_ptr()
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("smoothing", [0.1, 0.35])
+def test_label_smoothing_matches_pytorch_loss_and_gradients(softcap, smoothing):
+    """Loss and both gradients equal F.cross_entropy(label_smoothing=eps) to 1e-6, in chunks."""
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", label_smoothing=smoothing)
+    exp_h, exp_w = torch.autograd.grad(expected * 0.7, (hidden, weight))
+
+    got = head_cross_entropy_sum(hidden, weight, targets, softcap, chunk_rows=4, label_smoothing=smoothing)
+    got_h, got_w = torch.autograd.grad(got * 0.7, (hidden, weight))
+    # Smoothing really changes the loss, so matching it is not matching the plain one.
+    plain = head_cross_entropy_sum(hidden.detach(), weight.detach(), targets, softcap)
+    assert abs(float(got) - float(plain)) > 1e-2
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_h, exp_h, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_w, exp_w, rtol=0, atol=1e-6)
+
+
+def test_label_smoothing_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        head_cross_entropy_sum(
+            torch.randn(2, 4), torch.randn(6, 4), torch.tensor([0, 1]), label_smoothing=1.5
+        )
+
+
+def test_suffix_loss_label_smoothing_equals_pytorch_on_supervised_positions():
+    """On a tiny PaliGemma 2 with soft-capping: SuffixLoss(eps) == F.cross_entropy(eps) over the
+    model's own full-sequence logits, masked to the supervised positions, loss and LoRA gradients."""
+    model, processor = build_model("tiny-paligemma2")
+    model.config.text_config.final_logit_softcapping = 30.0
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), "tiny-paligemma2")
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = _batch(processor)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    keys = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+    logits = model(**{k: batch[k] for k in keys}).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, label_smoothing=0.1
+    )
+    ref_grads = torch.autograd.grad(reference, [p for _, p in named])
+    loss_sum, count = SuffixLoss(model, chunk_size=7, label_smoothing=0.1)(batch)
+    ours = loss_sum / count
+    grads = torch.autograd.grad(ours, [p for _, p in named])
+    assert_close_to_scale(ours, reference)
+    for (name, _), g, r in zip(named, grads, ref_grads, strict=True):
+        assert_close_to_scale(g, r, msg=name)

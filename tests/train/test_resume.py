@@ -35,6 +35,7 @@ RECIPE = {
     "train": {"max_steps": 7, "batch_size": 2, "lr": 1e-3, "log_every": 1, "save_every": 2, "keep_last": 2},
     "eval": {"before_training": False},
 }
+EVAL_SET = {"format": "shapes", "num_samples": 2, "image_size": 32, "seed": 1}
 
 
 def _write_recipe(tmp_path, name: str, **sections) -> str:
@@ -98,6 +99,66 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert [r["epoch"] for r in _records(run / "metrics.jsonl")] == [0, 0, 0, 1, 1, 1, 2]
 
 
+# Every boundary a checkpoint can sit on. "accum2": 10 shapes, batch 2, grad_accum 2 -> windows of
+# 2, 2, 1 batches: 3 steps an epoch, the last one a partial window; evaluation every 2 steps.
+# "plain": 6 shapes, batch 2 -> 3 steps an epoch; evaluation every 3 steps (at the epoch end).
+BOUNDARY_RECIPES = {
+    "accum2": {
+        "data": {"train": [{"format": "shapes", "num_samples": 10, "image_size": 32}], "eval": [EVAL_SET]},
+        "train": {"max_steps": 5, "grad_accum": 2, "save_every": 1, "keep_last": 10},
+        "eval": {"every": 2, "batch_size": 2, "max_new_tokens": 2},
+    },
+    "plain": {
+        "data": {"train": [{"format": "shapes", "num_samples": 6, "image_size": 32}], "eval": [EVAL_SET]},
+        "train": {"max_steps": 5, "save_every": 1, "keep_last": 10},
+        "eval": {"every": 3, "batch_size": 2, "max_new_tokens": 2},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run per boundary recipe, shared by the kill points."""
+    runs = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            root = tmp_path_factory.mktemp(f"full-{name}")
+            proc = _pg_tune(_write_recipe(root, "full", **BOUNDARY_RECIPES[name]))
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out
+            runs[name] = root / "full"
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "kill_after"),
+    [
+        ("accum2", 2),  # mid-epoch, end of a full accumulation window, with an evaluation at that step
+        ("accum2", 3),  # end of the epoch, a partial window, no evaluation
+        ("plain", 3),  # end of the epoch, with an evaluation at that step
+    ],
+)
+def test_resume_is_bitwise_at_every_boundary(tmp_path, uninterrupted, name, kill_after):
+    full = uninterrupted(name)
+    recipe = _write_recipe(tmp_path, "crash", **BOUNDARY_RECIPES[name])
+    crashed = _pg_tune(recipe, env={KILL_AFTER_CHECKPOINT_ENV: str(kill_after)})
+    out, _ = crashed.communicate(timeout=300)
+    assert crashed.returncode == -signal.SIGKILL, out
+    resumed = _pg_tune(recipe, "--resume", "auto")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"step-{kill_after:07d} (step {kill_after})" in out
+    expected = load_file(full / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "crash" / "adapter" / "adapter_model.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert _records(tmp_path / "crash" / "metrics.jsonl") == _records(full / "metrics.jsonl")
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_step_checkpoints_and_exits_nonzero(tmp_path):
     recipe = _write_recipe(tmp_path, "term", train={"save_every": None, "max_steps": 50})
@@ -150,13 +211,13 @@ def test_nonfinite_loss_stops_with_rows_and_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_nonfinite_loss_skipped_and_counted(tmp_path, monkeypatch):
-    from pg_tune.train.loop import train
+    from pg_tune.commands_train import run_training
 
     recipe, resolved = load_recipe(
         _write_recipe(tmp_path, "nanskip", train={"max_steps": 2, "save_every": None, "on_nonfinite": "skip"})
     )
     _poison_loss(monkeypatch, {2})
-    result = train(recipe, resolved)
+    result = run_training(recipe, resolved)
     assert result.steps == 2
     summary = json.loads((tmp_path / "nanskip" / "summary.json").read_text())
     assert summary["nonfinite_skipped"] == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pg_tune.data.bad_rows import BadRows
-from pg_tune.data.sample import DataError
+from pg_tune.data.sample import DataError, Sample
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -65,6 +65,20 @@ def check_box(
         bad_rows.bad("degenerate_box", f"{where}: box {list(box_xyxy)!r} has no area inside the image")
         return None
     return clipped
+
+
+def limit_reached(samples: Sequence[Sample], limit: int | None) -> bool:
+    """True once ``samples`` holds ``limit`` samples: builders stop reading their source there."""
+    return limit is not None and len(samples) >= limit
+
+
+def apply_limit(samples: list[Sample], limit: int | None) -> list[Sample]:
+    """The one meaning of a format's ``limit``: at most this many emitted samples, in source order.
+
+    Counted after answer/caption/sentence expansion and bad-row skipping, so ``limit: 100`` gives
+    100 samples whatever the format (``data_formats/README.md``).
+    """
+    return samples if limit is None else samples[:limit]
 
 
 def format_prompt(template: str, where: str, **fields: str) -> str:

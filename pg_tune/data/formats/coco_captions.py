@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import read_json
+from pg_tune.data.formats._common import apply_limit, limit_reached, read_json
 from pg_tune.data.sample import Sample
 
 
@@ -70,8 +70,8 @@ def build(options: CocoCaptionsOptions, ctx: BuildContext) -> list[Sample]:
         captions.setdefault(ann["image_id"], []).append(" ".join(caption.split()))
 
     samples: list[Sample] = []
-    for n_images, (image_id, texts) in enumerate(captions.items()):
-        if options.limit is not None and n_images >= options.limit:
+    for image_id, texts in captions.items():
+        if limit_reached(samples, options.limit):
             break
         info = images[image_id]
         image = root / info["file_name"]
@@ -96,4 +96,4 @@ def build(options: CocoCaptionsOptions, ctx: BuildContext) -> list[Sample]:
             )
         else:
             samples.append(Sample(image, options.prompt, texts[0], where, "caption", tuple(texts), meta))
-    return samples
+    return apply_limit(samples, options.limit)

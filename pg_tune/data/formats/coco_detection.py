@@ -28,7 +28,7 @@ from typing import Literal
 
 from pg_tune.codecs import coco_bbox_to_xyxy
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import check_box, format_prompt, read_json
+from pg_tune.data.formats._common import apply_limit, check_box, format_prompt, limit_reached, read_json
 from pg_tune.data.sample import DataError, ObjectTarget, Sample
 
 
@@ -45,7 +45,9 @@ class CocoDetectionOptions:
     prompt_classes: Literal["present", "all"] = "present"
     """``present``: name the classes in the image; ``all``: name every class (absent ones too)."""
     crowd: Literal["skip", "keep"] = "skip"
-    """COCO ``iscrowd=1`` boxes cover a group of objects; big_vision-style training leaves them out."""
+    """COCO ``iscrowd=1`` boxes cover a group of objects; ``skip`` leaves them out of the target but
+    keeps them as crowd ground truth for scoring (``meta["crowd"]``: COCOeval ignores matches to them);
+    ``keep`` writes them into the target as ordinary objects."""
     order: Literal["file", "left_to_right", "largest_first", "random"] = "file"
     """Object order in the suffix; ``random`` is seeded by the recipe seed and the image id."""
     max_objects: int | None = None
@@ -72,6 +74,10 @@ def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:
     objects: dict[int, list[tuple[str, tuple[float, float, float, float]]]] = {
         image_id: [] for image_id in images
     }
+    # Crowd regions left out of the target stay ground truth for scoring (COCOeval ignores matches).
+    crowds: dict[int, list[tuple[str, tuple[float, float, float, float]]]] = {
+        image_id: [] for image_id in images
+    }
     for i, ann in enumerate(data.get("annotations", [])):
         where = f"{path}[annotations][{i}]"
         if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "category_id", "bbox")):
@@ -86,8 +92,9 @@ def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:
                 "unknown_category", f"{where}: category_id {ann['category_id']} is not in 'categories'"
             )
             continue
-        if name not in wanted or (ann.get("iscrowd", 0) and options.crowd == "skip"):
+        if name not in wanted:
             continue
+        crowd_only = bool(ann.get("iscrowd", 0)) and options.crowd == "skip"
         info = images[ann["image_id"]]
         size = (int(info["width"]), int(info["height"]))
         try:
@@ -97,12 +104,12 @@ def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:
             continue
         box = check_box(xyxy, size, f"{where}: field 'bbox'", ctx.bad_rows)
         if box is not None:
-            objects[ann["image_id"]].append((name, box))
+            (crowds if crowd_only else objects)[ann["image_id"]].append((name, box))
 
     root = Path(options.images)
     samples: list[Sample] = []
     for image_id, objs in objects.items():
-        if options.limit is not None and len(samples) >= options.limit:
+        if limit_reached(samples, options.limit):
             break
         if not objs and not options.keep_empty:
             continue
@@ -120,9 +127,13 @@ def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:
         size = (int(info["width"]), int(info["height"]))
         targets = tuple(ObjectTarget(name, box) for name, box in objs)
         prefix = format_prompt(options.prompt, where, classes=" ; ".join(names))
-        meta = {"image_id": image_id}
+        meta = {
+            "image_id": image_id,
+            "crowd": tuple(crowds[image_id]),
+            "categories": tuple(all_names),
+        }
         samples.append(Sample(image, prefix, "", where, "detect", (), meta, targets=targets, image_size=size))
-    return samples
+    return apply_limit(samples, options.limit)
 
 
 def _ordered(objs, order: str, rng: random.Random):

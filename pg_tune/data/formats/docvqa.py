@@ -7,7 +7,8 @@ One raw record of ``{split}_v1.0.json`` (under ``data``)::
 
 Training sees one answer per question per epoch (drawn by the training sampler, as big_vision's
 ``choice(inkey="answers")``); evaluation keeps every answer in ``references`` for ANLS. Test-split
-questions have no answers: evaluation rows then carry empty references (prediction only).
+questions have no answers: evaluation rows then carry no references and an empty suffix, and
+scoring reports them as ``docvqa/unscored`` (predictions still written, left out of ANLS).
 The default prompt is ``answer en {question}``; big_vision's DocVQA transfer uses the raw question
 (``prompt: "{question}"``). Selected in a recipe by::
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import format_prompt, read_json
+from pg_tune.data.formats._common import apply_limit, format_prompt, limit_reached, read_json
 from pg_tune.data.sample import DataError, Sample
 
 
@@ -48,7 +49,7 @@ def build(options: DocvqaOptions, ctx: BuildContext) -> list[Sample]:
     root = Path(options.images)
     samples: list[Sample] = []
     for i, record in enumerate(records):
-        if options.limit is not None and len(samples) >= options.limit:
+        if limit_reached(samples, options.limit):
             break
         where = f"{path}[data][{i}]"
         if not isinstance(record, dict):
@@ -83,4 +84,4 @@ def build(options: DocvqaOptions, ctx: BuildContext) -> list[Sample]:
         else:
             suffix = answers[0] if answers else ""
             samples.append(Sample(image, prefix, suffix, where, "docvqa", tuple(answers), meta))
-    return samples
+    return apply_limit(samples, options.limit)

@@ -1,4 +1,4 @@
-"""Hugging Face ``datasets``: a dataset saved with ``save_to_disk``, or parquet files.
+"""Hugging Face ``datasets``: a dataset id, a local dataset repository, ``save_to_disk`` output, or parquet.
 
 One raw row (columns are yours; map them to the contract)::
 
@@ -13,23 +13,33 @@ Selected in a recipe by::
     data:
       train:
         - format: hf
-          path: data/my_vqa          # a save_to_disk folder; or data/train-*.parquet
-          split: train               # for a DatasetDict
+          path: data/my_vqa          # a save_to_disk folder; or data/train-*.parquet; or a hub id
+          split: train               # for a DatasetDict / a repository's split
           prompt: "answer en {question}"
           columns: {suffix: answers}
           task: vqa
+
+``path`` may also be anything ``datasets.load_dataset`` takes: a Hub dataset id
+(``merve/vqav2-small``) or a local folder laid out like a Hub dataset repository
+(``data/train-00000-of-00004.parquet`` ..., a README.md with ``configs``). Read normally it is
+converted once into datasets' Arrow cache; with ``streaming: true`` nothing is converted or
+downloaded ahead: training reads the shards as a stream (``pg_tune.data.stream``: a shuffle buffer,
+deterministic from ``train.seed``, mixed by weight with the other entries, resumed exactly).
 """
 
 from __future__ import annotations
 
 import glob
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from pg_tune.config.schema import ConfigError
+from pg_tune.data.bad_rows import data_error, reason_of
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats._common import format_prompt
 from pg_tune.data.sample import DataError, LazySamples, Sample
@@ -52,32 +62,74 @@ class HfOptions:
     """Folder that string image paths are relative to."""
     task: str = "caption"
     limit: int | None = None
+    name: str | None = None
+    """Configuration of a Hub dataset / repository folder (``load_dataset``'s ``name``)."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hub dataset."""
+    streaming: bool = False
+    """Read the rows as a stream instead of converting the dataset first: for sets too large for
+    the disk or RAM. Training only (an eval entry reads its first ``limit`` rows)."""
+    shuffle_buffer: int = 1000
+    """Streaming: rows held to shuffle the stream (plus a seeded shard order). Larger shuffles
+    better and holds more rows (encoded) in RAM; 0 or 1 keeps the stream order."""
+    num_rows: int | None = None
+    """Streaming: rows in the split, when its files do not say (JSON/CSV shards; parquet footers
+    and the Hub's dataset info are read automatically). An epoch is sized from it."""
+
+    def check(self, path: str) -> None:
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"{path}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if self.num_rows is not None and self.num_rows < 1:
+            raise ConfigError(f"{path}.num_rows: must be >= 1, got {self.num_rows}")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
 
 
 def _load(options: HfOptions):
     import datasets
 
     path = Path(options.path)
-    if path.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError as e:
-            raise DataError(f"{path}: not a save_to_disk dataset folder ({e})") from None
+    if _is_saved_dataset(path):
+        if options.streaming:
+            raise DataError(
+                f"{path}: a save_to_disk folder is memory-mapped already; drop streaming: true "
+                "(streaming is for dataset ids, repository folders and parquet files)"
+            )
+        ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if options.split not in ds:
                 raise DataError(f"{path}: set split to one of {sorted(ds)} (got {options.split!r})")
             ds = ds[options.split]
         return ds
-    files = sorted(glob.glob(options.path))
-    if not files:
-        raise DataError(f"{options.path}: no such save_to_disk folder or parquet file")
-    return datasets.Dataset.from_parquet(files)  # memory-mapped Arrow cache, not a RAM copy
+    if (not path.is_dir() and glob.has_magic(options.path)) or options.path.endswith(".parquet"):
+        files = sorted(glob.glob(options.path))
+        if not files:
+            raise DataError(f"{options.path}: no such parquet file")
+        if options.streaming:
+            return datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+        return datasets.Dataset.from_parquet(files)  # memory-mapped Arrow cache, not a RAM copy
+    # A Hub id or a local dataset repository folder: whatever datasets.load_dataset takes.
+    try:
+        return datasets.load_dataset(
+            options.path,
+            options.name,
+            split=options.split or "train",
+            revision=options.revision,
+            streaming=options.streaming,
+        )
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise DataError(
+            f"{options.path}: not a save_to_disk folder, parquet file, dataset repository folder or "
+            f"reachable dataset id ({type(e).__name__}: {e})"
+        ) from None
 
 
 class HfSamples(LazySamples):
     """A lazy view: ``Sample``s made per row on access from the memory-mapped dataset."""
 
-    def __init__(self, ds, options: HfOptions, where: str):
+    def __init__(self, ds, options: HfOptions, where: str, ctx: BuildContext | None = None):
         import datasets
 
         self.options = options
@@ -87,27 +139,43 @@ class HfSamples(LazySamples):
         if unknown:
             raise DataError(f"{where}: columns has unknown keys {unknown} (known: {', '.join(_CONTRACT)})")
         needed = [self.col["image"], self.col["suffix"]] + ([] if options.prompt else [self.col["prefix"]])
-        missing = [c for c in needed if c not in ds.column_names]
+        missing = [c for c in needed if ds.column_names is not None and c not in ds.column_names]
         if missing:
             raise DataError(
                 f"{where}: missing columns {missing} (have {ds.column_names}); map them with columns:"
             )
-        feature = ds.features.get(self.col["image"])
+        feature = (ds.features or {}).get(self.col["image"])
         if isinstance(feature, datasets.Image) and feature.decode:
             # Keep the encoded bytes: decoding happens per row, in __getitem__.
             ds = ds.cast_column(self.col["image"], datasets.Image(decode=False))
         self.ds = ds
         self.root = Path(options.image_root) if options.image_root else None
-        self.length = len(ds) if options.limit is None else min(len(ds), options.limit)
+        self.train = ctx is not None and ctx.split == "train"
+        if isinstance(ds, datasets.IterableDataset):
+            self.rows: Sequence[int] = range(0)  # a stream: HfStream sizes it, rows are checked as read
+        else:
+            # Table rows behind the samples: every row, or (with a BuildContext) the rows whose text
+            # and image reference pass the build-time scan, so bad rows are skipped or stop the build
+            # like in the eager formats. ``limit`` then caps emitted samples, as in every format.
+            rows = range(len(ds)) if ctx is None else scan_rows(self, ctx)
+            self.rows = rows[: options.limit] if options.limit is not None else rows
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.rows)
 
     def _sample(self, index: int) -> Sample:
-        return self.row_to_sample(self.ds[index], index)
+        row = self.rows[index]
+        return self.row_to_sample(self.ds[row], row)
 
-    def row_to_sample(self, row: dict[str, Any], index: int) -> Sample:
+    def row_to_sample(self, row: dict[str, Any], index: int | str) -> Sample:
         where = f"{self.where}[{index}]"
+        prefix, suffix, references = self.text_fields(row, where)
+        return Sample(
+            self._image(row[self.col["image"]], where), prefix, suffix, where, self.options.task, references
+        )
+
+    def text_fields(self, row: dict[str, Any], where: str) -> tuple[str, str, tuple[str, ...]]:
+        """(prefix, suffix, references) of one row; raises ``DataError`` naming the row and column."""
         suffix = row[self.col["suffix"]]
         references: tuple[str, ...] = ()
         if isinstance(suffix, list):
@@ -122,15 +190,21 @@ class HfSamples(LazySamples):
             prefix = row[self.col["prefix"]]
             if not isinstance(prefix, str):
                 raise DataError(f"{where}: column {self.col['prefix']!r} must hold a string")
-        return Sample(
-            self._image(row[self.col["image"]], where), prefix, suffix, where, self.options.task, references
-        )
+        if self.train and not suffix.strip():
+            raise data_error("empty_suffix", f"{where}: empty suffix: nothing to learn from this row")
+        return prefix, suffix, references
 
     def _image(self, value: Any, where: str) -> str | Path | Image.Image:
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, dict) and value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"]))
+            # Only the header is read here (pixels decode in the collator, where a truncated image is
+            # a counted bad row); bytes that are no image at all fail now, inside __getitem__, and
+            # SafeSampleDataset counts them the same way.
+            try:
+                return Image.open(io.BytesIO(value["bytes"]))
+            except (OSError, SyntaxError, ValueError) as e:
+                raise data_error("corrupt_image", f"{where}: the image bytes are not an image: {e}") from None
         path = value.get("path") if isinstance(value, dict) else value
         if not isinstance(path, str):
             raise DataError(
@@ -139,7 +213,146 @@ class HfSamples(LazySamples):
         return self.root / path if self.root is not None else Path(path)
 
 
-def build(options: HfOptions, ctx: BuildContext) -> HfSamples:
-    return HfSamples(
-        _load(options), options, f"{options.path}" + (f"[{options.split}]" if options.split else "")
-    )
+def scan_rows(view: HfSamples, ctx: BuildContext, batch_size: int = 1024) -> list[int]:
+    """Rows whose text fields are valid and whose image cell is set, reading no image bytes.
+
+    A bad row goes to ``ctx.bad_rows`` (``stop`` raises naming it, ``skip`` counts it), exactly as
+    the eager formats do at build time; image bytes that fail to decode can only show up when the
+    row is read, and ``pg_tune.data.safe_collate.SafeSampleDataset`` counts those the same way.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    image_col = view.col["image"]
+    cells = view.ds.data.column(image_col)
+    if pa.types.is_struct(cells.type):
+        fields = [cells.combine_chunks().field(name) for name in ("bytes", "path")]
+        missing = pc.and_(pc.is_null(fields[0]), pc.is_null(fields[1]))
+        missing = pc.or_(missing, pc.is_null(cells.combine_chunks()))
+    else:
+        missing = pc.is_null(cells)
+    missing = missing.to_pylist()
+    text = view.ds.select_columns([c for c in view.ds.column_names if c != image_col])
+    keep: list[int] = []
+    for start in range(0, len(text), batch_size):
+        batch = text[start : start + batch_size]
+        for offset in range(len(next(iter(batch.values()))) if batch else 0):
+            index = start + offset
+            where = f"{view.where}[{index}]"
+            if missing[index]:
+                ctx.bad_rows.bad("missing_image", f"{where}: column {image_col!r} holds no image")
+                continue
+            try:
+                view.text_fields({k: v[offset] for k, v in batch.items()}, where)
+            except DataError as e:
+                ctx.bad_rows.bad(reason_of(e), str(e))
+                continue
+            keep.append(index)
+    return keep
+
+
+class HfStream:
+    """A streamed split as passes of encoded rows (``pg_tune.data.stream.EntryStream``)."""
+
+    def __init__(self, reader: HfSamples, num_rows: int, seed: int):
+        self.reader = reader
+        self.ds = reader.ds
+        self.where = reader.where
+        self.options = reader.options
+        self._num_rows = num_rows
+        self.seed = seed
+        self.entry = 0  # set by StreamingSamples: separates the random streams of two entries
+
+    @property
+    def num_rows(self) -> int:
+        return self._num_rows
+
+    def rows(self, pass_no: int, shuffle: bool):
+        import itertools
+        import random
+
+        shards = list(range(self.ds.n_shards))
+        # A limit takes the first rows in file order, so only the buffer shuffles them.
+        if shuffle and self.options.limit is None:
+            random.Random(f"{self.seed}:{self.entry}:shards:{pass_no}").shuffle(shards)
+        rows = itertools.chain.from_iterable(_shard_rows(self.ds, len(shards), i) for i in shards)
+        rows = itertools.islice(rows, self._num_rows)
+        if not shuffle:
+            return rows
+        from pg_tune.data.stream import buffer_shuffled
+
+        rng = random.Random(f"{self.seed}:{self.entry}:buffer:{pass_no}")
+        return buffer_shuffled(rows, self.options.shuffle_buffer, rng)
+
+    def to_sample(self, row: tuple[str, dict[str, Any]], position: int) -> Sample:
+        where, values = row  # named by shard and row, wherever the shuffle put it
+        return self.reader.row_to_sample(values, where)
+
+
+def _shard_rows(ds, num_shards: int, index: int, batch_rows: int = 64):
+    """Every row of one shard as ``("shard S row R", row dict)``. ``IterableDataset.iter`` rather
+    than ``iter(ds)``: inside a DataLoader worker the latter yields only that worker's share of the
+    shards, and every worker here must read the whole stream (it skips the rows others decode)."""
+    row_no = 0
+    for batch in ds.shard(num_shards=num_shards, index=index, contiguous=True).iter(batch_size=batch_rows):
+        columns = list(batch)
+        for values in zip(*batch.values(), strict=True):
+            yield f"shard {index} row {row_no}", dict(zip(columns, values, strict=True))
+            row_no += 1
+
+
+def _stream_rows(ds, options: HfOptions) -> int | None:
+    """Rows in a streamed split: ``num_rows``, else parquet footers, else the Hub's dataset info."""
+    if options.num_rows is not None:
+        return options.num_rows if options.limit is None else min(options.num_rows, options.limit)
+    total = None
+    files = _data_files(options)
+    if files and all(str(f).endswith(".parquet") for f in files):
+        import fsspec
+        import pyarrow.parquet as pq
+
+        total = 0
+        for f in files:
+            with fsspec.open(str(f), "rb") as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+    elif ds.info.splits and (split := ds.info.splits.get(options.split or "train")) is not None:
+        total = split.num_examples or None
+    if total is None:
+        return None
+    return total if options.limit is None else min(total, options.limit)
+
+
+def _data_files(options: HfOptions) -> list[str]:
+    """The files a streamed split reads, as ``datasets`` resolves them (local paths or hf:// URLs)."""
+    import datasets
+
+    if glob.has_magic(options.path) or options.path.endswith(".parquet"):
+        return sorted(glob.glob(options.path))
+    builder = datasets.load_dataset_builder(options.path, options.name, revision=options.revision)
+    files = (builder.config.data_files or {}).get(options.split or "train")
+    return [str(f) for f in files] if files else []
+
+
+def build(options: HfOptions, ctx: BuildContext) -> HfSamples | HfStream | list[Sample]:
+    where = f"{options.path}" + (f"[{options.split}]" if options.split else "")
+    ds = _load(options)
+    reader = HfSamples(ds, options, where, None if options.streaming else ctx)
+    if not options.streaming:
+        return reader
+    if ctx.split != "train":
+        if options.limit is None:
+            raise DataError(
+                f"{where}: a streamed eval entry needs limit (evaluation reads its first limit rows)"
+            )
+        import itertools
+
+        return [
+            reader.row_to_sample(row, i) for i, row in enumerate(itertools.islice(reader.ds, options.limit))
+        ]
+    num_rows = _stream_rows(reader.ds, options)
+    if not num_rows:
+        raise DataError(
+            f"{where}: streaming needs the split's size to make epochs, and neither parquet footers nor "
+            "the dataset info give it; set num_rows"
+        )
+    return HfStream(reader, num_rows, ctx.seed)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import check_box
+from pg_tune.data.formats._common import apply_limit, check_box, limit_reached
 from pg_tune.data.images import image_size, load_image
 from pg_tune.data.masks import mask_box, mask_to_rle, segmentation_to_mask
 from pg_tune.data.sample import TASKS, DataError, ObjectTarget, Sample
@@ -80,11 +80,11 @@ def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:
             sample = _row_to_sample(row, where, root, options, ctx)
             if sample is not None:
                 samples.append(sample)
-            if options.limit is not None and len(samples) >= options.limit:
+            if limit_reached(samples, options.limit):
                 break
     if rows == 0:
         raise DataError(f"{path}: no rows (the file is empty or blank); one JSON object a line is expected")
-    return samples
+    return apply_limit(samples, options.limit)
 
 
 def _row_to_sample(

@@ -19,7 +19,20 @@ Each sentence is one sample: ``prefix = "detect {expression}"`` (``task: segment
 ``prompt: "{expression}"``) and one target object: the pixel box and, for ``segment``, the real COCO
 mask (polygons or RLE). The model family renders it (PaliGemma: ``<loc..>x4`` /
 ``<loc..>x4<seg..>x16``, the masks through the VQ-VAE at ``model.vae_path``); scoring compares with
-the box and mask themselves. Selected in a recipe by::
+the box and mask themselves.
+
+Training draws, by default (``train_pairs: one_per_image``), one object of each image and one of
+that object's sentences per epoch, as big_vision's ``refcoco_seg`` transfer does (its ``*_flat``
+one-row-per-sentence splits are for evaluation): the samples of an image share ``meta["group"]``,
+those of an object ``meta["object"]``, and the training sampler draws from them per (seed, epoch),
+so a resumed run replays the same draws. ``train_pairs: every_sentence`` trains on every sentence
+each epoch. Evaluation is always one sample per sentence.
+
+Several ``refs`` files (with one shared ``instances`` or one each) are read as one set, merging the
+sentences of the same COCO annotation. For ``split: train`` every image that appears in another
+split of any of them is left out, and ``split: test`` takes ``test``, ``testA`` and ``testB``:
+RefCOCO (unc) + RefCOCO+ (unc) + RefCOCOg (umd) is big_vision's ``refcocox_combined`` training set.
+Selected in a recipe by::
 
     data:
       train:
@@ -42,7 +55,7 @@ from typing import Any, Literal
 
 from pg_tune.codecs import coco_bbox_to_xyxy
 from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import check_box, format_prompt, read_json
+from pg_tune.data.formats._common import apply_limit, check_box, format_prompt, limit_reached, read_json
 from pg_tune.data.images import image_size
 from pg_tune.data.masks import segmentation_to_mask
 from pg_tune.data.sample import DataError, ObjectTarget, Sample
@@ -55,10 +68,11 @@ class RefcocoOptions:
     split: str
     """Which refs to use: ``train``, ``val``, ``testA``, ``testB`` (unc) or ``test`` (umd)."""
     task: Literal["detect", "segment"] = "detect"
-    refs: str | None = None
-    """``refs(unc).p`` / ``refs(google).p`` / ``refs(umd).p`` (read safely, see the module docstring)."""
-    instances: str | None = None
-    """The matching COCO ``instances.json`` (boxes, masks, image sizes)."""
+    refs: str | list[str] | None = None
+    """``refs(unc).p`` / ``refs(google).p`` / ``refs(umd).p`` (read safely, see the module docstring),
+    or several, read as one set (big_vision's combined RefCOCO/+/g: see the module docstring)."""
+    instances: str | list[str] | None = None
+    """The matching COCO ``instances.json`` (boxes, masks, image sizes): one, or one per refs file."""
     images: str | None = None
     """Folder of COCO train2014 images (or the parquet's image paths' root)."""
     parquet: str | None = None
@@ -70,6 +84,8 @@ class RefcocoOptions:
     """Template with ``{expression}``; default ``detect {expression}`` / ``segment {expression}``."""
     sentence: Literal["sent", "raw"] = "sent"
     """Which text of a refer sentence: the cleaned lower-case ``sent`` or the annotator's ``raw``."""
+    train_pairs: Literal["one_per_image", "every_sentence"] = "one_per_image"
+    """Training rows per epoch: one object and one of its sentences per image (big_vision), or all."""
     limit: int | None = None
 
 
@@ -122,7 +138,7 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
     task = "refer_detect" if options.task == "detect" else "refer_segment"
     samples: list[Sample] = []
     for row in rows:
-        if options.limit is not None and len(samples) >= options.limit:
+        if limit_reached(samples, options.limit):
             break
         where, size = row["where"], row["size"]
         box = check_box(row["box"], size, f"{where}: field 'box'", ctx.bad_rows)
@@ -132,6 +148,8 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
             ctx.bad_rows.bad("empty_prefix", f"{where}: no referring expression (sentences is empty)")
             continue
         meta: dict[str, Any] = {}
+        if ctx.split == "train" and options.train_pairs == "one_per_image":
+            meta.update(group=f"refcoco:{row['image']}", object=row["object"])
         segmentation = None
         if task == "refer_segment":
             segmentation = row.get("segmentation")
@@ -153,56 +171,89 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
             samples.append(
                 Sample(row["image"], prefix, "", f"{where}[sentence {k}]", task, (), meta, targets, size)
             )
-    return samples
+    return apply_limit(samples, options.limit)
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _refer_rows(options: RefcocoOptions, ctx: BuildContext) -> Iterator[dict[str, Any]]:
-    refs_path = Path(options.refs)
-    refs = load_plain_pickle(refs_path)
-    if not isinstance(refs, list):
-        raise DataError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
-    instances = read_json(options.instances, "RefCOCO instances")
-    images = {im["id"]: im for im in instances.get("images", []) if isinstance(im, dict) and "id" in im}
-    anns = {a["id"]: a for a in instances.get("annotations", []) if isinstance(a, dict) and "id" in a}
-    root = Path(options.images)
-    for i, ref in enumerate(refs):
-        where = f"{refs_path}[{i}]"
-        if not isinstance(ref, dict) or not all(
-            k in ref for k in ("ann_id", "image_id", "split", "sentences")
-        ):
-            ctx.bad_rows.bad("missing_field", f"{where}: a ref needs ann_id, image_id, split and sentences")
-            continue
-        if ref["split"] != options.split:
-            continue
-        where = f"{refs_path}[{i}](ref_id={ref.get('ref_id')})"
-        ann, info = anns.get(ref["ann_id"]), images.get(ref["image_id"])
-        if ann is None or info is None:
-            ctx.bad_rows.bad(
-                "unknown_annotation", f"{where}: ann_id/image_id not found in {options.instances}"
-            )
-            continue
-        image = root / str(info.get("file_name", ""))
-        if not image.is_file():
-            ctx.bad_rows.bad("missing_image", f"{where}: image file not found: {image}")
-            continue
-        try:
-            box = coco_bbox_to_xyxy(ann["bbox"])
-        except (KeyError, ValueError) as e:
-            ctx.bad_rows.bad("bad_box", f"{where}: field 'bbox' of ann {ref['ann_id']}: {e}")
-            continue
-        expressions = [
-            s.get(options.sentence) or s.get("sent") or s.get("raw")
-            for s in ref["sentences"]
-            if isinstance(s, dict)
-        ]
-        yield {
-            "where": where,
-            "image": image,
-            "size": (int(info["width"]), int(info["height"])),
-            "box": box,
-            "segmentation": ann.get("segmentation"),
-            "expressions": [e for e in expressions if e is not None],
+    refs_paths = [Path(p) for p in _as_list(options.refs)]
+    instance_paths = _as_list(options.instances)
+    if len(instance_paths) not in (1, len(refs_paths)):
+        raise DataError(
+            f"refcoco: {len(refs_paths)} refs files but {len(instance_paths)} instances files; give one "
+            f"instances.json for all, or one per refs file"
+        )
+    combined = len(refs_paths) > 1
+    splits = {"test", "testA", "testB"} if combined and options.split == "test" else {options.split}
+    sources = []  # (refs_path, refs, instances_path)
+    for k, refs_path in enumerate(refs_paths):
+        refs = load_plain_pickle(refs_path)
+        if not isinstance(refs, list):
+            raise DataError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+        sources.append((refs_path, refs, instance_paths[k if len(instance_paths) > 1 else 0]))
+    excluded: set[Any] = set()
+    if combined and options.split == "train":
+        # big_vision's refcocox_combined: no train image may appear in any other split of any set.
+        excluded = {
+            ref["image_id"]
+            for _, refs, _ in sources
+            for ref in refs
+            if isinstance(ref, dict) and ref.get("split", "train") != "train" and "image_id" in ref
         }
+    loaded: dict[str, tuple[dict, dict]] = {}
+    root = Path(options.images)
+    for refs_path, refs, instances_path in sources:
+        if instances_path not in loaded:
+            instances = read_json(instances_path, "RefCOCO instances")
+            loaded[instances_path] = (
+                {im["id"]: im for im in instances.get("images", []) if isinstance(im, dict) and "id" in im},
+                {a["id"]: a for a in instances.get("annotations", []) if isinstance(a, dict) and "id" in a},
+            )
+        images, anns = loaded[instances_path]
+        for i, ref in enumerate(refs):
+            where = f"{refs_path}[{i}]"
+            if not isinstance(ref, dict) or not all(
+                k in ref for k in ("ann_id", "image_id", "split", "sentences")
+            ):
+                ctx.bad_rows.bad(
+                    "missing_field", f"{where}: a ref needs ann_id, image_id, split and sentences"
+                )
+                continue
+            if ref["split"] not in splits or ref["image_id"] in excluded:
+                continue
+            where = f"{refs_path}[{i}](ref_id={ref.get('ref_id')})"
+            ann, info = anns.get(ref["ann_id"]), images.get(ref["image_id"])
+            if ann is None or info is None:
+                ctx.bad_rows.bad(
+                    "unknown_annotation", f"{where}: ann_id/image_id not found in {instances_path}"
+                )
+                continue
+            image = root / str(info.get("file_name", ""))
+            if not image.is_file():
+                ctx.bad_rows.bad("missing_image", f"{where}: image file not found: {image}")
+                continue
+            try:
+                box = coco_bbox_to_xyxy(ann["bbox"])
+            except (KeyError, ValueError) as e:
+                ctx.bad_rows.bad("bad_box", f"{where}: field 'bbox' of ann {ref['ann_id']}: {e}")
+                continue
+            expressions = [
+                s.get(options.sentence) or s.get("sent") or s.get("raw")
+                for s in ref["sentences"]
+                if isinstance(s, dict)
+            ]
+            yield {
+                "where": where,
+                "image": image,
+                "object": f"ann {ref['ann_id']}",  # the same COCO object in every refs file
+                "size": (int(info["width"]), int(info["height"])),
+                "box": box,
+                "segmentation": ann.get("segmentation"),
+                "expressions": [e for e in expressions if e is not None],
+            }
 
 
 _COLUMNS = ("image", "box", "expression", "split", "segmentation", "width", "height")
@@ -258,6 +309,8 @@ def _parquet_rows(options: RefcocoOptions, ctx: BuildContext) -> Iterator[dict[s
                 yield {
                     "where": where,
                     "image": image,
+                    # One object per (image, box): one-row-per-sentence copies repeat the box.
+                    "object": f"box {record[col['box']]}",
                     "size": size,
                     "box": record[col["box"]],
                     "segmentation": record.get(col["segmentation"]),

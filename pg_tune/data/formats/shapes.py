@@ -35,6 +35,8 @@ class ShapesOptions:
     prompt: str = "caption en"
     seed: int | None = None
     """Default: 0 for train, 1 for eval, so the splits never share an image."""
+    limit: int | None = None
+    """At most this many samples (as in every format); the first ``limit`` of ``num_samples``."""
 
 
 def draw_shape(rng: random.Random, size: int) -> tuple[Image.Image, str, str, tuple[int, int, int, int]]:
@@ -61,7 +63,8 @@ def build(options: ShapesOptions, ctx: BuildContext) -> list[Sample]:
     seed = options.seed if options.seed is not None else (0 if ctx.split == "train" else 1)
     rng = random.Random(seed * 1_000_003 + 17)
     samples = []
-    for i in range(options.num_samples):
+    count = options.num_samples if options.limit is None else min(options.num_samples, options.limit)
+    for i in range(count):
         image, colour, shape, box = draw_shape(rng, options.image_size)
         samples.append(
             Sample(

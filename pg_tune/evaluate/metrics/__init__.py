@@ -7,7 +7,7 @@ Referring expressions: `refer_detection_accuracy`, `mask_miou` (big_vision's rul
 
 from pg_tune.evaluate.metrics.anls import anls, anls_score, levenshtein
 from pg_tune.evaluate.metrics.cider import PTB_PUNCTUATION, bleu4, cider_d, ptb_tokenize
-from pg_tune.evaluate.metrics.detection import COCO_STAT_NAMES, coco_map
+from pg_tune.evaluate.metrics.detection import COCO_STAT_NAMES, coco_map, matches_at, object_confidence
 from pg_tune.evaluate.metrics.referring import (
     box_iou,
     mask_cumulative_iou,
@@ -30,8 +30,10 @@ __all__ = [
     "mask_cumulative_iou",
     "mask_iou",
     "mask_miou",
+    "matches_at",
     "mean_vqa_accuracy",
     "normalize_vqa_answer",
+    "object_confidence",
     "ptb_tokenize",
     "refer_detection_accuracy",
     "vqa_accuracy",

@@ -9,9 +9,17 @@ rule for rule, quirks included (each quirk is marked where it is implemented):
    human answers normalised: punctuation, then number words to digits, articles dropped,
    missing-apostrophe contractions restored. When all humans agree the raw strings are compared.
    big_vision does the same ("supposedly avoids postproc OCR", GT-Vision-Lab/VQA issue 14).
-3. Accuracy averages, over the 10 leave-one-out subsets of 9 humans, min(#humans in the subset who
-   gave the predicted answer / 3, 1). So 1 matching human of 10 gives 0.3, 3 give 0.9 (not 1.0:
-   the 3 subsets that leave one of them out see only 2), and 4 or more give 1.0.
+3. With exactly 10 human answers (VQAv2, the official setting) accuracy averages, over the 10
+   leave-one-out subsets of 9 humans, min(#humans in the subset who gave the predicted answer / 3, 1).
+   So 1 matching human of 10 gives 0.3, 3 give 0.9 (not 1.0: the 3 subsets that leave one of them
+   out see only 2), and 4 or more give 1.0.
+
+Any other number of answers (custom data, OK-VQA-style sets) follows big_vision's generic VQA
+evaluator (``evaluators/proj/paligemma/transfers/vqa.py``): min(#matching answers / 3, 1), with no
+leave-one-out, which on 2-9 answers would cost a unanimous correct answer a third or more. A single
+answer is big_vision's single-ground-truth mode: exact match (min(1/3, 1) would cap it at 0.33).
+Answers are compared after rules 1-2 in every case; big_vision's generic evaluator compares raw
+strings, so ours is the more lenient of the two only in spelling, never in counting.
 
     from pg_tune.evaluate.metrics import vqa_accuracy
     vqa_accuracy("two", ["2"] * 3 + ["3"] * 7)  # 0.9
@@ -22,7 +30,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["mean_vqa_accuracy", "normalize_vqa_answer", "vqa_accuracy"]
+__all__ = ["OFFICIAL_NUM_ANSWERS", "mean_vqa_accuracy", "normalize_vqa_answer", "vqa_accuracy"]
+
+OFFICIAL_NUM_ANSWERS = 10
+"""VQAv2 collects 10 human answers per question; only then does the leave-one-out rule apply."""
 
 # The official table (vqaEval.py, self.contractions): apostrophe-less spellings and the form they
 # are restored to. Kept verbatim, including its dead keys (the capitalised ones never match, as
@@ -133,11 +144,11 @@ def normalize_vqa_answer(text: str) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy of one predicted answer against the human answers (10 in VQAv2).
+    """VQA accuracy of one predicted answer against the human answers.
 
-    Mean over leave-one-out subsets of min(#matching humans in the subset / 3, 1), with the official
-    normalisation rules. With fewer than 10 answers the same leave-one-out rule is applied to
-    however many are given (a single answer therefore always scores 0).
+    10 answers: the official VQAv2 rule (mean over leave-one-out subsets of min(#matches / 3, 1)).
+    1 answer: exact match. Otherwise: min(#matches / 3, 1), as big_vision's generic VQA evaluator.
+    Answers are normalised by the official rules in every case (see the module docstring).
     """
     if isinstance(answers, str):
         raise TypeError(f"answers must be a list of strings, got the single string {answers!r}")
@@ -148,10 +159,17 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     if len(set(gts)) > 1:
         pred = _process_digit_article(_process_punctuation(pred))
         gts = [_process_digit_article(_process_punctuation(a)) for a in gts]
+    elif len(gts) == 1:
+        # A lone answer cannot disagree with itself; normalise both so "Two." matches "2".
+        pred, gts = normalize_vqa_answer(prediction), [normalize_vqa_answer(answers[0])]
     matches = sum(gt == pred for gt in gts)
-    # Leaving out a matching human leaves matches - 1 in the subset; leaving out another leaves matches.
-    per_subset = [min(1.0, (matches - (gt == pred)) / 3.0) for gt in gts]
-    return sum(per_subset) / len(per_subset)
+    if len(gts) == OFFICIAL_NUM_ANSWERS:
+        # Leaving out a matching human leaves matches - 1 in the subset; leaving out another leaves matches.
+        per_subset = [min(1.0, (matches - (gt == pred)) / 3.0) for gt in gts]
+        return sum(per_subset) / len(per_subset)
+    if len(gts) == 1:
+        return float(matches)
+    return min(1.0, matches / 3.0)
 
 
 def mean_vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
