@@ -155,7 +155,7 @@ def build_model_card(
         "## Evaluation\n",
         _metrics_table(run.summary),
     ]
-    if export_report and "parity_fp32" in export_report:
+    if export_report and ("parity_fp32" in export_report or "parity_modules" in export_report):
         parts += ["## Export parity\n", _parity_text(export_report)]
     elif export_report and "cast" in export_report:  # a full / partial run: nothing merged, only cast
         c = export_report["cast"]
