@@ -185,12 +185,15 @@ def _recipe(args):
 
 
 def _base_model(args, device: str):
-    """The same random-weight base for both sides, built once (model and processor)."""
+    """The same random-weight base for both sides, built once (model and processor), any family."""
     import torch
 
-    from pg_tune.models.tiny import build_model
+    from pg_tune.config.recipe import ModelConfig
+    from pg_tune.models.family import family_for
 
-    model, processor = build_model(args.preset)
+    family = family_for(args.preset)
+    model = family.load_model(ModelConfig(name_or_path=args.preset, dtype="float32"))
+    processor = family.load_processor(ModelConfig(name_or_path=args.preset))
     return model.to(device=device, dtype=getattr(torch, args.dtype)), processor
 
 
@@ -328,19 +331,27 @@ def run_side(args) -> SideResult:
     torch.manual_seed(0)
     data_dir = Path(args.data_dir)
     samples = make_samples(data_dir, args.samples)
-    runner = _run_pg_tune if args.side == "pg_tune" else _run_reference
+    from pg_tune.models.tiny import PRESETS, build_config
+
+    if args.preset in PRESETS:
+        runner = _run_pg_tune if args.side == "pg_tune" else _run_reference
+    else:  # Gemma 3 / SmolVLM2 presets: their families' Hugging Face reference recipe
+        from pg_tune.bench_chat import run_reference_chat
+
+        runner = _run_pg_tune if args.side == "pg_tune" else run_reference_chat
     marks, tokens, first_loss = runner(args, samples, device)
     timed = marks[args.warmup :]
     seconds = timed[-1] - timed[0]
     steps = len(timed) - 1
-    from pg_tune.models.tiny import PRESETS, build_config
-
-    config = build_config(PRESETS[args.preset])
     shapes = tokens[args.warmup :]
     cached = args.side == "pg_tune" and bool(args.feature_cache)
-    flops = statistics.mean(
-        step_flops(config, args.batch_size, length, sup, vision_cached=cached) for _, length, sup in shapes
-    )
+    flops = float("nan")  # FLOPs are modelled for PaliGemma's layout only
+    if args.preset in PRESETS:
+        config = build_config(PRESETS[args.preset])
+        flops = statistics.mean(
+            step_flops(config, args.batch_size, length, sup, vision_cached=cached)
+            for _, length, sup in shapes
+        )
     peak, kind = _peak_memory_gb(device)
     return SideResult(
         side=args.side,
@@ -442,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="bench-mini", help="a pg_tune.models.tiny preset")
+    parser.add_argument(
+        "--preset",
+        default="bench-mini",
+        help="a tiny preset of any family: bench-mini (PaliGemma), gemma3-bench-mini, smolvlm2-bench-mini",
+    )
     parser.add_argument("--steps", type=int, default=8, help="timed steps per repetition and side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (each runs both sides)")

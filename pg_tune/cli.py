@@ -4,6 +4,7 @@ pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says (--res
                                              --overwrite starts a non-empty output_dir clean)
 pg-tune validate RECIPE [key.sub=value ...]  check a recipe without loading anything heavy
 pg-tune plan RECIPE [--memory 24GiB]         expected peak memory by part; the micro-batch that fits
+pg-tune compare RECIPE --models A,B,C [--steps N]  the same fine-tune on several models, side by side
 
 Overrides (``key.sub=value``, the value read as YAML) may stand anywhere after the subcommand, on
 every command that reads a recipe (train, validate, plan, data preview/validate, eval).
@@ -20,13 +21,17 @@ from pg_tune import commands_export
 from pg_tune.commands_data import add_data_parser
 from pg_tune.commands_eval import add_eval_parser, add_predict_parser
 from pg_tune.commands_train import add_train_parser
+from pg_tune.compare import add_compare_parser
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
 from pg_tune.plan import add_plan_parser
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from pg_tune.models.chat import check_recipe_tasks
+
     recipe, _ = load_recipe(args.recipe, args.overrides)
+    check_recipe_tasks(recipe)
     print(
         f"{args.recipe}: OK ({len(recipe.data.train)} train and {len(recipe.data.eval)} eval dataset entries, "
         f"model {recipe.model.name_or_path})"
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_predict_parser(sub)
     add_plan_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

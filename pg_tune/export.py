@@ -216,7 +216,9 @@ def export_merged(
             raise ExportError(str(e)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family = family_for(run.recipe.model.name_or_path)
-    processor = family.processor_class.from_pretrained(run.adapter_dir)
+    processor = family.load_processor(
+        dataclasses.replace(run.recipe.model, name_or_path=str(run.adapter_dir))
+    )
     samples = parity_samples(run, processor, num_samples)
     mask_codec = family.load_mask_codec(run.recipe.model.vae_path)
     collator = family.collator(processor, run.recipe.data.max_text_length, train=True, mask_codec=mask_codec)

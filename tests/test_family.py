@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pg_tune"
 
 
 def test_registry_resolves_presets_checkpoints_adapters_configs_and_hub_ids(tmp_path):
-    assert family_names() == ["paligemma"]
+    assert family_names() == ["gemma3", "paligemma", "smolvlm"]
     for name in ("tiny-paligemma", "tiny-paligemma2", "bench-mini", "paligemma"):
         assert isinstance(family_for(name), PaliGemmaFamily)
     ckpt = save_checkpoint("tiny-paligemma", tmp_path / "ckpt")

@@ -52,3 +52,23 @@ def test_accelerate_launch_configs_load(path):
     config = ClusterConfig.from_yaml_file(path)
     assert config.num_processes >= 2
     assert "accelerate launch --config_file recipes/accelerate/" + path.name in path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("folder", "family", "stems"),
+    [
+        ("gemma3", "gemma3", ("cococap_896", "docvqa_896", "refcoco_det_896", "jsonl_896")),
+        ("smolvlm2", "smolvlm", ("cococap", "docvqa", "refcoco_det", "jsonl")),
+    ],
+)
+def test_chat_family_recipes(folder, family, stems):
+    """Gemma 3 / SmolVLM2 recipes: one per shipped task, their family resolves offline, QLoRA is a flag."""
+    from pg_tune.models.chat import check_recipe_tasks
+    from pg_tune.models.family import family_for
+
+    for stem in stems:
+        path = ROOT / folder / f"{stem}.yaml"
+        recipe, _ = load_recipe(path, ["quantization.mode=4bit"])
+        assert recipe.quantization.mode == "4bit" and "quantization.mode=4bit" in path.read_text()
+        assert family_for(recipe.model.name_or_path).name == family
+        check_recipe_tasks(recipe)  # no task the family cannot render

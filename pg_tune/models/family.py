@@ -227,6 +227,29 @@ class ModelFamily(abc.ABC):
     ) -> list[ParsedObject]:
         """Objects in generated text (box tasks); ``[]`` when nothing valid; never raises on text."""
 
+    def check_model_config(self, model: ModelConfig, at_load: bool = True) -> None:
+        """Refuse loading settings the family cannot use safely (remote code: a pinned commit, opt-in).
+
+        A family whose model code lives only on the Hub (``requires_remote_code``) runs that code on
+        this machine: ``model.revision`` must be a full commit hash (a branch or tag can move to new
+        code) and, when loading (``at_load``), the ``--trust-remote-code`` flag must be given (a recipe
+        cannot set it). Other families never need remote code.
+        """
+        import re
+
+        if not self.requires_remote_code or is_tiny_preset(model.name_or_path):
+            return
+        if not (isinstance(model.revision, str) and re.fullmatch(r"[0-9a-f]{40}", model.revision)):
+            raise ValueError(
+                f"model.revision: {self.name} runs remote code, so pin the commit it runs: a 40-hex commit "
+                f"hash from the repo's history, got {model.revision!r} (a branch or tag can move)"
+            )
+        if at_load and not model.trust_remote_code:
+            raise ValueError(
+                f"{self.name} models run code from their Hub repo: read that code at the pinned revision, "
+                "then pass --trust-remote-code on the command line (it stays off unless asked)"
+            )
+
     def load_mask_codec(self, vae_path: str | Path | None) -> Any | None:
         """The family's mask tokenizer (PaliGemma: big_vision's VQ-VAE), or None if it has none."""
         return None
@@ -240,6 +263,8 @@ class ModelFamily(abc.ABC):
 # One line per family: model_type / preset names are read from the class, imported on first use.
 _REGISTRY: dict[str, str] = {
     "paligemma": "pg_tune.models.paligemma:PaliGemmaFamily",
+    "gemma3": "pg_tune.models.gemma3:Gemma3Family",
+    "smolvlm": "pg_tune.models.smolvlm:SmolVLMFamily",
 }
 
 
