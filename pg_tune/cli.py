@@ -3,10 +3,11 @@
 pg-tune train RECIPE [key.sub=value ...]     fine-tune as the recipe says (--resume auto|PATH continues,
                                              --overwrite starts a non-empty output_dir clean)
 pg-tune validate RECIPE [key.sub=value ...]  check a recipe without loading anything heavy
+pg-tune plan RECIPE [--memory 24GiB]         expected peak memory by part; the micro-batch that fits
 pg-tune compare RECIPE --models A,B,C [--steps N]  the same fine-tune on several models, side by side
 
 Overrides (``key.sub=value``, the value read as YAML) may stand anywhere after the subcommand, on
-every command that reads a recipe (train, validate, data preview/validate, eval).
+every command that reads a recipe (train, validate, plan, data preview/validate, eval).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pg_tune.commands_train import add_train_parser
 from pg_tune.compare import add_compare_parser
 from pg_tune.config import ConfigError, load_recipe
 from pg_tune.data.sample import DataError
+from pg_tune.plan import add_plan_parser
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_export.add_push_parser(sub)
     add_eval_parser(sub)
     add_predict_parser(sub)
+    add_plan_parser(sub)
     add_compare_parser(sub)
     return parser
 

@@ -1,6 +1,6 @@
 """The ``pg-tune export`` and ``pg-tune push`` subcommands (parsers and handlers).
 
-pg-tune export RUN_DIR --out DIR [--dtype bf16|fp16|fp32]      merged weights, parity-checked
+pg-tune export RUN_DIR --out DIR [--dtype bf16|fp16|fp32] [--parity module|full]   merged weights, parity-checked
 pg-tune push RUN_DIR --repo-id OWNER/NAME [--merged] [--public] [--revision R] [--dry-run]   (private by default)
 """
 
@@ -18,7 +18,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         export_merged(
             args.run_dir, args.out, dtype=args.dtype, num_samples=args.samples, device=args.device,
-            trust_remote_code=args.trust_remote_code,
+            trust_remote_code=args.trust_remote_code, parity=args.parity,
         )  # fmt: skip
     except ExportError as e:
         print(f"pg-tune export: error: {e}", file=sys.stderr)
@@ -59,7 +59,14 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the saved weights"
     )
-    p.add_argument("--samples", type=int, default=4, help="samples in the parity check")
+    p.add_argument(
+        "--parity",
+        choices=["module", "full"],
+        default="module",
+        help="module: stream the merge shard by shard, check each merged module on random inputs "
+        "(memory: about the largest tensor); full: load the whole model, compare logits on --samples samples",
+    )
+    p.add_argument("--samples", type=int, default=4, help="samples in the --parity full check")
     p.add_argument("--device", default=None, help="where to merge (default: cuda if available, else cpu)")
     add_remote_code_argument(p)
     p.set_defaults(func=_cmd_export)

@@ -188,9 +188,12 @@ def export_merged(
     device: str | None = None,
     max_shard_size: str = "5GB",
     trust_remote_code: bool = False,
+    parity: str = "module",
 ) -> dict[str, Any]:
     """Merge the run's adapter into a full-precision base, check parity, save a loadable folder.
 
+    ``parity="module"`` (default) streams the merge shard by shard with a per-module check
+    (``pg_tune.merge``); ``"full"`` loads the whole model and compares logits as described above.
     Returns (and writes to ``export_report.json``) the parity numbers.
     """
     from pg_tune.model_card import build_model_card
@@ -202,6 +205,15 @@ def export_merged(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir}: exists and is not empty; choose a new --out folder")
+    if parity not in ("module", "full"):
+        raise ExportError(f"--parity {parity!r}: choose module or full")
+    if parity == "module" and not run.is_full_model:  # full/partial runs have no adapter to merge
+        from pg_tune.merge import MergeError, stream_export
+
+        try:
+            return stream_export(run, out_dir, dtype, EXPORT_DTYPES[dtype])
+        except MergeError as e:
+            raise ExportError(str(e)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family = family_for(run.recipe.model.name_or_path)
     processor = family.load_processor(

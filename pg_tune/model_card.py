@@ -50,6 +50,8 @@ def _parity_text(report: dict[str, Any]) -> str:
             f"{100 * r['top1_agreement']:.2f}% |"
         )
 
+    if "parity_modules" in report:
+        return _module_parity_text(report)
     p = report["parity_fp32"]
     rows = (
         [line("base alone (adapter effect)", report["adapter_effect"])] if "adapter_effect" in report else []
@@ -68,6 +70,29 @@ def _parity_text(report: dict[str, Any]) -> str:
         + "\n".join(rows)
         + "\n"
     )
+
+
+def _module_parity_text(report: dict[str, Any]) -> str:
+    """The streamed export's per-module check (``pg_tune.merge``)."""
+    m = report["parity_modules"]
+    worst = m["worst"] or {}
+    text = (
+        f"Each of the {m['modules_merged']} merged linear layers was checked on random inputs: merged "
+        f"`W'x` against `Wx + s·B(Ax)` in fp32"
+        + (
+            f"; worst {worst['max_abs_diff']:.3g} against a tolerance of {worst['tolerance']:.3g} "
+            f"(`{worst['module']}`)"
+            if worst
+            else ""
+        )
+        + ".\n"
+    )
+    if m.get("cast_worst_rel"):
+        text += (
+            f"Saving as {report['dtype']} changes a merged layer's output by at most "
+            f"{m['cast_worst_rel']['rel']:.3g} of its scale.\n"
+        )
+    return text
 
 
 def _method_tags(method: str, kind: str) -> list[str]:
@@ -130,7 +155,7 @@ def build_model_card(
         "## Evaluation\n",
         _metrics_table(run.summary),
     ]
-    if export_report and "parity_fp32" in export_report:
+    if export_report and ("parity_fp32" in export_report or "parity_modules" in export_report):
         parts += ["## Export parity\n", _parity_text(export_report)]
     elif export_report and "cast" in export_report:  # a full / partial run: nothing merged, only cast
         c = export_report["cast"]

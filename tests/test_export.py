@@ -43,7 +43,7 @@ def lora_run(tmp_path_factory, tiny_checkpoint):
 @pytest.mark.slow
 def test_export_parity_and_folder_loads_alone(lora_run, tmp_path, capsys):
     out = tmp_path / "merged"
-    report = export_merged(lora_run, out, dtype="fp32")
+    report = export_merged(lora_run, out, dtype="fp32", parity="full")
     printed = capsys.readouterr().out
     assert "parity (merged fp32 vs base + adapter fp32): max |Δlogit|" in printed and "parity: OK" in printed
     parity, effect = report["parity_fp32"], report["adapter_effect"]
@@ -81,7 +81,23 @@ def test_export_bf16_reports_cast_and_refuses_non_empty_out(lora_run, tmp_path):
     from pg_tune.cli import main
 
     out = tmp_path / "bf16"
-    assert main(["export", str(lora_run), "--out", str(out), "--dtype", "bf16", "--samples", "2"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(lora_run),
+                "--out",
+                str(out),
+                "--dtype",
+                "bf16",
+                "--samples",
+                "2",
+                "--parity",
+                "full",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "export_report.json").read_text())
     assert report["samples"] == 2 and report["cast"]["max_abs_diff"] > report["parity_fp32"]["max_abs_diff"]
     model = PaliGemmaForConditionalGeneration.from_pretrained(out)
@@ -104,7 +120,7 @@ def test_broken_merge_fails_parity_and_writes_nothing(lora_run, tmp_path, monkey
     monkeypatch.setattr(peft.tuners.lora.LoraModel, "merge_and_unload", merge_twice_the_update)
     out = tmp_path / "broken"
     with pytest.raises(ExportError, match="differs from base \\+ adapter"):
-        export_merged(lora_run, out)
+        export_merged(lora_run, out, parity="full")
     assert not out.exists()
 
 
@@ -118,7 +134,7 @@ def test_not_a_run_folder(tmp_path):
 @pytest.mark.slow
 def test_qlora_export_merges_into_full_precision_and_reports_the_gap(tmp_path, tiny_checkpoint, capsys):
     run = make_run(tmp_path / "run", tiny_checkpoint, quantization="4bit")
-    report = export_merged(run, tmp_path / "merged", dtype="fp32", num_samples=2)
+    report = export_merged(run, tmp_path / "merged", dtype="fp32", num_samples=2, parity="full")
     printed = capsys.readouterr().out
     assert "QLoRA gap (4bit base + adapter, as trained, vs merged fp32)" in printed
     gap = report["quantized_vs_merged"]

@@ -59,7 +59,7 @@ def test_qlora_trains_and_exports_with_parity(checkpoint, tmp_path, capsys):
     result = _run(tmp_path / "run", checkpoint, "4bit")
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.last_loss))
     out = tmp_path / "merged"
-    exported = export_merged(tmp_path / "run", out, dtype="fp32", num_samples=2)
+    exported = export_merged(tmp_path / "run", out, dtype="fp32", num_samples=2, parity="full")
     printed = capsys.readouterr().out
     assert "parity: OK" in printed and "QLoRA gap" in printed
     parity = exported["parity_fp32"]

@@ -1,0 +1,524 @@
+"""pg_tune at a real model size on this machine: memory and step time beside the reference recipe.
+
+    python benchmarks/real_shapes.py --checkpoint /tmp/sizes/pg2-3b-224 --json /tmp/sizes/real.json
+    python benchmarks/real_shapes.py --report /tmp/sizes/real.json      # re-print the tables
+
+The checkpoint is a ``python -m pg_tune.models.shapes paligemma2-3b-224 DIR`` folder (written if
+missing): PaliGemma 2 3B @224's exact config, random bf16 weights, hub layout. Not a test: a 3B
+model needs ~7-12 GB of memory and minutes per case on a CPU.
+
+Cases, each side in its own subprocess (peak RSS is per process and never falls), sides
+alternating which goes first:
+
+- ``qlora``: base linears of the language model in 4-bit NF4 (bitsandbytes, double quantisation,
+  bf16 compute), the rest in bf16; LoRA r=8 on attention + MLP.
+- ``lora``: the whole base in bf16; LoRA r=8 on attention + MLP.
+
+``pg_tune`` runs its real training loop (``pg_tune.train.loop.train``) on a recipe written next to
+the run; ``reference`` is the Hugging Face recipe (``PaliGemmaProcessor(text, images, suffix=...)``
+in a collate function, peft LoRA on the same modules, ``transformers.Trainer``, the model's own
+loss). Same checkpoint, same quantization config, same JSONL rows, batch 1, AdamW, no autocast.
+Each worker samples its RSS every 0.2 s and reports the peak while loading and while training.
+
+Then the LoRA run is exported twice, each in its own process: streaming (``pg-tune export``,
+``--parity module``) and whole-model (``--parity full``: fp32 base + adapter in memory), and the
+export is checked against base + adapter on a few samples (``--verify``). ``pg-tune plan`` is
+evaluated on each case's recipe and printed beside the measured peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CASES = ("qlora", "lora")
+SIDES = ("pg_tune", "reference")
+
+
+class RssSampler:
+    """Background sampler of this process's RSS (``/proc/self/statm``) with phase marks."""
+
+    def __init__(self, period: float = 0.2):
+        self.samples: list[tuple[float, int]] = []
+        self.marks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * self._page
+            self.samples.append((time.perf_counter(), rss))
+            self._stop.wait(0.2)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.perf_counter()
+
+    def peak_between(self, start: str | None, stop: str | None) -> float:
+        lo = self.marks.get(start, 0.0) if start else 0.0
+        hi = self.marks.get(stop, float("inf")) if stop else float("inf")
+        return max((r for t, r in self.samples if lo <= t <= hi), default=0) / 1e9
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _ru_peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and recipes
+
+
+def write_data(root: Path, count: int = 8) -> Path:
+    """JSONL rows with JPEGs on disk (bench's texts: prompt ~10 tokens, suffix 15-23 words)."""
+    from pg_tune.bench import make_samples
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "train.jsonl"
+    if not path.exists():
+        rows = [
+            {"image": Path(s.image).name, "prefix": s.prefix, "suffix": s.suffix}
+            for s in make_samples(root, count)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe_data(case: str, checkpoint: str, data: Path, run_dir: Path, steps: int) -> dict:
+    return {
+        "output_dir": str(run_dir),
+        "model": {"name_or_path": checkpoint, "dtype": "bfloat16"},
+        "quantization": {"mode": "4bit" if case == "qlora" else "none", "bnb_4bit_compute_dtype": "bfloat16"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attention_mlp"},
+        "data": {"train": [{"format": "jsonl", "path": str(data)}], "max_text_length": 64},
+        "train": {"max_steps": steps, "batch_size": 1, "lr": 1e-4, "warmup_ratio": 0.0, "log_every": 1},
+        "eval": {"before_training": False},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers (one per subprocess)
+
+
+def worker_pg_tune(args, sampler: RssSampler) -> dict:
+    import yaml
+
+    import pg_tune.train.loop as loop
+    from pg_tune.config.recipe import parse_recipe, resolved
+
+    data = recipe_data(args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps)
+    recipe = parse_recipe(data)
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.run_dir) / "bench_recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    original_load = loop.load_model
+
+    def timed_load(*a, **kw):
+        model = original_load(*a, **kw)
+        sampler.mark("loaded")
+        return model
+
+    loop.load_model = timed_load
+    step_marks: list[float] = []
+    original_forward = loop.SuffixLoss.forward
+
+    def marked_forward(self, batch):
+        step_marks.append((time.perf_counter(), time.process_time()))
+        return original_forward(self, batch)
+
+    loop.SuffixLoss.forward = marked_forward
+    result = loop.train(recipe, resolved(recipe))
+    sampler.mark("trained")
+    step_marks.append((sampler.marks["trained"], time.process_time()))
+    return {"first_loss": result.first_loss, "step_marks": step_marks}
+
+
+def worker_reference(args, sampler: RssSampler) -> dict:
+    import peft
+    import torch
+    from PIL import Image
+    from transformers import (
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from pg_tune.config.recipe import parse_recipe
+    from pg_tune.models.family import family_for
+    from pg_tune.models.quantize import bnb_config
+
+    recipe = parse_recipe(
+        recipe_data(args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps)
+    )
+    family = family_for(args.checkpoint)
+    kwargs = {"quantization_config": bnb_config(recipe.quantization, family)} if args.case == "qlora" else {}
+    model = PaliGemmaForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16, **kwargs)
+    processor = PaliGemmaProcessor.from_pretrained(args.checkpoint)
+    sampler.mark("loaded")
+    config = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=family.lora_target_regex(recipe.lora),
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(model, config)
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    root = Path(args.data).parent
+
+    def collate_fn(examples):
+        return processor(
+            text=["<image>" + r["prefix"] for r in examples],
+            images=[Image.open(root / r["image"]).convert("RGB") for r in examples],
+            suffix=[r["suffix"] for r in examples],
+            return_tensors="pt",
+            padding="longest",
+        )
+
+    step_marks: list[float] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            step_marks.append((time.perf_counter(), time.process_time()))
+
+    class LossTrainer(Trainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            out = super().compute_loss(model, inputs, *a, **kw)
+            losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
+            return out
+
+    training_args = TrainingArguments(
+        output_dir=args.run_dir,
+        per_device_train_batch_size=1,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        remove_unused_columns=False,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    LossTrainer(
+        model=model, args=training_args, train_dataset=rows, data_collator=collate_fn, callbacks=[Clock()]
+    ).train()
+    sampler.mark("trained")
+    step_marks.append((sampler.marks["trained"], time.process_time()))
+    return {"first_loss": losses[0] if losses else float("nan"), "step_marks": step_marks}
+
+
+def worker_export(args, sampler: RssSampler) -> dict:
+    from pg_tune.export import export_merged
+
+    sampler.mark("loaded")
+    start = time.perf_counter()
+    parity = {"stream": "module", "full": "full"}[args.mode]
+    report = export_merged(args.run_dir, args.out, dtype="bf16", parity=parity, num_samples=2)
+    sampler.mark("trained")
+    return {"seconds": time.perf_counter() - start, "report_keys": sorted(report)}
+
+
+def worker_logits(args, sampler: RssSampler) -> dict:
+    """Logits on 2 rows of the run's data: exported model alone, or base + adapter (peft)."""
+    import peft
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    from pg_tune.data.collate import PaliGemmaCollator
+    from pg_tune.export import read_run, text_logits
+
+    run = read_run(args.run_dir)
+    if args.mode == "exported":
+        model = PaliGemmaForConditionalGeneration.from_pretrained(args.out, dtype=torch.bfloat16)
+    else:
+        base = PaliGemmaForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
+        model = peft.PeftModel.from_pretrained(base, run.adapter_dir)
+    sampler.mark("loaded")
+    from pg_tune.data.bad_rows import BadRows
+    from pg_tune.data.build import build_samples
+
+    samples = build_samples(run.recipe.data.train, "eval", BadRows("stop"), seed=0)[:2]
+    processor = PaliGemmaProcessor.from_pretrained(run.adapter_dir)
+    collator = PaliGemmaCollator(processor, run.recipe.data.max_text_length, train=True)
+    logits = text_logits(model, [collator([(i, s)]) for i, s in enumerate(samples)])
+    torch.save(logits, args.logits_out)
+    sampler.mark("trained")
+    return {}
+
+
+WORKERS = {
+    "pg_tune": worker_pg_tune,
+    "reference": worker_reference,
+    "export": worker_export,
+    "logits": worker_logits,
+}
+
+
+def run_worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sampler = RssSampler()
+    sampler.mark("start")
+    extra = WORKERS[args.worker](args, sampler)
+    sampler.stop()
+    marks = extra.pop("step_marks", [])
+    steps = [b[0] - a[0] for a, b in itertools.pairwise(marks)]
+    cpu_steps = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
+    out = {
+        "peak_rss_gb": _ru_peak_gb(),
+        "load_peak_gb": sampler.peak_between("start", "loaded"),
+        "train_peak_gb": sampler.peak_between("loaded", "trained"),
+        "load_seconds": sampler.marks.get("loaded", 0) - sampler.marks["start"],
+        "step_seconds": steps,
+        "step_cpu_seconds": cpu_steps,
+        "cpu_seconds": time.process_time(),
+        **extra,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    return info["MemAvailable"] / 2**20
+
+
+def _wait_for_memory(need_gib: float, what: str, patience_s: float = 900) -> bool:
+    deadline = time.time() + patience_s
+    while True:
+        have = _available_gib()
+        if have >= need_gib:
+            return True
+        if time.time() > deadline:
+            print(f"skip {what}: {have:.1f} GiB available < {need_gib} GiB after waiting", flush=True)
+            return False
+        print(f"waiting for memory before {what}: {have:.1f} GiB available, need {need_gib}", flush=True)
+        time.sleep(30)
+
+
+def _launch(args, worker: str, **kw) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", worker, "--threads", str(args.threads)]
+    cmd += ["--checkpoint", args.checkpoint, "--steps", str(args.steps)]
+    for key, value in kw.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    started = time.time()
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stdout[-3000:] + proc.stderr[-3000:]).strip()
+        print(f"{worker} {kw} FAILED (exit {proc.returncode}):\n{tail}", flush=True)
+        return {"failed": True, "exit": proc.returncode, "tail": tail[-1500:]}
+    result = json.loads(line.removeprefix("RESULT "))
+    result["wall_seconds"] = time.time() - started
+    result["load_average"] = os.getloadavg()[0]
+    return result
+
+
+def plan_for(case: str, checkpoint: str, data: Path) -> dict | None:
+    try:
+        from pg_tune.config.recipe import parse_recipe
+        from pg_tune.plan import estimate
+    except ImportError:
+        return None
+    recipe = parse_recipe(recipe_data(case, checkpoint, data, Path("/tmp/unused"), 3))
+    return estimate(recipe, device="cpu").as_dict()
+
+
+def report(results: dict) -> str:
+    lines = [f"checkpoint {results['checkpoint']}; {results['threads']} threads; {results['machine']}"]
+    head = (
+        f"{'case':<7} {'side':<10} {'peak RSS GB':>11} {'load peak':>10} {'train peak':>10} "
+        f"{'s/step (steps 2+)':>18} {'CPU s/step':>10} {'plan GB':>8} {'plan/measured':>13}"
+    )
+    lines += [head, "-" * len(head)]
+    for case in CASES:
+        plan = results.get("plan", {}).get(case)
+        for side in SIDES:
+            r = results.get("train", {}).get(case, {}).get(side)
+            if not r or r.get("failed"):
+                lines.append(f"{case:<7} {side:<10} {'failed' if r else 'not run':>11}")
+                continue
+            later = r["step_seconds"][1:] or r["step_seconds"]
+            step = statistics.median(later) if later else float("nan")
+            cpu_later = r.get("step_cpu_seconds", [])[1:] or r.get("step_cpu_seconds", [])
+            cpu_step = statistics.median(cpu_later) if cpu_later else float("nan")
+            plan_gb = plan["total_gb"] if plan and side == "pg_tune" else None
+            ratio = f"{plan_gb / r['peak_rss_gb']:.2f}" if plan_gb else ""
+            lines.append(
+                f"{case:<7} {side:<10} {r['peak_rss_gb']:11.2f} {r['load_peak_gb']:10.2f} {r['train_peak_gb']:10.2f} "
+                f"{step:18.1f} {cpu_step:10.1f} {f'{plan_gb:.2f}' if plan_gb is not None else '':>8} "
+                f"{ratio:>13}"
+            )
+        pg, ref = (results.get("train", {}).get(case, {}).get(s) for s in SIDES)
+        if pg and ref and not pg.get("failed") and not ref.get("failed"):
+            sp = statistics.median(pg["step_cpu_seconds"][1:] or pg["step_cpu_seconds"])
+            sr = statistics.median(ref["step_cpu_seconds"][1:] or ref["step_cpu_seconds"])
+            lines.append(
+                f"{case:<7} {'ratio':<10} {pg['peak_rss_gb'] / ref['peak_rss_gb']:11.2f} {'':>10} {'':>10} "
+                f"{'':>18} {sp / sr:10.2f}   (pg_tune / reference; CPU seconds per step)"
+            )
+    for mode, r in results.get("export", {}).items():
+        if r and not r.get("failed"):
+            lines.append(f"export {mode:<7} peak RSS {r['peak_rss_gb']:.2f} GB in {r['seconds']:.0f} s")
+        else:
+            lines.append(f"export {mode:<7} {'failed' if r else 'not run'}")
+    if "verify" in results:
+        lines.append("verify (exported bf16 vs base bf16 + adapter): " + json.dumps(results["verify"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", default="/tmp/sizes/pg2-3b-224")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (batch 1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="qlora,lora")
+    parser.add_argument("--sides", default="pg_tune,reference", help="comma-separated subset, in this order")
+    parser.add_argument("--patience", type=float, default=900, help="seconds to wait for free memory")
+    parser.add_argument(
+        "--exports", default="stream,full", help="export modes to measure (needs the lora case)"
+    )
+    parser.add_argument("--verify", action="store_true", help="compare the export with base + adapter")
+    parser.add_argument("--need-gib", type=float, default=14.0, help="free memory to wait for before a run")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--report", default=None, help="re-print the tables of a --json file")
+    parser.add_argument("--work", default="/tmp/sizes/bench")
+    # worker-side
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--logits-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        for case in CASES:
+            results.setdefault("plan", {})[case] = plan_for(
+                case, results["checkpoint"], Path(results["data"])
+            )
+        print(report(results))
+        return 0
+
+    work = Path(args.work)
+    if not Path(args.checkpoint).is_dir():
+        from pg_tune.models.shapes import write_shape
+
+        write_shape("paligemma2-3b-224", args.checkpoint)
+    data = write_data(work / "data")
+    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+    results: dict = {
+        "checkpoint": args.checkpoint,
+        "data": str(data),
+        "threads": args.threads,
+        "machine": f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
+        "train": {},
+        "export": {},
+    }
+
+    if args.json and Path(args.json).is_file():
+        # Several invocations (one case or side at a time) add to the same results file.
+        earlier = json.loads(Path(args.json).read_text())
+        for case, sides_done in earlier.get("train", {}).items():
+            results["train"].setdefault(case, {}).update(sides_done)
+        results["export"].update(earlier.get("export", {}))
+        if "verify" in earlier:
+            results["verify"] = earlier["verify"]
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    cases = [c for c in args.cases.split(",") if c]
+    sides = tuple(s for s in args.sides.split(",") if s)
+    order = 0
+    for case in cases:
+        for side in sides if order % 2 == 0 else sides[::-1]:
+            if not _wait_for_memory(args.need_gib, f"{case}/{side}", args.patience):
+                continue
+            run_dir = work / f"run-{case}-{side}"
+            r = _launch(args, side, case=case, data=data, run_dir=run_dir)
+            results["train"].setdefault(case, {})[side] = r
+            print(f"{case}/{side}: " + json.dumps({k: v for k, v in r.items() if k != "tail"}), flush=True)
+            save()
+        order += 1
+    lora_run = work / "run-lora-pg_tune"
+    for mode in [m for m in args.exports.split(",") if m]:
+        if not (lora_run / "adapter").is_dir():
+            break
+        out = work / f"export-{mode}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        need = args.need_gib + (6 if mode == "full" else 0)
+        if not _wait_for_memory(need, f"export {mode}", args.patience):
+            continue
+        r = _launch(args, "export", run_dir=lora_run, out=out, mode=mode)
+        results["export"][mode] = r
+        print(f"export {mode}: " + json.dumps({k: v for k, v in r.items() if k != "tail"}), flush=True)
+        save()
+    if args.verify and (work / "export-stream").is_dir():
+        import torch
+
+        files = {}
+        for mode in ("exported", "base_adapter"):
+            files[mode] = work / f"logits-{mode}.pt"
+            if _wait_for_memory(args.need_gib, f"verify {mode}", args.patience):
+                _launch(
+                    args,
+                    "logits",
+                    run_dir=lora_run,
+                    out=work / "export-stream",
+                    mode=mode,
+                    logits_out=files[mode],
+                )
+        if all(p.is_file() for p in files.values()):
+            from pg_tune.export import compare_logits
+
+            results["verify"] = compare_logits(
+                torch.load(files["base_adapter"]), torch.load(files["exported"])
+            )
+            save()
+    for case in CASES:
+        results.setdefault("plan", {})[case] = plan_for(case, args.checkpoint, data)
+    save()
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
