@@ -8,7 +8,7 @@ setup:  ## install torch (CPU build on these machines) and pg_tune with its dev 
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 demo: setup  ## the embedded default: LoRA on a tiny PaliGemma 2, synthetic shapes, no downloads
-	$(PYTHON) -m pg_tune train recipes/demo/shapes_tiny.yaml
+	$(PYTHON) -m pg_tune train recipes/demo/shapes_tiny.yaml --overwrite
 
 test: setup  ## the whole suite, slow end-to-end tests included (what CI runs)
 	$(PYTHON) -m pytest -q -m ""
