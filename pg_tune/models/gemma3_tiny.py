@@ -33,12 +33,10 @@ Run ``python -m pg_tune.models.gemma3_tiny OUT_DIR`` to write the checkpoint in 
 
 from __future__ import annotations
 
-import argparse
 import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import AddedToken
 from transformers import (
     Gemma3Config,
@@ -49,7 +47,7 @@ from transformers import (
 )
 
 from pg_tune.models.chat import INSTRUCTION_WORDS
-from pg_tune.models.tiny import _CHARS, _WORDS, _bpe_split
+from pg_tune.models.tiny import _CHARS, _WORDS, _bpe_split, init_random, preset_main, write_checkpoint
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 START_OF_TURN_ID, END_OF_TURN_ID = 105, 106
@@ -274,33 +272,16 @@ def build_base(preset_name: str, seed: int = 0) -> Gemma3ForConditionalGeneratio
     """A randomly initialised tiny Gemma 3 (fp32, CPU), the same for a given seed."""
     if preset_name not in PRESETS:
         raise ValueError(f"unknown Gemma 3 tiny preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    with torch.device("meta"):
-        model = Gemma3ForConditionalGeneration(build_config(PRESETS[preset_name]))
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    torch.manual_seed(seed)
-    model.initialize_weights()
-    model.eval()
-    return model
+    return init_random(Gemma3ForConditionalGeneration, build_config(PRESETS[preset_name]), seed)
 
 
 def save_checkpoint(preset_name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny checkpoint in the hub's layout, loadable with ``from_pretrained`` alone."""
-    out_dir = Path(out_dir)
-    build_base(preset_name, seed).save_pretrained(out_dir)
-    build_processor(PRESETS[preset_name]).save_pretrained(out_dir)
-    return out_dir
+    return write_checkpoint(build_base(preset_name, seed), build_processor(PRESETS[preset_name]), out_dir)
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("out_dir")
-    parser.add_argument("--preset", default="tiny-gemma3", choices=sorted(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(save_checkpoint(args.preset, args.out_dir, seed=args.seed))
+    preset_main(__doc__, PRESETS, "tiny-gemma3", save_checkpoint)
 
 
 if __name__ == "__main__":

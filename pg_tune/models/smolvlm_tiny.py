@@ -36,12 +36,10 @@ Run ``python -m pg_tune.models.smolvlm_tiny OUT_DIR`` to write the checkpoint in
 
 from __future__ import annotations
 
-import argparse
 import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import AddedToken, pre_tokenizers
 from transformers import (
     GPT2Tokenizer,
@@ -56,7 +54,7 @@ from transformers.utils import is_torchvision_available
 from transformers.video_processing_utils import BaseVideoProcessor, VideoProcessorMixin
 
 from pg_tune.models.chat import INSTRUCTION_WORDS
-from pg_tune.models.tiny import _WORDS, _bpe_split
+from pg_tune.models.tiny import _WORDS, _bpe_split, init_random, preset_main, write_checkpoint
 
 UNK_ID, BOS_ID, PAD_ID = 0, 1, 2
 BASE_VOCAB = 49_152
@@ -266,32 +264,16 @@ def build_base(preset_name: str, seed: int = 0) -> SmolVLMForConditionalGenerati
     """A randomly initialised tiny SmolVLM2 (fp32, CPU), the same for a given seed."""
     if preset_name not in PRESETS:
         raise ValueError(f"unknown SmolVLM2 tiny preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    with torch.device("meta"):
-        model = SmolVLMForConditionalGeneration(build_config(PRESETS[preset_name]))
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.initialize_weights()
-    model.eval()
-    return model
+    return init_random(SmolVLMForConditionalGeneration, build_config(PRESETS[preset_name]), seed)
 
 
 def save_checkpoint(preset_name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny checkpoint in the hub's layout, loadable with ``from_pretrained`` alone."""
-    out_dir = Path(out_dir)
-    build_base(preset_name, seed).save_pretrained(out_dir)
-    build_processor(PRESETS[preset_name]).save_pretrained(out_dir)
-    return out_dir
+    return write_checkpoint(build_base(preset_name, seed), build_processor(PRESETS[preset_name]), out_dir)
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("out_dir")
-    parser.add_argument("--preset", default="tiny-smolvlm2", choices=sorted(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(save_checkpoint(args.preset, args.out_dir, seed=args.seed))
+    preset_main(__doc__, PRESETS, "tiny-smolvlm2", save_checkpoint)
 
 
 if __name__ == "__main__":

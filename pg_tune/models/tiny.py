@@ -237,21 +237,46 @@ def build_config(preset: TinyPreset) -> PaliGemmaConfig:
     )
 
 
-def build_base(preset_name: str, seed: int = 0) -> PaliGemmaForConditionalGeneration:
-    """A randomly initialised PaliGemma of the named preset (fp32, CPU), the same for a given seed."""
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown tiny preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    # Built on the meta device, then given real (untouched) storage and initialised once: the LM
-    # head is tied to the 257,216-row embedding, and building eagerly would fill both tables first
-    # (about +260 MB of peak memory at bench-mini size) before tying them.
+def init_random(model_class: type, config, seed: int):
+    """A randomly initialised ``model_class(config)`` (fp32, CPU, eval mode), the same for a given seed.
+
+    Built on the meta device, then given real (untouched) storage and initialised once: a tied LM
+    head shares the large embedding table, and building eagerly would fill both tables first (about
+    +260 MB of peak memory at bench-mini size) before tying them. Every family's tiny presets use it.
+    """
     with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(build_config(PRESETS[preset_name]))
+        model = model_class(config)
     model.to_empty(device="cpu")
-    model.tie_weights()
+    model.tie_weights()  # a no-op for configs with tie_word_embeddings=False
     torch.manual_seed(seed)
     model.initialize_weights()
     model.eval()
     return model
+
+
+def write_checkpoint(model, processor, out_dir: str | Path) -> Path:
+    """Save a model and its processor into ``out_dir`` in the hub's layout."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def preset_main(doc: str | None, presets, default: str, save) -> None:
+    """The ``python -m pg_tune.models.<family>_tiny OUT_DIR [--preset P] [--seed N]`` command."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--preset", default=default, choices=sorted(presets))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(save(args.preset, args.out_dir, seed=args.seed))
+
+
+def build_base(preset_name: str, seed: int = 0) -> PaliGemmaForConditionalGeneration:
+    """A randomly initialised PaliGemma of the named preset (fp32, CPU), the same for a given seed."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown tiny preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    return init_random(PaliGemmaForConditionalGeneration, build_config(PRESETS[preset_name]), seed)
 
 
 def build_model(
@@ -264,22 +289,11 @@ def build_model(
 
 def save_checkpoint(preset_name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny checkpoint in the hub's layout, loadable with ``from_pretrained`` alone."""
-    model, processor = build_model(preset_name, seed=seed)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return write_checkpoint(*build_model(preset_name, seed=seed), out_dir)
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("out_dir")
-    parser.add_argument("--preset", default="tiny-paligemma2", choices=sorted(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(save_checkpoint(args.preset, args.out_dir, seed=args.seed))
+    preset_main(__doc__, PRESETS, "tiny-paligemma2", save_checkpoint)
 
 
 if __name__ == "__main__":
