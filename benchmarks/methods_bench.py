@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/methods_bench.py REPS STEPS [OUT.json]     # e.g. 2 6
 
-Each method runs pg_tune's training step (``python -m pg_tune.bench --worker pg_tune``: same
+Each method runs pg_tune's training step (``python -m pg_tune.measure.bench --worker pg_tune``: same
 data, batch 4, fp32, AdamW) in its own process; the order alternates between repetitions
 (forward, then reversed) so background load hits every method alike. Ratios are to LoRA r=8.
 """
@@ -31,7 +31,7 @@ with tempfile.TemporaryDirectory() as data_dir:
             cmd = [
                 sys.executable,
                 "-m",
-                "pg_tune.bench",
+                "pg_tune.measure.bench",
                 "--worker",
                 "pg_tune",
                 "--data-dir",

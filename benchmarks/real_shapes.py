@@ -3,7 +3,7 @@
     python benchmarks/real_shapes.py --checkpoint /tmp/sizes/pg2-3b-224 --json /tmp/sizes/real.json
     python benchmarks/real_shapes.py --report /tmp/sizes/real.json      # re-print the tables
 
-The checkpoint is a ``python -m pg_tune.models.shapes paligemma2-3b-224 DIR`` folder (written if
+The checkpoint is a ``python -m pg_tune.models.paligemma.shapes paligemma2-3b-224 DIR`` folder (written if
 missing): PaliGemma 2 3B @224's exact config, random bf16 weights, hub layout. Not a test: a 3B
 model needs ~7-12 GB of memory and minutes per case on a CPU.
 
@@ -39,6 +39,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from pg_tune.models.family import family_for
+from pg_tune.models.paligemma import PaliGemmaFamily
 
 CASES = ("qlora", "lora")
 SIDES = ("pg_tune", "reference")
@@ -85,7 +88,7 @@ def _ru_peak_gb() -> float:
 
 def write_data(root: Path, count: int = 8) -> Path:
     """JSONL rows with JPEGs on disk (bench's texts: prompt ~10 tokens, suffix 15-23 words)."""
-    from pg_tune.bench import make_samples
+    from pg_tune.measure.bench import make_samples
 
     root.mkdir(parents=True, exist_ok=True)
     path = root / "train.jsonl"
@@ -140,7 +143,7 @@ def worker_pg_tune(args, sampler: RssSampler) -> dict:
         return original_forward(self, batch)
 
     loop.SuffixLoss.forward = marked_forward
-    result = loop.train(recipe, resolved(recipe))
+    result = loop.train(recipe, resolved(recipe), family_for(recipe.model.name_or_path))
     sampler.mark("trained")
     step_marks.append((sampler.marks["trained"], time.process_time()))
     return {"first_loss": result.first_loss, "step_marks": step_marks}
@@ -228,7 +231,7 @@ def worker_reference(args, sampler: RssSampler) -> dict:
 
 
 def worker_export(args, sampler: RssSampler) -> dict:
-    from pg_tune.export import export_merged
+    from pg_tune.export.merged import export_merged
 
     sampler.mark("loaded")
     start = time.perf_counter()
@@ -244,8 +247,7 @@ def worker_logits(args, sampler: RssSampler) -> dict:
     import torch
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    from pg_tune.data.collate import PaliGemmaCollator
-    from pg_tune.export import read_run, text_logits
+    from pg_tune.export.merged import read_run, text_logits
 
     run = read_run(args.run_dir)
     if args.mode == "exported":
@@ -259,8 +261,8 @@ def worker_logits(args, sampler: RssSampler) -> dict:
 
     samples = build_samples(run.recipe.data.train, "eval", BadRows("stop"), seed=0)[:2]
     processor = PaliGemmaProcessor.from_pretrained(run.adapter_dir)
-    collator = PaliGemmaCollator(processor, run.recipe.data.max_text_length, train=True)
-    logits = text_logits(model, [collator([(i, s)]) for i, s in enumerate(samples)])
+    collator = PaliGemmaFamily().collator(processor, run.recipe.data.max_text_length, train=True)
+    logits = text_logits(model, [collator([(i, s)]) for i, s in enumerate(samples)], family_for(model))
     torch.save(logits, args.logits_out)
     sampler.mark("trained")
     return {}
@@ -344,11 +346,11 @@ def _launch(args, worker: str, **kw) -> dict | None:
 def plan_for(case: str, checkpoint: str, data: Path) -> dict | None:
     try:
         from pg_tune.config.recipe import parse_recipe
-        from pg_tune.plan import estimate
+        from pg_tune.measure.plan import estimate
     except ImportError:
         return None
     recipe = parse_recipe(recipe_data(case, checkpoint, data, Path("/tmp/unused"), 3))
-    return estimate(recipe, device="cpu").as_dict()
+    return estimate(recipe, family_for(recipe.model.name_or_path), device="cpu").as_dict()
 
 
 def report(results: dict) -> str:
@@ -435,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     if not Path(args.checkpoint).is_dir():
-        from pg_tune.models.shapes import write_shape
+        from pg_tune.models.paligemma.shapes import write_shape
 
         write_shape("paligemma2-3b-224", args.checkpoint)
     data = write_data(work / "data")
@@ -507,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                     logits_out=files[mode],
                 )
         if all(p.is_file() for p in files.values()):
-            from pg_tune.export import compare_logits
+            from pg_tune.export.merged import compare_logits
 
             results["verify"] = compare_logits(
                 torch.load(files["base_adapter"]), torch.load(files["exported"])

@@ -20,7 +20,7 @@ def tiny_preset(request) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny PaliGemma 2 saved in the hub's layout (config, safetensors, processor files)."""
-    from pg_tune.models.tiny import save_checkpoint
+    from pg_tune.models.paligemma.tiny import save_checkpoint
 
     return save_checkpoint("tiny-paligemma2", tmp_path_factory.mktemp("tiny-pg2"))
 

@@ -153,10 +153,10 @@ def test_missing_jsonl_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def collator():
-    from pg_tune.models.paligemma import PaliGemmaCollator
-    from pg_tune.models.tiny import PRESETS, build_processor
+    from pg_tune.models.paligemma import PaliGemmaFamily
+    from pg_tune.models.paligemma.tiny import PRESETS, build_processor
 
-    return PaliGemmaCollator(build_processor(PRESETS["tiny-paligemma2"]), max_text_length=16)
+    return PaliGemmaFamily().collator(build_processor(PRESETS["tiny-paligemma2"]), max_text_length=16)
 
 
 def _rows(tmp_path):
@@ -255,7 +255,7 @@ def test_recipe_errors_name_the_dotted_path(tmp_path, patch, fragment):
 
 @pytest.mark.slow
 def test_training_skips_and_counts_a_corrupt_image(tmp_path, shapes_jsonl):
-    from pg_tune.commands_train import run_training
+    from pg_tune.cli.train import run_training
 
     images = sorted((shapes_jsonl.parent / "images").glob("*.png"))
     images[3].write_bytes(b"corrupted after indexing")  # build sees the file; only decoding fails

@@ -12,13 +12,14 @@ import yaml
 from PIL import Image
 
 from pg_tune.cli import main
-from pg_tune.codecs import encode_box
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats.jsonl import JsonlOptions
 from pg_tune.data.formats.jsonl import build as build_jsonl
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError
+from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.paligemma.boxes import encode_box
 
 LOC = encode_box((0, 0, 50, 50), (100, 100))
 
@@ -46,7 +47,7 @@ def test_report_draws_at_a_bounded_size(tmp_path):
 
     side = 6000  # within the pixel bound of a readable image; 6000x6000x3 float32 would be 432 MB
     box = encode_box((600, 600, 3000, 3000), (side, side))
-    records = score_items([Item("refer_detect", box, [box], (side, side))]).records
+    records = score_items([Item("refer_detect", box, [box], (side, side))], PaliGemmaFamily()).records
     tracemalloc.start()
     try:
         write_report(tmp_path / "report", "t", {"all": {}}, records, images=[None])

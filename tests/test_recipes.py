@@ -63,8 +63,7 @@ def test_accelerate_launch_configs_load(path):
 )
 def test_chat_family_recipes(folder, family, stems):
     """Gemma 3 / SmolVLM2 recipes: one per shipped task, their family resolves offline, QLoRA is a flag."""
-    from pg_tune.models.chat import check_recipe_tasks
-    from pg_tune.models.family import family_for
+    from pg_tune.models.family import check_recipe_tasks, family_for
 
     for stem in stems:
         path = ROOT / folder / f"{stem}.yaml"

@@ -70,7 +70,7 @@ def test_remote_code_off_and_safetensors_only_by_default(monkeypatch, tmp_path):
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
     from pg_tune.config.recipe import parse_recipe
-    from pg_tune.models import paligemma
+    from pg_tune.models.paligemma import PaliGemmaFamily
 
     calls = {}
 
@@ -90,7 +90,7 @@ def test_remote_code_off_and_safetensors_only_by_default(monkeypatch, tmp_path):
             "data": {"train": [{"format": "shapes"}]},
         }
     )
-    paligemma.load_model(recipe.model)
-    paligemma.load_processor(recipe.model)
+    PaliGemmaFamily().load_model(recipe.model)
+    PaliGemmaFamily().load_processor(recipe.model)
     assert calls["model"]["trust_remote_code"] is False and calls["model"]["use_safetensors"] is True
     assert calls["processor"]["trust_remote_code"] is False

@@ -8,6 +8,7 @@ import yaml
 
 from pg_tune.cli import main, parse_args
 from pg_tune.config import ConfigError, load_recipe, parse_recipe
+from pg_tune.models.paligemma import PaliGemmaFamily
 
 BASE = {
     "output_dir": "runs/x",
@@ -64,8 +65,9 @@ def test_valid_edges_still_pass():
 
 def test_metric_names_are_what_scoring_reports():
     """eval.best_metric is checked against METRIC_NAMES: it must list exactly what scoring returns."""
-    from pg_tune.codecs import encode_box
-    from pg_tune.evaluate.scoring import METRIC_NAMES, Item, score_items
+    from pg_tune.evaluate.scoring import Item, score_items
+    from pg_tune.models.paligemma.boxes import encode_box
+    from pg_tune.tasks import METRIC_NAMES
 
     box = encode_box((10, 10, 60, 60), (100, 100))
     items = {
@@ -80,7 +82,9 @@ def test_metric_names_are_what_scoring_reports():
     assert set(items) == set(METRIC_NAMES)
     for task, item in items.items():
         reported = {
-            name.split("/", 1)[1] for name in score_items([item]).metrics if name.startswith(task + "/")
+            name.split("/", 1)[1]
+            for name in score_items([item], PaliGemmaFamily()).metrics
+            if name.startswith(task + "/")
         }
         listed = set(METRIC_NAMES[task]) - (
             {"miou"} if task == "refer_segment" else set()

@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
+from pg_tune.config.datasets import FORMAT_OPTIONS
 from pg_tune.config.schema import ConfigError, from_dict, to_dict
+from pg_tune.tasks import METRIC_NAMES, TASKS
 
 
 def _at_least(path: str, name: str, value: int | None, low: int, hint: str = "") -> None:
@@ -251,9 +253,6 @@ class EvalConfig:
 
 
 def _check_metric_name(path: str, name: str) -> None:
-    from pg_tune.data.sample import TASKS
-    from pg_tune.evaluate.scoring import METRIC_NAMES
-
     known = [f"{task}/{metric}" for task in TASKS for metric in METRIC_NAMES.get(task, ())]
     if name not in known:
         task = name.split("/", 1)[0]
@@ -340,26 +339,26 @@ class Recipe:
 
 
 def _parse_dataset_entry(raw: Any, path: str) -> DatasetEntry:
-    from pg_tune.data.formats import FORMATS  # the registry imports every adapter
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'format' key, got {raw!r}")
     raw = dict(raw)
     fmt = raw.pop("format", None)
     if fmt is None:
-        raise ConfigError(f"{path}.format: required key is missing (one of {', '.join(sorted(FORMATS))})")
-    if fmt not in FORMATS:
+        raise ConfigError(
+            f"{path}.format: required key is missing (one of {', '.join(sorted(FORMAT_OPTIONS))})"
+        )
+    if fmt not in FORMAT_OPTIONS:
         raise ConfigError(
             f"{path}.format: unknown dataset format {fmt!r}"
-            + (f" — did you mean {m!r}?" if (m := _closest_name(fmt, list(FORMATS))) else "")
-            + f" (known: {', '.join(sorted(FORMATS))})"
+            + (f" — did you mean {m!r}?" if (m := _closest_name(fmt, list(FORMAT_OPTIONS))) else "")
+            + f" (known: {', '.join(sorted(FORMAT_OPTIONS))})"
         )
     if "vae_path" in raw:
         raise ConfigError(_VAE_MOVED.format(where=f"{path}.vae_path"))
     weight = raw.pop("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
         raise ConfigError(f"{path}.weight: expected a positive number, got {weight!r}")
-    options = from_dict(FORMATS[fmt].options, raw, path)
+    options = from_dict(FORMAT_OPTIONS[fmt], raw, path)
     return DatasetEntry(format=fmt, weight=float(weight), options=options)
 
 

@@ -6,22 +6,24 @@ Used by ``pg-tune data preview --draw``; evaluation can reuse it for predictions
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from pg_tune.codecs.boxes import Detection
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
 
 def draw_detections(
     image: Image.Image,
-    detections: Sequence[Detection],
+    detections: Sequence[Any],
     masks: Sequence[np.ndarray | None] | None = None,
     colour: tuple[int, int, int] | None = None,
 ) -> Image.Image:
-    """A copy of ``image`` with each detection's box and label (and mask, half-transparent) drawn.
+    """A copy of ``image`` with each object's box and label (and mask, half-transparent) drawn.
+
+    ``detections`` are objects with a ``label`` and a pixel ``box`` ``(x0, y0, x1, y1)`` (a family's
+    ``ParsedObject``s).
 
     ``masks[i]`` is an HxW bool array for ``detections[i]`` or ``None``. ``colour`` fixes one
     colour for all; by default each object gets the next palette colour.

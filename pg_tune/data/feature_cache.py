@@ -54,10 +54,9 @@ def preprocessing_fingerprint(image_processor) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
-def weights_fingerprint(core: torch.nn.Module, family=None) -> str:
+def weights_fingerprint(core: torch.nn.Module, family) -> str:
     """Hash of the image encoder and projector weights (names, shapes and a strided value sample)."""
     digest = hashlib.sha256()
-    family = family if family is not None else _family(core)
     modules = dict(zip(("vision_tower", "projector"), family.vision_modules(core), strict=True))
     for prefix, module in modules.items():
         for name, tensor in module.state_dict().items():
@@ -66,18 +65,6 @@ def weights_fingerprint(core: torch.nn.Module, family=None) -> str:
             digest.update(f"{prefix}.{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
-
-
-def _family(model: torch.nn.Module):
-    from pg_tune.models.family import family_for
-
-    return family_for(model)
-
-
-def vision_is_frozen(core: torch.nn.Module, family=None) -> bool:
-    """True when nothing that produces image features trains (the cache would go stale otherwise)."""
-    family = family if family is not None else _family(core)
-    return not any(p.requires_grad for m in family.vision_modules(core) for p in m.parameters())
 
 
 class FeatureCache:
@@ -101,16 +88,15 @@ class FeatureCache:
         samples: Sequence[Sample],
         model: torch.nn.Module,
         image_processor,
+        family,
         batch_size: int = 8,
-        family=None,
     ) -> FeatureCache:
         """Encode every image of ``samples`` not yet cached under ``root``; return the cache.
 
-        The model family (default: the model's) names the vision modules and computes the features.
+        The model ``family`` names the vision modules and computes the features.
         """
-        family = family if family is not None else _family(model)
         core = family.unwrap(model)
-        if not vision_is_frozen(core, family):
+        if not family.vision_frozen(core):
             raise ValueError(
                 "data.feature_cache: the vision tower or projector is trainable (lora.vision or "
                 "modules_to_save), so its features change while training; turn one of them off"

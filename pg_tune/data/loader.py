@@ -9,6 +9,7 @@ collator, i.e. in the workers), ``group_by_length`` (``pg_tune.data.sampler``) a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,28 +22,25 @@ from pg_tune.data.sample import DataError, Sample
 from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
 from pg_tune.data.stream import EpochSampler, StreamingSamples
 
+if TYPE_CHECKING:
+    from pg_tune.models.family import ModelFamily
+
 
 def build_train_loader(
     samples: Sequence[Sample],
     processor,
     recipe: Recipe,
+    family: ModelFamily,
     feature_cache: FeatureCache | None = None,
-    family=None,
 ) -> DataLoader:
     """Batches of the recipe's micro-batch size; images decode and resize in the workers.
 
     Rows are drawn by ``MixSampler`` (datasets mixed by ``weight``, one caption/answer per group
     per epoch; a plain seeded shuffle when every weight is 1), optionally grouped by length. The
     order depends only on ``train.seed`` and the epoch, so resumed and multi-process runs agree.
-    The collator is the model family's (default: the family of ``model.name_or_path``), with the
-    mask codec of ``model.vae_path`` for segmentation targets.
+    The collator is the model ``family``'s (its mask codec renders segmentation targets).
     """
-    if family is None:
-        from pg_tune.models.family import family_for
-
-        family = family_for(recipe.model.name_or_path)
-    mask_codec = family.load_mask_codec(recipe.model.vae_path)
-    collator = family.collator(processor, recipe.data.max_text_length, train=True, mask_codec=mask_codec)
+    collator = family.collator(processor, recipe.data.max_text_length, train=True)
     if isinstance(samples, StreamingSamples):
         return _streaming_loader(samples, collator, recipe, feature_cache)
     parts = getattr(samples, "parts", None) or [samples]
@@ -59,7 +57,7 @@ def build_train_loader(
     )
     if recipe.data.group_by_length:
         batch_sampler = LengthGroupedBatchSampler(
-            text_lengths(samples, processor.tokenizer, lambda s: family.render_target(s, mask_codec)),
+            text_lengths(samples, processor.tokenizer, family.render_target),
             recipe.train.batch_size,
             sampler=sampler,
             seed=recipe.train.seed,
@@ -99,7 +97,7 @@ def _streaming_loader(
 
 
 def prepare_feature_cache(
-    samples: Sequence[Sample], model, processor, recipe: Recipe, family=None
+    samples: Sequence[Sample], model, processor, recipe: Recipe, family: ModelFamily
 ) -> FeatureCache | None:
     """The recipe's feature cache, built (or completed) for ``samples``; None when not configured."""
     if not recipe.data.feature_cache:
@@ -109,6 +107,6 @@ def prepare_feature_cache(
         samples,
         model,
         processor.image_processor,
+        family,
         batch_size=recipe.train.batch_size,
-        family=family,
     )

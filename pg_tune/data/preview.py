@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pg_tune.config.recipe import Recipe
 from pg_tune.data.bad_rows import BadRows
@@ -20,8 +20,10 @@ from pg_tune.data.build import build_samples, train_order
 from pg_tune.data.draw import draw_caption, draw_detections
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import Sample, targets_json
+from pg_tune.tasks import BOX_TASKS
 
-BOX_TASKS = ("detect", "refer_detect", "refer_segment")
+if TYPE_CHECKING:
+    from pg_tune.models.family import ModelFamily
 
 
 def preview_samples(
@@ -29,7 +31,7 @@ def preview_samples(
 ) -> Iterator[tuple[int, int, Sample]]:
     """``(row index, recipe entry, sample)`` in the order the trainer (or evaluator) meets them."""
     entries = recipe.data.train if split == "train" else recipe.data.eval
-    samples = build_samples(entries, split, bad_rows, seed=recipe.train.seed)
+    samples = build_samples(entries, split, bad_rows, seed=recipe.train.seed, family=None)
     order = train_order(samples, entries, recipe.train.seed, 0) if split == "train" else range(len(samples))
     for n, index in enumerate(order):
         if limit is not None and n >= limit:
@@ -37,9 +39,7 @@ def preview_samples(
         yield index, samples.entry_of(index), samples[index]
 
 
-def preview_record(
-    index: int, sample: Sample, entry: int, family=None, mask_codec: Any = None
-) -> dict[str, Any]:
+def preview_record(index: int, sample: Sample, entry: int, family: ModelFamily) -> dict[str, Any]:
     """One preview line: where the row came from and the text the family renders for it."""
     image = sample.image
     name = str(image) if isinstance(image, (str, Path)) else f"<in-memory {image.width}x{image.height} image>"
@@ -49,8 +49,8 @@ def preview_record(
         "source": sample.source,
         "image": name,
         "task": sample.task,
-        "prefix": family.render_prompt(sample) if family is not None else sample.prefix,
-        "suffix": family.render_target(sample, mask_codec) if family is not None else sample.suffix,
+        "prefix": family.render_prompt(sample),
+        "suffix": family.render_target(sample),
     }
     if sample.targets:
         record["targets"] = targets_json(sample.targets)
@@ -62,13 +62,13 @@ def preview_record(
     return record
 
 
-def draw_sample(sample: Sample, family, mask_codec: Any = None):
+def draw_sample(sample: Sample, family: ModelFamily):
     """The sample's image with its rendered target parsed back and drawn, and the prompt/target text."""
     image = load_image(sample.image, sample.source)
-    prefix, suffix = family.render_prompt(sample), family.render_target(sample, mask_codec)
+    prefix, suffix = family.render_prompt(sample), family.render_target(sample)
     if sample.task in BOX_TASKS:
         size = tuple(sample.image_size or sample.meta.get("image_size") or image.size)
-        objects = family.parse_output(suffix, sample.task, size, mask_codec=mask_codec)
+        objects = family.parse_output(suffix, sample.task, size)
         masks = [o.mask for o in objects]
         image = draw_detections(image, objects, masks if any(m is not None for m in masks) else None)
     return draw_caption(image, [f"prefix: {prefix}", f"suffix: {_short(suffix)}"])
@@ -79,21 +79,23 @@ def _short(text: str, width: int = 90) -> str:
 
 
 def write_preview(
-    recipe: Recipe, split: str, limit: int | None, out: str | Path | None, draw_dir: str | Path | None
+    recipe: Recipe,
+    family: ModelFamily,
+    split: str,
+    limit: int | None,
+    out: str | Path | None,
+    draw_dir: str | Path | None,
 ) -> tuple[list[dict[str, Any]], BadRows]:
-    """Write the preview JSONL (and PNGs); return the records and the bad-row counts."""
-    from pg_tune.models.family import family_for
-
+    """Write the preview JSONL (and PNGs) as ``family`` renders the rows; return the records and the
+    bad-row counts."""
     bad_rows = BadRows(recipe.data.on_bad_row)
-    family = family_for(recipe.model.name_or_path)
-    mask_codec = family.load_mask_codec(recipe.model.vae_path)
     records = []
     if draw_dir is not None:
         Path(draw_dir).mkdir(parents=True, exist_ok=True)
     for n, (index, entry, sample) in enumerate(preview_samples(recipe, split, limit, bad_rows)):
-        records.append(preview_record(index, sample, entry, family, mask_codec))
+        records.append(preview_record(index, sample, entry, family))
         if draw_dir is not None:
-            draw_sample(sample, family, mask_codec).save(Path(draw_dir) / f"{split}_{n:04d}_row{index}.png")
+            draw_sample(sample, family).save(Path(draw_dir) / f"{split}_{n:04d}_row{index}.png")
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", encoding="utf-8") as f:

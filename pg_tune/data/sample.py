@@ -16,10 +16,6 @@ from typing import Any
 
 from PIL import Image
 
-# Metric families: captioning (CIDEr), VQA accuracy, DocVQA (ANLS), OCR, COCO detection (mAP),
-# referring detection (acc@IoU) and referring segmentation (mask mIoU).
-TASKS = ("caption", "vqa", "docvqa", "ocr", "detect", "refer_detect", "refer_segment")
-
 
 @dataclass(frozen=True)
 class ObjectTarget:

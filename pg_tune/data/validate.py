@@ -16,12 +16,16 @@ validation always scans everything and lists each problem with its place and fie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pg_tune.config.recipe import Recipe
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError
+
+if TYPE_CHECKING:
+    from pg_tune.models.family import ModelFamily
 
 REPAIRED = frozenset({"box_clipped"})
 """Reasons that mark a repaired row (kept), not a bad one."""
@@ -54,18 +58,13 @@ class ValidationReport:
 
 
 def validate_recipe(
-    recipe: Recipe, processor=None, tokenizer_note: str = "", family=None
+    recipe: Recipe, family: ModelFamily, processor=None, tokenizer_note: str = ""
 ) -> ValidationReport:
     """Build both splits under a skip-and-count policy, then check each sample.
 
-    With a ``processor`` the model ``family`` (default: the one of ``model.name_or_path``) checks
-    reserved tokens and counts tokens through its own collator.
+    The model ``family`` checks reserved tokens; with a ``processor`` it also counts tokens through
+    its own collator.
     """
-    if processor is not None and family is None:
-        from pg_tune.models.family import family_for
-
-        family = family_for(recipe.model.name_or_path)
-    mask_codec = family.load_mask_codec(recipe.model.vae_path) if family is not None else None
     report = ValidationReport(tokenizer_note=tokenizer_note)
     bad = report.bad_rows
     checked_images: dict[str, str | None] = {}
@@ -80,9 +79,7 @@ def validate_recipe(
             report.rows[split] = 0
             continue
         collator = (
-            family.collator(
-                processor, recipe.data.max_text_length, train=split == "train", mask_codec=mask_codec
-            )
+            family.collator(processor, recipe.data.max_text_length, train=split == "train")
             if processor is not None
             else None
         )

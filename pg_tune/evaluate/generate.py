@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pg_tune.data.sample import Sample
-from pg_tune.models.family import Collator, ModelFamily, family_for
+from pg_tune.models.family import Collator, ModelFamily
 
 
 def max_new_tokens_for(task: str, default: int, per_task: Mapping[str, int] | None = None) -> int:
@@ -32,16 +32,11 @@ def max_new_tokens_for(task: str, default: int, per_task: Mapping[str, int] | No
 
 
 def batch_inputs(
-    collator: Collator,
-    samples: Sequence[Sample],
-    device: torch.device,
-    dtype: torch.dtype,
-    family: ModelFamily | None = None,
+    collator: Collator, samples: Sequence[Sample], device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Left-padded generation inputs for ``samples``, on ``device``, images in the model's dtype."""
-    family = family if family is not None else collator.family
     batch = collator(list(enumerate(samples)))
-    return {k: v.to(device) for k, v in family.generation_inputs(batch, dtype).items()}
+    return {k: v.to(device) for k, v in collator.family.generation_inputs(batch, dtype).items()}
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -99,6 +94,7 @@ def generate(
     model: torch.nn.Module,
     processor,
     samples: Sequence[Sample],
+    family: ModelFamily,
     *,
     batch_size: int = 8,
     max_new_tokens: int = 32,
@@ -106,13 +102,12 @@ def generate(
     num_beams: int = 1,
     max_text_length: int = 512,
     progress: bool = False,
-    family: ModelFamily | None = None,
 ) -> list[str]:
     """Greedy (``num_beams=1``) or beam decoding of every sample's prefix; returns the decoded suffixes.
 
     Samples are batched per task (each task has its own ``max_new_tokens``); the result keeps the
-    input order. Decoding stops at the family's end token and keeps its task tokens (PaliGemma:
-    ``<loc>``/``<seg>``); ``family`` defaults to the model's (``family_for(model)``).
+    input order. The model ``family`` lays out the prompts; decoding stops at its end token and
+    keeps its task tokens (PaliGemma: ``<loc>``/``<seg>``).
     """
     return [
         g.text
@@ -120,13 +115,13 @@ def generate(
             model,
             processor,
             samples,
+            family,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             max_new_tokens_per_task=max_new_tokens_per_task,
             num_beams=num_beams,
             max_text_length=max_text_length,
             progress=progress,
-            family=family,
             logprobs=False,
         )
     ]
@@ -134,7 +129,7 @@ def generate(
 
 @torch.no_grad()
 def generate_with_logprobs(
-    model: torch.nn.Module, processor, samples: Sequence[Sample], **kwargs
+    model: torch.nn.Module, processor, samples: Sequence[Sample], family: ModelFamily, **kwargs
 ) -> list[Generated]:
     """``generate`` that also returns each answer's per-token log-probabilities (``Generated``).
 
@@ -142,13 +137,14 @@ def generate_with_logprobs(
     beam search, along the returned beam), up to the end token; they give detections a score
     (``ModelFamily.parse_output(token_logprobs=...)``) so mAP does not depend on dataset order.
     """
-    return _generate(model, processor, samples, logprobs=True, **kwargs)
+    return _generate(model, processor, samples, family, logprobs=True, **kwargs)
 
 
 def _generate(
     model: torch.nn.Module,
     processor,
     samples: Sequence[Sample],
+    family: ModelFamily,
     *,
     batch_size: int = 8,
     max_new_tokens: int = 32,
@@ -156,10 +152,8 @@ def _generate(
     num_beams: int = 1,
     max_text_length: int = 512,
     progress: bool = False,
-    family: ModelFamily | None = None,
     logprobs: bool = False,
 ) -> list[Generated]:
-    family = family if family is not None else family_for(model)
     collator = family.collator(processor, max_text_length, train=False)
     was_training = model.training
     model.eval()
@@ -179,7 +173,7 @@ def _generate(
     results: list[Generated | None] = [None] * len(samples)
     try:
         for task, chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
-            inputs = batch_inputs(collator, [samples[i] for i in chunk], device, dtype, family)
+            inputs = batch_inputs(collator, [samples[i] for i in chunk], device, dtype)
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens_for(task, max_new_tokens, max_new_tokens_per_task),

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pg_tune.data.images import MAX_IMAGE_PIXELS
-from pg_tune.data.sample import TASKS, DataError, targets_from_json
-from pg_tune.evaluate.scoring import BOX_TASKS, TEXT_TASKS, Item, Scored, score_items
+from pg_tune.data.sample import DataError, targets_from_json
+from pg_tune.evaluate.scoring import Item, Scored, score_items
+from pg_tune.tasks import BOX_TASKS, TASKS, TEXT_TASKS
+
+if TYPE_CHECKING:
+    from pg_tune.models.family import ModelFamily
 
 _SCORING_KEYS = ("task", "prediction", "references", "image_size", "reference_objects")
 
@@ -123,14 +127,35 @@ def read_predictions(path: str | Path) -> list[Item]:
     return items
 
 
-def rescore(path: str | Path, mask_codec: Any | None = None) -> tuple[Scored, dict[str, dict[str, float]]]:
-    """Metrics of a saved predictions file: over all lines, and per ``dataset`` when lines name one."""
+def family_of_predictions(items: Sequence[Item], path: str | Path, family: str | None = None) -> str:
+    """The model family whose parser reads these predictions: the one every line names (``family``,
+    written by ``pg-tune eval``), or ``family`` (``--family``) for files without it."""
+    named = {item.extra.get("family") for item in items}
+    if family is not None:
+        return family
+    if None in named or len(named) != 1:
+        found = sorted(str(n) for n in named if n is not None)
+        raise DataError(
+            f"{path}: "
+            + (
+                f"lines name several model families ({', '.join(found)}); re-score each family's lines apart"
+                if len(found) > 1
+                else "lines name no model family (field 'family', written by pg-tune eval since 0.2); say which "
+                "family's parser reads them with --family (paligemma, gemma3, smolvlm)"
+            )
+        )
+    return named.pop()
+
+
+def rescore(path: str | Path, family: ModelFamily) -> tuple[Scored, dict[str, dict[str, float]]]:
+    """Metrics of a saved predictions file, parsed by ``family`` (``family_of_predictions``): over all
+    lines, and per ``dataset`` when lines name one."""
     items = read_predictions(path)
-    overall = score_items(items, mask_codec)
+    overall = score_items(items, family)
     per_dataset: dict[str, dict[str, float]] = {}
     names = [item.extra.get("dataset") for item in items]
     if any(names):
         for name in dict.fromkeys(names):
             subset = [item for item, n in zip(items, names, strict=True) if n == name]
-            per_dataset[str(name)] = score_items(subset, mask_codec).metrics
+            per_dataset[str(name)] = score_items(subset, family).metrics
     return overall, per_dataset

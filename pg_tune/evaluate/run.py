@@ -23,12 +23,7 @@ from pg_tune.config.recipe import ModelConfig, Recipe
 from pg_tune.data.sample import Sample
 from pg_tune.evaluate.generate import Generated, generate, generate_with_logprobs
 from pg_tune.evaluate.scoring import Scored, score_samples
-from pg_tune.models.family import family_for
-
-
-def _mask_codec(recipe: Recipe, vae_path: str | None = None) -> Any | None:
-    """The recipe's mask codec (``model.vae_path``, or ``vae_path`` from the command line)."""
-    return family_for(recipe.model.name_or_path).load_mask_codec(vae_path or recipe.model.vae_path)
+from pg_tune.models.family import ModelFamily
 
 
 def predict_texts(
@@ -36,15 +31,17 @@ def predict_texts(
     processor,
     samples: Sequence[Sample],
     recipe: Recipe,
+    family: ModelFamily,
     accelerator: Accelerator | None = None,
     progress: bool = False,
 ) -> list[str]:
     """Generated text for every sample, in order; with an accelerator each rank decodes its shard."""
-    return [g.text for g in predict(model, processor, samples, recipe, accelerator, progress, logprobs=False)]
+    generated = predict(model, processor, samples, recipe, family, accelerator, progress, logprobs=False)
+    return [g.text for g in generated]
 
 
-def _texts_only(model, processor, samples, **kwargs) -> list[Generated]:
-    return [Generated(text, ()) for text in generate(model, processor, samples, **kwargs)]
+def _texts_only(model, processor, samples, family, **kwargs) -> list[Generated]:
+    return [Generated(text, ()) for text in generate(model, processor, samples, family, **kwargs)]
 
 
 def predict(
@@ -52,6 +49,7 @@ def predict(
     processor,
     samples: Sequence[Sample],
     recipe: Recipe,
+    family: ModelFamily,
     accelerator: Accelerator | None = None,
     progress: bool = False,
     logprobs: bool = True,
@@ -64,6 +62,7 @@ def predict(
         model,
         processor,
         [samples[i] for i in shard],
+        family,
         batch_size=recipe.eval.batch_size,
         max_new_tokens=recipe.eval.max_new_tokens,
         max_new_tokens_per_task=recipe.eval.max_new_tokens_per_task,
@@ -81,7 +80,12 @@ def predict(
 
 
 def evaluate_samples(
-    accelerator: Accelerator, model, processor, samples: Sequence[Sample], recipe: Recipe
+    accelerator: Accelerator,
+    model,
+    processor,
+    samples: Sequence[Sample],
+    recipe: Recipe,
+    family: ModelFamily,
 ) -> dict[str, float]:
     """Metrics over ``samples`` (at most ``eval.limit`` per eval dataset); every rank returns the same dict."""
     if recipe.eval.limit is not None:
@@ -90,17 +94,16 @@ def evaluate_samples(
     if not samples:
         return {}
     texts, logprobs = _predictions(
-        model, processor, samples, recipe, accelerator, accelerator.is_local_main_process
+        model, processor, samples, recipe, family, accelerator, accelerator.is_local_main_process
     )
-    family = family_for(recipe.model.name_or_path)
-    return score_samples(samples, texts, _mask_codec(recipe), family, logprobs).metrics
+    return score_samples(samples, texts, family, logprobs).metrics
 
 
-def _predictions(model, processor, samples, recipe, accelerator=None, progress=False):
+def _predictions(model, processor, samples, recipe, family, accelerator=None, progress=False):
     """Texts, and per-token log-probabilities when detections need a score (else None)."""
     if not any(s.task == "detect" for s in samples):
-        return predict_texts(model, processor, samples, recipe, accelerator, progress), None
-    generated = predict(model, processor, samples, recipe, accelerator, progress)
+        return predict_texts(model, processor, samples, recipe, family, accelerator, progress), None
+    generated = predict(model, processor, samples, recipe, family, accelerator, progress)
     return [g.text for g in generated], [g.scored_tokens() for g in generated]
 
 
@@ -122,6 +125,7 @@ def _looks_like_path(ref: str) -> bool:
 
 def load_for_eval(
     model_ref: str | None,
+    family: ModelFamily,
     recipe: Recipe | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
@@ -131,22 +135,19 @@ def load_for_eval(
 
     - a folder with ``adapter_config.json``: a peft adapter on the base its ``adapter_config.json``
       names (``base_model_name_or_path``), refused if ``base`` (``--base``) or the recipe's
-      ``model.name_or_path`` names another (``pg_tune.model_source.adapter_base``); nothing else in
+      ``model.name_or_path`` names another (``pg_tune.models.source.adapter_base``); nothing else in
       the folder (its ``recipe.yaml``) chooses what is loaded. The processor comes from the adapter
       folder when saved there;
     - a folder with ``config.json`` (a merged model or a base checkpoint), a hub id or a tiny preset
       name: loaded as is with the recipe's dtype;
     - None: the recipe's own ``model``.
 
+    ``family`` is the family of what is loaded (``family_for(model_ref)``: an adapter's is its base's).
     ``trust_remote_code`` (the ``--trust-remote-code`` flag) applies to every model loaded here.
     """
-    from pg_tune.model_source import adapter_base
+    from pg_tune.models.source import adapter_base
 
-    def load_model(config: ModelConfig):
-        return family_for(config.name_or_path).load_model(config)
-
-    def load_processor(config: ModelConfig):
-        return family_for(config.name_or_path).load_processor(config)
+    load_model, load_processor = family.load_model, family.load_processor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_config = recipe.model if recipe is not None else ModelConfig()
@@ -183,7 +184,7 @@ def load_for_eval(
         model = peft.PeftModel.from_pretrained(load_model(base_config), adapter_dir, is_trainable=False)
         has_processor = (adapter_dir / "tokenizer_config.json").is_file()
         processor = (
-            family_for(base_config.name_or_path).load_processor(ModelConfig(name_or_path=str(adapter_dir)))
+            load_processor(dataclasses.replace(base_config, name_or_path=str(adapter_dir)))
             if has_processor
             else None
         )
@@ -218,9 +219,9 @@ def dataset_name(index: int, entry) -> str:
 
 def evaluate_recipe(
     recipe: Recipe,
+    family: ModelFamily,
     model_ref: str | None,
     out_dir: str | Path,
-    vae_path: str | None = None,
     report_limit: int = 200,
     progress: bool = True,
     trust_remote_code: bool = False,
@@ -230,7 +231,9 @@ def evaluate_recipe(
 
     ``metrics.json``: ``{"model", "metrics" (all samples), "datasets" {name: metrics}, "notes"}``;
     ``predictions.jsonl``: one record per sample (``data_formats/predictions.md``);
-    ``report/index.html``: summary and gallery, worst samples first.
+    ``report/index.html``: summary and gallery, worst samples first. ``family`` is the family of the
+    model evaluated (``model_ref``, else the recipe's model), its mask codec bound: it renders the
+    prompts and parses the answers.
     """
     from pg_tune.data.bad_rows import BadRows
     from pg_tune.data.build import build_samples
@@ -243,16 +246,13 @@ def evaluate_recipe(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bad_rows = BadRows(recipe.data.on_bad_row)
-    family = family_for(recipe.model.name_or_path)
     datasets: list[tuple[str, list[Sample]]] = []
     for index, entry in enumerate(recipe.data.eval):
         samples = build_samples([entry], "eval", bad_rows, seed=recipe.train.seed, family=family)
         if recipe.eval.limit is not None:
             samples = samples[: recipe.eval.limit]
         datasets.append((dataset_name(index, entry), samples))
-    loaded = load_for_eval(model_ref, recipe, trust_remote_code=trust_remote_code, base=base)
-    mask_codec = _mask_codec(recipe, vae_path)
-    family = family_for(loaded.model)  # the model being evaluated parses its own output
+    loaded = load_for_eval(model_ref, family, recipe, trust_remote_code=trust_remote_code, base=base)
 
     all_samples: list[Sample] = []
     all_texts: list[str] = []
@@ -264,15 +264,17 @@ def evaluate_recipe(
         if not samples:
             notes.append(f"{name}: no samples")
             continue
-        texts, logprobs = _predictions(loaded.model, loaded.processor, samples, recipe, progress=progress)
-        scored = score_samples(samples, texts, mask_codec, family, logprobs)
+        texts, logprobs = _predictions(
+            loaded.model, loaded.processor, samples, recipe, family, progress=progress
+        )
+        scored = score_samples(samples, texts, family, logprobs)
         per_dataset[name] = scored.metrics
         notes += [f"{name}: {n}" for n in scored.notes]
         all_samples += samples
         all_texts += texts
         all_logprobs += logprobs or [None] * len(texts)
         dataset_of += [name] * len(samples)
-    overall: Scored = score_samples(all_samples, all_texts, mask_codec, family, all_logprobs)
+    overall: Scored = score_samples(all_samples, all_texts, family, all_logprobs)
     for record, name in zip(overall.records, dataset_of, strict=True):
         record["dataset"] = name
     summary = {
@@ -293,7 +295,7 @@ def evaluate_recipe(
         records=overall.records,
         images=[s.image for s in all_samples],
         notes=notes,
-        mask_codec=mask_codec,
+        mask_codec=family.mask_codec,
         limit=report_limit,
     )
     return EvalOutcome(overall.metrics, per_dataset, out_dir, notes)

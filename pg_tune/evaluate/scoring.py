@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from pg_tune.data.sample import TASKS, ObjectTarget, Sample, targets_json
+from pg_tune.data.sample import ObjectTarget, Sample, targets_json
 from pg_tune.evaluate.metrics import (
     anls_score,
     bleu4,
@@ -52,41 +52,8 @@ from pg_tune.evaluate.metrics import (
     matches_at,
     vqa_accuracy,
 )
-from pg_tune.models.family import ModelFamily, ParsedObject, family_for
-
-BOX_TASKS = ("detect", "refer_detect", "refer_segment")
-
-PRIMARY_METRIC = {
-    "caption": "caption/cider",
-    "vqa": "vqa/accuracy",
-    "docvqa": "docvqa/anls",
-    "ocr": "ocr/anls",
-    "refer_detect": "refer_detect/acc@0.5",
-    "refer_segment": "refer_segment/miou",
-    "detect": "detect/map",
-}
-"""The metric each task is judged by (higher is better)."""
-
-METRIC_NAMES = {
-    "caption": ("cider", "bleu4", "exact_match", "count"),
-    "vqa": ("accuracy", "exact_match", "empty", "count"),
-    "docvqa": ("anls", "exact_match", "empty", "count"),
-    "ocr": ("anls", "exact_match", "empty", "count"),
-    "refer_detect": ("acc@0.5", "acc@0.75", "box_miou", "unparsed", "count"),
-    "refer_segment": ("miou", "acc@0.5", "acc@0.75", "box_miou", "unparsed", "count"),
-    "detect": (
-        "map",
-        "map_50",
-        "map_75",
-        "precision@0.5",
-        "recall@0.5",
-        "unknown_labels",
-        "unparsed",
-        "count",
-    ),
-}
-"""Every metric each task reports, as ``{task}/{name}``: what ``eval.best_metric`` may name
-(tests/test_config.py checks it against what ``score_items`` really returns)."""
+from pg_tune.models.family import ModelFamily, ParsedObject
+from pg_tune.tasks import BOX_TASKS, TASKS, TEXT_TASKS
 
 
 @dataclass
@@ -142,19 +109,6 @@ def objects_json(objects: Sequence[ParsedObject]) -> list[dict[str, Any]]:
     ]
 
 
-def detections_json(detections: Sequence[Any]) -> list[dict[str, Any]]:
-    """``pg_tune.codecs.Detection``s as JSON (``pg-tune predict``): label, pixel box, loc/seg bins."""
-    return [
-        {
-            "label": d.label,
-            "box": [round(v, 2) for v in d.box],
-            "loc": list(d.loc),
-            **({"seg": list(d.seg)} if d.seg is not None else {}),
-        }
-        for d in detections
-    ]
-
-
 def _require_size(item: Item, index: int) -> tuple[int, int]:
     if item.image_size is None:
         where = item.extra.get("source") or f"item {index}"
@@ -182,7 +136,7 @@ class _Truth:
         return self.mask_array
 
 
-def _truth(item: Item, index: int, family: ModelFamily, mask_codec: Any | None) -> list[_Truth]:
+def _truth(item: Item, index: int, family: ModelFamily) -> list[_Truth]:
     size = _require_size(item, index)
     if item.objects:
         truth = [_Truth(o.label, tuple(float(v) for v in o.box), o) for o in item.objects]
@@ -246,17 +200,16 @@ def _match(values: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if values[r, c] > 0]
 
 
-def _score_referring(
-    task: str, group: list[tuple[int, Item]], out: Scored, mask_codec: Any | None, family: ModelFamily
-) -> None:
+def _score_referring(task: str, group: list[tuple[int, Item]], out: Scored, family: ModelFamily) -> None:
     """Box accuracy / box mIoU and (with the VQ-VAE) mask mIoU against the true ground truth."""
     hits = {0.5: [], 0.75: []}
     ious, mask_ious, unparsed = [], [], 0
+    mask_codec = family.mask_codec
     with_masks = task == "refer_segment" and mask_codec is not None
     for i, item in group:
         size = _require_size(item, i)
-        truth = _truth(item, i, family, mask_codec)
-        predicted = family.parse_output(item.prediction, task, size, item.token_logprobs, mask_codec)
+        truth = _truth(item, i, family)
+        predicted = family.parse_output(item.prediction, task, size, item.token_logprobs)
         record = out.records[i]
         record["parsed"] = objects_json(predicted)
         record["reference_parsed"] = [{"label": t.label, "box": [round(v, 2) for v in t.box]} for t in truth]
@@ -330,7 +283,7 @@ def _score_detect(group: list[tuple[int, Item]], out: Scored, family: ModelFamil
     categories: set[str] = set()
     for i, item in group:
         size = _require_size(item, i)
-        truth = _truth(item, i, family, None)
+        truth = _truth(item, i, family)
         crowd = [(c["label"], tuple(c["box"])) for c in item.extra.get("crowd") or ()]
         categories.update(item.extra.get("categories") or ())
         categories.update(t.label for t in truth)
@@ -366,24 +319,18 @@ def _score_detect(group: list[tuple[int, Item]], out: Scored, family: ModelFamil
         )
 
 
-TEXT_TASKS = ("caption", "vqa", "docvqa", "ocr")
-"""Tasks whose rows may come without ground truth (DocVQA's test split withholds its answers)."""
-
-
-def score_items(
-    items: Sequence[Item], mask_codec: Any | None = None, family: ModelFamily | None = None
-) -> Scored:
+def score_items(items: Sequence[Item], family: ModelFamily) -> Scored:
     """Metrics per task plus one record per item; unparseable predictions are counted, never raised.
 
-    ``family`` parses the predictions (default: PaliGemma's, what prediction files without a family
-    were written by). A text-task item with no references (e.g. a DocVQA test question) is not
-    scored: its record keeps ``score: None``, it is left out of the task's metrics and counted in
-    ``{task}/unscored``.
+    The model ``family`` that wrote the predictions parses them (masks through its bound mask codec;
+    each record names it, so a predictions file re-scores with the same parser). A text-task item
+    with no references (e.g. a DocVQA test question) is not scored: its record keeps ``score: None``,
+    it is left out of the task's metrics and counted in ``{task}/unscored``.
     """
-    family = family if family is not None else family_for("paligemma")
     records = [
         {
             **item.extra,
+            "family": family.name,
             "task": item.task,
             "prediction": item.prediction,
             "references": list(item.references),
@@ -419,7 +366,7 @@ def score_items(
         elif task in ("vqa", "docvqa", "ocr"):
             _score_text(task, group, out)
         elif task in ("refer_detect", "refer_segment"):
-            _score_referring(task, group, out, mask_codec, family)
+            _score_referring(task, group, out, family)
         else:
             _score_detect(group, out, family)
         out.metrics[f"{task}/count"] = float(len(group))
@@ -470,8 +417,7 @@ def sample_item(
 def score_samples(
     samples: Sequence[Sample],
     predictions: Sequence[str],
-    mask_codec: Any | None = None,
-    family: ModelFamily | None = None,
+    family: ModelFamily,
     token_logprobs: Sequence[Sequence[tuple[int, int, float]] | None] | None = None,
 ) -> Scored:
     """``score_items`` for dataset samples and their generated texts (same order).
@@ -483,25 +429,13 @@ def score_samples(
         raise ValueError(f"got {len(predictions)} predictions for {len(samples)} samples")
     logprobs = token_logprobs if token_logprobs is not None else [None] * len(samples)
     items = [sample_item(s, p, lp) for s, p, lp in zip(samples, predictions, logprobs, strict=True)]
-    return score_items(items, mask_codec, family)
+    return score_items(items, family)
 
 
 def score(
     samples: Sequence[Sample],
     predictions: Sequence[str],
-    mask_codec: Any | None = None,
-    family: ModelFamily | None = None,
+    family: ModelFamily,
 ) -> dict[str, float]:
     """Metrics per task, named ``{task}/{metric}`` (what the training loop logs)."""
-    return score_samples(samples, predictions, mask_codec, family).metrics
-
-
-def load_mask_codec(vae_path: str | Path | None) -> Any | None:
-    """The mask VQ-VAE from ``vae_path`` or the local cache, or None; never downloads.
-
-    Evaluation must not reach the network on its own, so without a file it scores boxes only.
-    (``pg_tune.codecs.masks.load_codec``: the one loader.)
-    """
-    from pg_tune.codecs.masks import load_codec
-
-    return load_codec(vae_path)
+    return score_samples(samples, predictions, family).metrics

@@ -5,7 +5,7 @@ quantization, LoRA, export, the model card) never names a model class or a token
 ``ModelFamily`` that ``family_for`` picks from a checkpoint's ``config.model_type`` or a tiny preset
 name. A new family is one module implementing this class, its tiny presets, one line in
 ``_REGISTRY`` below, and its recipes (docs/architecture.md, "How to add a model family";
-``pg_tune/models/paligemma.py`` is the worked example).
+``pg_tune/models/paligemma/`` is the worked example).
 
 The sequence contract every family keeps, whatever its layout: a batch from ``collator(...)`` holds
 ``input_ids``, ``attention_mask``, ``labels`` (training: -100 everywhere but the target and its end
@@ -39,6 +39,7 @@ __all__ = [
     "ParsedObject",
     "family_for",
     "family_names",
+    "load_family",
     "is_tiny_preset",
     "resolve_dtype",
     "unwrap_model",
@@ -98,7 +99,14 @@ class Collator(Protocol):
 
 
 class ModelFamily(abc.ABC):
-    """What pg_tune needs of one model family; one instance per run, no per-run state inside."""
+    """What pg_tune needs of one model family.
+
+    One instance per command: the command resolves it once at its boundary (``load_family``), with
+    the family's mask tokenizer bound inside (``mask_codec``, PaliGemma's VQ-VAE; None for families
+    without mask tokens or when no weights are at hand), and passes it to everything it calls.
+    Behaviour the families share (loading, LoRA targets, the fused loss's pieces, generation inputs)
+    is implemented here once, driven by the class attributes; a family overrides what differs.
+    """
 
     name: ClassVar[str]
     """Short name used in messages and the registry ("paligemma")."""
@@ -106,12 +114,28 @@ class ModelFamily(abc.ABC):
     """``config.model_type`` values this family serves."""
     tiny_presets: ClassVar[tuple[str, ...]]
     """Preset names it builds offline (tests, demo, benchmarks)."""
+    tiny_module: ClassVar[Any]
+    """The module building the tiny presets (``PRESETS``, ``build_config``, ``build_base``,
+    ``build_processor``, ``save_checkpoint``)."""
     tasks: ClassVar[frozenset[str]]
     """Tasks it can render and parse (``Sample.task`` values)."""
     requires_remote_code: ClassVar[bool] = False
     """True when the model code exists only on the Hub (then a pinned revision is required)."""
     modules: ClassVar[ModulePaths]
     """Where the language model, vision encoder, projector and head sit in the model."""
+    lm_layers: ClassVar[str]
+    """Regex of the decoder layers' module paths (``model\\.language_model\\.layers\\.\\d+``)."""
+    vision_layers: ClassVar[str]
+    """Regex of the vision encoder layers' module paths."""
+    projector_linears: ClassVar[str | None] = None
+    """Regex of the projector's ``nn.Linear`` modules (``all_linear`` adapts them); None if it has none."""
+    attention_inputs: ClassVar[tuple[str, ...]] = ()
+    """Batch keys of the family's attention rule, passed to the decoder (``token_type_ids``)."""
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Batch keys the image encoder reads (the first holds the pixels)."""
+    final_softcap: ClassVar[bool] = True
+    """Whether the model class applies ``final_logit_softcapping`` to its logits when the config
+    names one (Gemma 3's ``forward`` never does)."""
     model_class: ClassVar[type]
     """The transformers class of a full model (export, model card)."""
     processor_class: ClassVar[type]
@@ -120,29 +144,104 @@ class ModelFamily(abc.ABC):
     """Extra model-card tags."""
     name_hints: ClassVar[tuple[str, ...]] = ()
     """Lower-case substrings of hub ids that name this family when no config is at hand offline."""
+    refused_hints: ClassVar[dict[str, str]] = {}
+    """Lower-case substrings of hub ids the name hints would send here, but which this family cannot
+    load (text-only siblings, an older generation), each with the reason ``validate`` gives."""
+
+    def __init__(self, mask_codec: Any | None = None):
+        self.mask_codec = mask_codec
+        """The family's mask tokenizer, bound once per command (``load_family``); None without one."""
+
+    # ---- tiny presets --------------------------------------------------------------------------
+    def is_tiny(self, name_or_path: str) -> bool:
+        """True for one of this family's tiny preset names (and not a folder of that name)."""
+        return name_or_path in self.tiny_presets and not Path(name_or_path).exists()
+
+    def save_tiny(self, preset: str, out_dir: str | Path, seed: int = 0) -> Path:
+        """Write a tiny preset as a checkpoint in the hub's layout (``python -m pg_tune.models.tiny``)."""
+        return self.tiny_module.save_checkpoint(preset, out_dir, seed=seed)
+
+    def published_config(self, name_or_path: str) -> Any | None:
+        """pg_tune's own copy of a published checkpoint's config (``pg-tune plan`` offline), or None."""
+        return None
 
     # ---- loading -------------------------------------------------------------------------------
-    @abc.abstractmethod
     def load_processor(self, model: ModelConfig) -> ProcessorMixin:
         """The processor of a hub id, a local folder or a tiny preset."""
+        self.check_model_config(model)
+        if self.is_tiny(model.name_or_path):
+            return self.tiny_module.build_processor(self.tiny_module.PRESETS[model.name_or_path])
+        return self.processor_class.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
 
-    @abc.abstractmethod
     def load_model(
         self,
         model: ModelConfig,
         quantization: QuantizationConfig | None = None,
         device_map: str | dict | None = None,
     ) -> PreTrainedModel:
-        """The model of a hub id, a local folder or a tiny preset, in the recipe's dtype."""
+        """The model of a hub id, a local folder or a tiny preset, in the recipe's dtype; with a
+        quantization section, bitsandbytes-quantized as ``keep_unquantized`` says (and checked)."""
+        from pg_tune.models.source import require_safetensors
+
+        self.check_model_config(model)
+        dtype = resolve_dtype(model.dtype)
+        require_safetensors(model.name_or_path)
+        quantized = quantization is not None and quantization.mode != "none"
+        if self.is_tiny(model.name_or_path):
+            if quantized:
+                raise ValueError(
+                    "quantization needs a checkpoint on disk: save the tiny preset first "
+                    f"(python -m pg_tune.models.tiny DIR --preset {model.name_or_path}) and point "
+                    "model.name_or_path at it"
+                )
+            return self.tiny_module.build_base(model.name_or_path).to(dtype)
+        kwargs: dict[str, Any] = {}
+        if quantized:
+            from pg_tune.models.quantize import bnb_config
+
+            kwargs["quantization_config"] = bnb_config(quantization, self)
+        if model.attn_implementation:
+            kwargs["attn_implementation"] = model.attn_implementation
+        loaded = self.model_class.from_pretrained(
+            model.name_or_path,
+            revision=model.revision,
+            dtype=dtype,
+            trust_remote_code=model.trust_remote_code,
+            use_safetensors=True,
+            device_map=device_map,
+            **kwargs,
+        )
+        if quantized:
+            from pg_tune.models.quantize import check_quantized
+
+            # bitsandbytes ignores what it does not understand: assert what is really in effect.
+            print(f"quantization: {check_quantized(loaded, quantization, self).summary()}")
+        return loaded
 
     def unwrap(self, model: nn.Module) -> PreTrainedModel:
         """The family's model class inside peft / DDP / FSDP / loss wrappers."""
         return unwrap_model(model, self.model_class)
 
     # ---- adaptation ----------------------------------------------------------------------------
-    @abc.abstractmethod
     def lora_target_regex(self, lora: LoraConfig) -> str:
-        """The peft ``target_modules`` regex for the recipe's ``lora.targets`` / ``lora.vision``."""
+        """The peft ``target_modules`` regex for ``lora.targets`` / ``lora.vision``: the decoder's
+        attention (q, k, v, o) or attention + MLP, the vision encoder's too if asked, and with
+        ``all_linear`` the projector's linears."""
+        lm_attention = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+        lm_mlp = r"mlp\.(gate_proj|up_proj|down_proj)"
+        vision_attention = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+        vision_mlp = r"mlp\.(fc1|fc2)"
+        with_mlp = lora.targets in ("attention_mlp", "all_linear")
+        lm = f"({lm_attention}|{lm_mlp})" if with_mlp else lm_attention
+        parts = [rf".*{self.lm_layers}\.{lm}"]
+        if lora.vision:
+            vision = f"({vision_attention}|{vision_mlp})" if with_mlp else vision_attention
+            parts.append(rf".*{self.vision_layers}\.{vision}")
+        if lora.targets == "all_linear" and self.projector_linears:
+            parts.append(rf".*{self.projector_linears}")
+        return "^(" + "|".join(parts) + ")$"
 
     def keep_unquantized(self, quantize_vision: bool = False) -> list[str]:
         """Full module paths bitsandbytes must leave in the model dtype (head, projector, vision)."""
@@ -153,9 +252,23 @@ class ModelFamily(abc.ABC):
         """The image encoder and projector (frozen-vision check, feature cache)."""
         return [core.get_submodule(self.modules.vision), core.get_submodule(self.modules.projector)]
 
-    @abc.abstractmethod
+    def vision_frozen(self, core: nn.Module) -> bool:
+        """True when nothing that produces image features trains."""
+        return not any(p.requires_grad for m in self.vision_modules(core) for p in m.parameters())
+
+    def layer_classes(self, core: nn.Module) -> list[str]:
+        """Class names of the repeated blocks FSDP wraps one by one (transformers' ``_no_split_modules``)."""
+        return list(getattr(core, "_no_split_modules", None) or [])
+
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Projected image features for the batch's images, as ``decoder_hidden`` consumes them."""
+        """Projected image features for the batch's images, as ``decoder_hidden`` consumes them
+        (``get_image_features(...).pooler_output``); no autograd when the vision side is frozen."""
+        import contextlib
+
+        with torch.no_grad() if self.vision_frozen(core) else contextlib.nullcontext():
+            pixels = batch[self.image_inputs[0]].to(core.dtype)
+            extra = [batch[k] for k in self.image_inputs[1:]]
+            return core.model.get_image_features(pixels, *extra).pooler_output
 
     # ---- sequences -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -181,32 +294,44 @@ class ModelFamily(abc.ABC):
         """The prompt text the model sees for ``sample`` (before the family's own wrapping)."""
 
     @abc.abstractmethod
-    def render_target(self, sample: Sample, mask_codec: Any | None = None) -> str:
+    def render_target(self, sample: Sample) -> str:
         """The target text: ``sample.suffix`` for raw rows, else rendered from ``sample.targets``."""
 
     @abc.abstractmethod
-    def collator(
-        self, processor: ProcessorMixin, max_text_length: int, train: bool, mask_codec: Any | None = None
-    ) -> Collator:
+    def collator(self, processor: ProcessorMixin, max_text_length: int, train: bool = True) -> Collator:
         """The collator building training (``train=True``) or generation batches."""
 
     # ---- the pieces of the fused suffix-only loss ----------------------------------------------
-    @abc.abstractmethod
     def decoder_hidden(
         self, core: nn.Module, batch: Mapping[str, torch.Tensor], image_features: torch.Tensor
     ) -> torch.Tensor:
-        """Last hidden states ``[batch, seq, hidden]`` of the decoder for the whole sequence."""
+        """Last hidden states ``[batch, seq, hidden]`` of the decoder for the whole sequence, the image
+        features placed at the image tokens, the family's attention-rule inputs passed."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    @abc.abstractmethod
+        outputs = core.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            **{k: batch[k] for k in self.attention_inputs},
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=image_features)},
+            use_cache=False,
+        )
+        return outputs.last_hidden_state
+
     def head(self, core: nn.Module) -> tuple[torch.Tensor, float | None]:
-        """The LM head weight ``[vocab, hidden]`` and the final logit soft-cap (or None)."""
+        """The LM head weight ``[vocab, hidden]`` and the final logit soft-cap the model applies (or None)."""
+        softcap = getattr(core.config.get_text_config(), "final_logit_softcapping", None)
+        return core.lm_head.weight, softcap if self.final_softcap else None
 
     # ---- generation and parsing ----------------------------------------------------------------
-    @abc.abstractmethod
     def generation_inputs(
         self, batch: Mapping[str, torch.Tensor], dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         """The subset of a generation batch ``model.generate`` takes, images in ``dtype``."""
+        keys = ("input_ids", "attention_mask", *self.attention_inputs, *self.image_inputs)
+        inputs = {k: batch[k] for k in keys}
+        inputs[self.image_inputs[0]] = inputs[self.image_inputs[0]].to(dtype)
+        return inputs
 
     @abc.abstractmethod
     def generation_kwargs(self, processor: ProcessorMixin) -> dict[str, Any]:
@@ -223,9 +348,13 @@ class ModelFamily(abc.ABC):
         task: str,
         image_size: tuple[int, int],
         token_logprobs: Sequence[tuple[int, int, float]] | None = None,
-        mask_codec: Any | None = None,
     ) -> list[ParsedObject]:
-        """Objects in generated text (box tasks); ``[]`` when nothing valid; never raises on text."""
+        """Objects in generated text (box tasks); ``[]`` when nothing valid; never raises on text.
+
+        ``token_logprobs`` (``(start, end, logprob)`` per generated token, when the caller kept them)
+        give each object a confidence from the tokens that wrote it. Masks are decoded with the bound
+        ``mask_codec`` when the family has one.
+        """
 
     def check_model_config(self, model: ModelConfig, at_load: bool = True) -> None:
         """Refuse loading settings the family cannot use safely (remote code: a pinned commit, opt-in).
@@ -233,10 +362,15 @@ class ModelFamily(abc.ABC):
         A family whose model code lives only on the Hub (``requires_remote_code``) runs that code on
         this machine: ``model.revision`` must be a full commit hash (a branch or tag can move to new
         code) and, when loading (``at_load``), the ``--trust-remote-code`` flag must be given (a recipe
-        cannot set it). Other families never need remote code.
+        cannot set it). Other families never need remote code. A hub id this family's name hints
+        match but it cannot load (``refused_hints``) is refused by name.
         """
         import re
 
+        lowered = str(model.name_or_path).lower()
+        for hint, why in self.refused_hints.items():
+            if hint in lowered and not Path(model.name_or_path).exists():
+                raise ValueError(f"model.name_or_path={model.name_or_path!r}: {why}")
         if not self.requires_remote_code or is_tiny_preset(model.name_or_path):
             return
         if not (isinstance(model.revision, str) and re.fullmatch(r"[0-9a-f]{40}", model.revision)):
@@ -254,6 +388,14 @@ class ModelFamily(abc.ABC):
         """The family's mask tokenizer (PaliGemma: big_vision's VQ-VAE), or None if it has none."""
         return None
 
+    # ---- measurement ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def reference_batch(
+        self, processor: ProcessorMixin, samples: Sequence[Sample]
+    ) -> dict[str, torch.Tensor]:
+        """A training batch built as the Hugging Face examples for this model build it (with the model's
+        own ``labels``): the reference side of ``pg_tune.measure.bench``, never used for training."""
+
     # ---- export and hub ------------------------------------------------------------------------
     @abc.abstractmethod
     def usage_snippet(self, base_id: str | None, repo_or_dir: str, merged: bool) -> str:
@@ -262,9 +404,9 @@ class ModelFamily(abc.ABC):
 
 # One line per family: model_type / preset names are read from the class, imported on first use.
 _REGISTRY: dict[str, str] = {
-    "paligemma": "pg_tune.models.paligemma:PaliGemmaFamily",
-    "gemma3": "pg_tune.models.gemma3:Gemma3Family",
-    "smolvlm": "pg_tune.models.smolvlm:SmolVLMFamily",
+    "paligemma": "pg_tune.models.paligemma.family:PaliGemmaFamily",
+    "gemma3": "pg_tune.models.chat.gemma3:Gemma3Family",
+    "smolvlm": "pg_tune.models.chat.smolvlm:SmolVLMFamily",
 }
 
 
@@ -315,9 +457,11 @@ def family_for(source: Any) -> ModelFamily:
         for family in families:
             if source in family.tiny_presets or source == family.name:
                 return family()
+        if Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+            raise FileNotFoundError(f"{source}: no such folder (a hub id is OWNER/NAME)")
     model_type = _model_type_of(unwrap_model(source) if isinstance(source, nn.Module) else source)
     if model_type is None and isinstance(source, (str, Path)) and Path(source).is_dir():
-        from pg_tune.model_source import require_safetensors
+        from pg_tune.models.source import require_safetensors
 
         require_safetensors(str(source))  # pickled weights only: the conversion hint
         raise FileNotFoundError(
@@ -343,6 +487,61 @@ def family_for(source: Any) -> ModelFamily:
         f"(model_type={model_type!r}); supported: {', '.join(sorted(known))}. A new family is one module "
         "in pg_tune/models/ plus one line in pg_tune/models/family.py's _REGISTRY (docs/architecture.md)"
     )
+
+
+def load_family(name_or_path: str, vae_path: str | Path | None = None) -> ModelFamily:
+    """The family of ``name_or_path`` (``family_for``) with its mask tokenizer bound: what each command
+    resolves once at its boundary and passes on. ``vae_path`` is the recipe's ``model.vae_path`` (or
+    the command line's ``--vae-path``); families without mask tokens ignore it."""
+    family = family_for(name_or_path)
+    family.mask_codec = family.load_mask_codec(vae_path)
+    return family
+
+
+# ---- what each family supports -----------------------------------------------------------------
+
+# Dataset options name tasks in their own words: refcoco's ``task: segment`` is referring segmentation.
+_TASK_ALIASES = {"segment": "refer_segment"}
+
+
+def families_supporting(task: str) -> list[str]:
+    """Names of the registered families that can render and parse ``task``."""
+    return [name for name in family_names() if task in family_for(name).tasks]
+
+
+def unsupported_task_message(family: ModelFamily, task: str) -> str:
+    """Why ``family`` cannot train or score ``task``, and which families can."""
+    others = ", ".join(families_supporting(task)) or "none"
+    why = " (it has no mask tokens)" if task == "refer_segment" else ""
+    return f"model family {family.name!r} cannot do task {task}{why}; families that support it: {others}"
+
+
+def check_recipe_tasks(recipe: Any) -> None:
+    """Refuse, before anything loads, dataset entries whose declared task the model's family lacks
+    (and remote-code loading without a pinned commit: ``ModelFamily.check_model_config``).
+
+    Raises ``ConfigError`` naming the entry (``data.train[0].task``). Per-row tasks of JSONL files
+    are refused when the rows are rendered (``render_target``), with the same message.
+    """
+    from pg_tune.config.schema import ConfigError
+
+    try:
+        family = family_for(recipe.model.name_or_path)
+    except (ValueError, OSError):
+        return  # an unknown model is reported where it is loaded
+    try:
+        family.check_model_config(recipe.model, at_load=False)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for split in ("train", "eval"):
+        for k, entry in enumerate(getattr(recipe.data, split)):
+            declared = getattr(entry.options, "task", None)
+            task = _TASK_ALIASES.get(declared, declared)
+            if task is not None and task not in family.tasks:
+                raise ConfigError(
+                    f"data.{split}[{k}].task: {declared!r} ({entry.format}): "
+                    f"{unsupported_task_message(family, task)}"
+                )
 
 
 def unwrap_model(model: nn.Module, cls: type | None = None) -> nn.Module:

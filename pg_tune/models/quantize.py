@@ -23,13 +23,16 @@ come from the model family (``ModelFamily.modules`` / ``keep_unquantized``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import BitsAndBytesConfig
 
 from pg_tune.config.recipe import QuantizationConfig
-from pg_tune.models.family import ModelFamily
+
+if TYPE_CHECKING:
+    from pg_tune.models.family import ModelFamily
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -8,14 +8,11 @@ import peft
 from torch import nn
 
 from pg_tune.config.recipe import LoraConfig, Recipe
-from pg_tune.models.family import ModelFamily, family_for
+from pg_tune.models.family import ModelFamily
 
 
-def apply_lora(
-    model: nn.Module, lora: LoraConfig, base_name: str, family: ModelFamily | None = None
-) -> peft.PeftModel:
+def apply_lora(model: nn.Module, lora: LoraConfig, base_name: str, family: ModelFamily) -> peft.PeftModel:
     """Freeze the base and add LoRA adapters on the recipe's target preset (the family's module names)."""
-    family = family if family is not None else family_for(model)
     config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -67,23 +64,23 @@ def enable_checkpointing(model: nn.Module) -> None:
     model.enable_input_require_grads()
 
 
-def apply_method(model: nn.Module, recipe: Recipe) -> nn.Module:
+def apply_method(model: nn.Module, recipe: Recipe, family: ModelFamily) -> nn.Module:
     """The recipe's ``method``: a peft model with adapters (``lora``), or ``model`` itself with the
     chosen base weights unfrozen (``full`` / ``partial``). Warns when it cannot fit in memory."""
     from pg_tune.train.methods import method_groups, unfreeze_groups, warn_if_too_large
 
     if recipe.method == "lora":
-        model = apply_lora(model, recipe.lora, recipe.model.name_or_path)
+        model = apply_lora(model, recipe.lora, recipe.model.name_or_path, family)
     else:
-        model = unfreeze_groups(model, method_groups(recipe))
+        model = unfreeze_groups(model, method_groups(recipe), family)
     warn_if_too_large(model, recipe)
     return model
 
 
-def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
+def prepare_model(model: nn.Module, recipe: Recipe, family: ModelFamily) -> nn.Module:
     """Everything between loading the base and training it: k-bit prep, checkpointing, the method."""
     if is_quantized(model):
         prepare_for_kbit_training(model)
     if recipe.train.gradient_checkpointing:
         enable_checkpointing(model)
-    return apply_method(model, recipe)
+    return apply_method(model, recipe, family)

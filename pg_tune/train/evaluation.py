@@ -48,13 +48,13 @@ class _EvalSamples(list):
 
 
 def evaluate_during_training(
-    accelerator, model, processor, samples, recipe: Recipe, bad: BadRows
+    accelerator, model, processor, samples, recipe: Recipe, family, bad: BadRows
 ) -> dict[str, float]:
     """Evaluate; an image that became unreadable since the run started is dropped and counted under
     ``skip`` (then evaluation runs again without it), named under ``stop``."""
     while True:
         try:
-            return evaluate_samples(accelerator, model, processor, samples, recipe)
+            return evaluate_samples(accelerator, model, processor, samples, recipe, family)
         except DataError:
             if bad.policy == "stop" or accelerator.num_processes > 1:
                 raise

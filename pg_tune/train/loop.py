@@ -8,7 +8,7 @@ a resume restores (``state``), the decisions — evaluate, best, early stop, che
 (``policies``), checkpoints (``checkpoint``), resume (``resume``), the output folder, atomic writes
 and a full disk (``storage``), evaluation with bad eval rows (``evaluation``), signals (``signals``),
 the result (``result``). Writing ``summary.json`` and pushing to the Hub belong to the command that
-called ``train()`` (``pg_tune.commands_train``).
+called ``train()`` (``pg_tune.cli.train``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pg_tune.data.build import build_samples
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
 from pg_tune.data.sample import DataError, Sample
-from pg_tune.models.family import family_for, resolve_dtype
+from pg_tune.models.family import ModelFamily, resolve_dtype
 from pg_tune.train import policies
 from pg_tune.train.adapters import prepare_model, trainable_summary
 from pg_tune.train.checkpoint import RECIPE_FILE, best_checkpoint, load_checkpoint, save_checkpoint
@@ -96,13 +96,15 @@ class _Run:
 def train(
     recipe: Recipe,
     resolved_recipe: dict[str, Any],
+    family: ModelFamily,
     resume: str | None = None,
     *,
     overwrite: bool = False,
     on_checkpoint: Sequence[CheckpointCallback] = (),
 ) -> TrainResult:
-    """Fine-tune as the recipe says. ``resume`` (``auto`` or a path) continues a run; ``overwrite``
-    starts ``output_dir`` clean; a non-empty ``output_dir`` without either is refused."""
+    """Fine-tune as the recipe says, with the recipe model's ``family`` (``load_family``: its mask
+    codec bound). ``resume`` (``auto`` or a path) continues a run; ``overwrite`` starts
+    ``output_dir`` clean; a non-empty ``output_dir`` without either is refused."""
     started = time.time()
     output_dir = Path(recipe.output_dir)
     notes: list[str] = []
@@ -116,7 +118,6 @@ def train(
     state.tracker_run_ids = start_trackers(accelerator, recipe, resolved_recipe, state.tracker_run_ids)
 
     bad_rows, eval_bad = BadRows(recipe.data.on_bad_row), BadRows(recipe.data.on_bad_row)
-    family = family_for(recipe.model.name_or_path)
     train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed, family=family)
     eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed, family=family)
     eval_samples = readable_eval_samples(eval_samples, recipe.eval.limit, eval_bad)
@@ -130,7 +131,7 @@ def train(
 
     def evaluate(when: str) -> dict[str, float]:
         metrics = evaluate_during_training(
-            accelerator, run.peft_model, run.processor, eval_samples, recipe, eval_bad
+            accelerator, run.peft_model, run.processor, eval_samples, recipe, family, eval_bad
         )
         say(f"\neval {when}: {json.dumps(metrics)}")
         log.write({"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
@@ -409,7 +410,7 @@ def _begin(
 def _build_run(
     accelerator: Accelerator,
     recipe: Recipe,
-    family,
+    family: ModelFamily,
     train_samples: Sequence[Sample],
     state: TrainState,
     resume_from: Path | None,
@@ -421,7 +422,7 @@ def _build_run(
     device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
     model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
     set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
-    model = prepare_model(model, recipe)
+    model = prepare_model(model, recipe, family)
     accelerator.print(trainable_summary(model))
     fingerprint = run_fingerprint(recipe, model)
     if resume_from:
@@ -433,11 +434,11 @@ def _build_run(
             model.to(accelerator.device)
         with accelerator.main_process_first():  # one rank writes the cache, the others then read it
             feature_cache = prepare_feature_cache(train_samples, model, processor, recipe, family)
-    loader = build_train_loader(train_samples, processor, recipe, feature_cache, family)
+    loader = build_train_loader(train_samples, processor, recipe, family, feature_cache)
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)
     loss_module, optimizer, loader = accelerator.prepare(
-        SuffixLoss(model, family=family, label_smoothing=recipe.train.label_smoothing),
+        SuffixLoss(model, family, label_smoothing=recipe.train.label_smoothing),
         build_optimizer(model.parameters(), recipe.train),
         loader,
     )

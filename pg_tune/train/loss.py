@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pg_tune.data.collate import IGNORE_INDEX
-from pg_tune.models.family import ModelFamily, family_for
+from pg_tune.models.family import ModelFamily
 
 # 256 rows x 257,216 fp32 logits = 263 MB: the largest full-vocabulary tensor the head creates.
 DEFAULT_CHUNK_ROWS = 256
@@ -212,21 +212,21 @@ class SuffixLoss(nn.Module):
     Wrapping makes the loss part of ``forward``, so DDP/FSDP see one module call per step.
     ``batch`` is the family collator's output; with the feature cache it carries ``image_features``
     instead of (or besides) ``pixel_values`` and the image encoder is skipped. Everything
-    model-specific comes from the ``family`` (by default the one of the model's ``config.model_type``):
-    its image features, the decoder's hidden states, the head weight and soft-cap.
+    model-specific comes from the model's ``family``: its image features, the decoder's hidden
+    states, the head weight and soft-cap.
     """
 
     def __init__(
         self,
         model: nn.Module,
+        family: ModelFamily,
         chunk_size: int = DEFAULT_CHUNK_ROWS,
-        family: ModelFamily | None = None,
         label_smoothing: float = 0.0,
     ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        self.family = family if family is not None else family_for(model)
+        self.family = family
         self.label_smoothing = label_smoothing
         self.workspace = LogitsWorkspace()
 

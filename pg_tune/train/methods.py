@@ -26,27 +26,28 @@ import torch
 from torch import nn
 
 from pg_tune.config.recipe import Recipe
-from pg_tune.models.family import family_for
+from pg_tune.models.family import ModelFamily
 
 
 class TrainingMemoryWarning(UserWarning):
     """The chosen method's weights, gradients and optimizer state alone exceed the device memory."""
 
 
-def _lm_submodules(core: nn.Module, name: str) -> list[nn.Module]:
+def _lm_submodules(language_model: nn.Module, name: str) -> list[nn.Module]:
     """The language model's modules called ``name`` in its layers (``self_attn``, ``mlp``)."""
-    return [m for n, m in core.model.language_model.named_modules() if n.rsplit(".", 1)[-1] == name]
+    return [m for n, m in language_model.named_modules() if n.rsplit(".", 1)[-1] == name]
 
 
-def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+def parameter_groups(model: nn.Module, family: ModelFamily) -> dict[str, list[nn.Parameter]]:
     """The named groups ``partial.groups`` chooses from, as parameter lists of ``model``.
 
     ``llm`` holds every language-model weight: embeddings (tied to the output head in PaliGemma),
-    layers and final norm, plus the head when it is not tied.
+    layers and final norm, plus the head when it is not tied. Where each part sits in the model
+    comes from the ``family`` (``ModelFamily.modules``).
     """
-    # Module names as in transformers' PaliGemma (and Gemma 3): model.language_model,
-    # model.multi_modal_projector, model.vision_tower, lm_head.
-    core = family_for(model).unwrap(model)
+    core = family.unwrap(model)
+    paths = family.modules
+    language_model = core.get_submodule(paths.language_model)
 
     def params(modules: list[nn.Module]) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -56,11 +57,11 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         return list(seen.values())
 
     return {
-        "attention": params(_lm_submodules(core, "self_attn")),
-        "mlp": params(_lm_submodules(core, "mlp")),
-        "llm": params([core.model.language_model, core.lm_head]),
-        "projector": params([core.model.multi_modal_projector]),
-        "vision": params([core.model.vision_tower]),
+        "attention": params(_lm_submodules(language_model, "self_attn")),
+        "mlp": params(_lm_submodules(language_model, "mlp")),
+        "llm": params([language_model, core.get_submodule(paths.head)]),
+        "projector": params([core.get_submodule(paths.projector)]),
+        "vision": params([core.get_submodule(paths.vision)]),
     }
 
 
@@ -73,9 +74,9 @@ def method_groups(recipe: Recipe) -> list[str]:
     raise ValueError(f"method {recipe.method!r} trains adapters, not parameter groups")
 
 
-def unfreeze_groups(model: nn.Module, groups: list[str]) -> nn.Module:
+def unfreeze_groups(model: nn.Module, groups: list[str], family: ModelFamily) -> nn.Module:
     """Freeze everything, then let the named groups train (in place); returns ``model``."""
-    available = parameter_groups(model)
+    available = parameter_groups(model, family)
     unknown = sorted(set(groups) - set(available))
     if unknown:
         raise ValueError(f"unknown parameter groups {unknown} (known: {', '.join(available)})")
@@ -161,7 +162,7 @@ def memory_warning(model: nn.Module, recipe: Recipe, capacity: tuple[int, str] |
     }[recipe.method]
     plan = (
         " `pg-tune plan RECIPE` gives the detailed budget."
-        if importlib.util.find_spec("pg_tune.plan")
+        if importlib.util.find_spec("pg_tune.measure.plan")
         else ""
     )
     return (

@@ -16,6 +16,6 @@ def samples_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def vae_path(tmp_path_factory) -> str:
-    from pg_tune.codecs.masks import make_random_vae_weights, save_npz
+    from pg_tune.models.paligemma.masks import make_random_vae_weights, save_npz
 
     return str(save_npz(make_random_vae_weights(0), tmp_path_factory.mktemp("vae") / "vae.npz"))

@@ -11,9 +11,10 @@ from pg_tune.config.recipe import DataConfig, LoraConfig, Recipe, TrainConfig
 from pg_tune.data.feature_cache import FeatureCache, image_key
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.sample import Sample
-from pg_tune.models.paligemma import PaliGemmaCollator
-from pg_tune.models.tiny import build_model
+from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.paligemma.tiny import build_model
 from pg_tune.train.adapters import apply_lora
+from tests.families import family_of
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,12 @@ def _samples(tmp_path, n=5):
 def test_cached_features_equal_the_tower_and_skip_images(tmp_path, tiny):
     model, processor = tiny
     samples = _samples(tmp_path)
-    cache = FeatureCache.build(tmp_path / "cache", samples, model, processor.image_processor, batch_size=2)
+    cache = FeatureCache.build(
+        tmp_path / "cache", samples, model, processor.image_processor, family_of(model), batch_size=2
+    )
     assert len(cache.entries) == 3
     assert len(list(cache.directory.glob("shard-*.npy"))) == 1
-    collator = PaliGemmaCollator(processor, 32)
+    collator = PaliGemmaFamily().collator(processor, 32)
     batch = collator(list(enumerate(samples)))
     with torch.no_grad():
         expected = model.model.get_image_features(batch["pixel_values"]).pooler_output
@@ -47,18 +50,20 @@ def test_cached_features_equal_the_tower_and_skip_images(tmp_path, tiny):
 
     recipe = Recipe(output_dir="unused", data=DataConfig(feature_cache=str(tmp_path / "cache")))
     recipe.train = TrainConfig(batch_size=5)
-    again = prepare_feature_cache(samples, model, processor, recipe)
+    again = prepare_feature_cache(samples, model, processor, recipe, family_of(recipe))
     assert again.directory == cache.directory and len(list(cache.directory.glob("shard-*.npy"))) == 1
-    cached_batch = next(iter(build_train_loader(samples, processor, recipe, feature_cache=again)))
+    cached_batch = next(
+        iter(build_train_loader(samples, processor, recipe, family_of(recipe), feature_cache=again))
+    )
     assert "pixel_values" not in cached_batch and cached_batch["image_features"].shape == expected.shape
 
 
 def test_new_images_extend_and_keys_follow_content(tmp_path, tiny):
     model, processor = tiny
     samples = _samples(tmp_path, n=2)
-    cache = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor)
+    cache = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor, family_of(model))
     more = _samples(tmp_path, n=3)
-    bigger = FeatureCache.build(tmp_path / "c", more, model, processor.image_processor)
+    bigger = FeatureCache.build(tmp_path / "c", more, model, processor.image_processor, family_of(model))
     assert bigger.directory == cache.directory and len(bigger.entries) == 3
     copy = tmp_path / "copy.png"
     copy.write_bytes((tmp_path / "img0.png").read_bytes())
@@ -73,14 +78,16 @@ def test_changed_weights_use_another_directory_and_trainable_tower_is_refused(tm
     model, processor = build_model("tiny-paligemma")
     model.requires_grad_(False)
     samples = _samples(tmp_path, n=1)
-    first = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor)
+    first = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor, family_of(model))
     with torch.no_grad():
         model.model.multi_modal_projector.linear.weight.add_(0.1)
-    second = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor)
+    second = FeatureCache.build(tmp_path / "c", samples, model, processor.image_processor, family_of(model))
     assert first.directory != second.directory
-    peft_model = apply_lora(model, LoraConfig(r=2, vision=True), "tiny-paligemma")
+    peft_model = apply_lora(model, LoraConfig(r=2, vision=True), "tiny-paligemma", family_of(model))
     with pytest.raises(ValueError, match="lora.vision"):
-        FeatureCache.build(tmp_path / "c", samples, peft_model, processor.image_processor)
+        FeatureCache.build(
+            tmp_path / "c", samples, peft_model, processor.image_processor, family_of(peft_model)
+        )
 
 
 def test_in_memory_images_of_a_lazy_hf_dataset_get_their_own_features(tmp_path, tiny):
@@ -96,9 +103,9 @@ def test_in_memory_images_of_a_lazy_hf_dataset_get_their_own_features(tmp_path, 
     docs = Path(__file__).resolve().parents[2] / "data_formats" / "samples" / "hf" / "docs"
     options = HfOptions(path=str(docs), split="train", prompt="{question}", columns={"suffix": "answers"})
     view = build(options, BuildContext("train", BadRows()))
-    cache = FeatureCache.build(tmp_path / "c", list(view), model, processor.image_processor)
+    cache = FeatureCache.build(tmp_path / "c", list(view), model, processor.image_processor, family_of(model))
     assert len(cache.entries) == 2
-    collator = PaliGemmaCollator(processor, 32)
+    collator = PaliGemmaFamily().collator(processor, 32)
     with torch.no_grad():
         pixels = collator(list(enumerate(view)))["pixel_values"]
         expected = model.model.get_image_features(pixels).pooler_output

@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 
-from pg_tune.codecs import parse_detections
-from pg_tune.codecs.masks import load_codec
 from pg_tune.config.schema import from_dict
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import FORMATS, BuildContext
 from pg_tune.data.sample import DataError
 from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.paligemma.boxes import parse_detections
+from pg_tune.models.paligemma.masks import load_codec
 
 PALIGEMMA = PaliGemmaFamily()
 
@@ -30,7 +30,8 @@ def build(fmt: str, stage: str = "train", policy: str = "stop", seed: int = 0, v
     rows = list(FORMATS[fmt].build(opts, BuildContext(split=stage, bad_rows=bad, seed=seed)))
     codec = load_codec(vae_path) if vae_path else None
     return [
-        dataclasses.replace(r, suffix=PALIGEMMA.render_target(r, codec)) if r.targets else r for r in rows
+        dataclasses.replace(r, suffix=PaliGemmaFamily(mask_codec=codec).render_target(r)) if r.targets else r
+        for r in rows
     ], bad
 
 

@@ -13,7 +13,8 @@ from pg_tune.data.build import build_samples
 from pg_tune.data.loader import build_train_loader
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator
 from pg_tune.data.sample import DataError
-from pg_tune.models.tiny import PRESETS, build_processor
+from pg_tune.models.paligemma.tiny import PRESETS, build_processor
+from tests.families import family_of
 
 DOCS = Path(__file__).resolve().parents[2] / "data_formats" / "samples" / "hf" / "docs"
 
@@ -54,7 +55,9 @@ def _recipe(path, policy):
 
 
 def _loader(samples, recipe):
-    loader = build_train_loader(samples, build_processor(PRESETS["tiny-paligemma"]), recipe)
+    loader = build_train_loader(
+        samples, build_processor(PRESETS["tiny-paligemma"]), recipe, family_of(recipe)
+    )
     loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)  # as train/loop.py does
     return loader
 

@@ -6,7 +6,8 @@ from pg_tune.config.recipe import parse_recipe
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
 from pg_tune.data.loader import build_train_loader
-from pg_tune.models.tiny import PRESETS, build_processor
+from pg_tune.models.paligemma.tiny import PRESETS, build_processor
+from tests.families import family_of
 
 
 def _loader(weights, group_by_length=False):
@@ -30,7 +31,9 @@ def _loader(weights, group_by_length=False):
         }
     )
     samples = build_samples(recipe.data.train, "train", BadRows())
-    return build_train_loader(samples, build_processor(PRESETS["tiny-paligemma"]), recipe), samples
+    return build_train_loader(
+        samples, build_processor(PRESETS["tiny-paligemma"]), recipe, family_of(recipe)
+    ), samples
 
 
 def _epoch_rows(loader, epoch):

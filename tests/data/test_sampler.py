@@ -10,7 +10,8 @@ from pg_tune.config.recipe import DataConfig, Recipe, TrainConfig
 from pg_tune.data.loader import build_train_loader
 from pg_tune.data.sample import Sample
 from pg_tune.data.sampler import LengthGroupedBatchSampler, padding_fraction, text_lengths
-from pg_tune.models.tiny import PRESETS, build_processor
+from pg_tune.models.paligemma.tiny import PRESETS, build_processor
+from tests.families import family_of
 
 
 def _lengths(n: int = 403) -> list[int]:
@@ -69,6 +70,6 @@ def test_text_lengths_and_loader_groups_batches():
     recipe = Recipe(
         output_dir="unused", data=DataConfig(group_by_length=True), train=TrainConfig(batch_size=4)
     )
-    loader = build_train_loader(samples, processor, recipe)
+    loader = build_train_loader(samples, processor, recipe, family_of(recipe))
     batches = list(loader.batch_sampler)
     assert len(loader) == 10 and padding_fraction(batches, lengths) < 0.1

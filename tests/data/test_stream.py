@@ -20,6 +20,7 @@ from pg_tune.data.build import build_samples
 from pg_tune.data.formats import FORMATS
 from pg_tune.data.sample import DataError
 from pg_tune.data.stream import StreamingSamples, buffer_shuffled
+from tests.families import family_of
 
 README = """---
 configs:
@@ -249,7 +250,7 @@ def test_streaming_training_equals_table_training_with_shuffle_off(tmp_path, rep
         recipe, resolved = load_recipe(
             _recipe(tmp_path, name, repo, streaming=streaming), ["data.shuffle=false"]
         )
-        train(recipe, resolved)
+        train(recipe, resolved, family_of(recipe))
         runs[name] = _losses(tmp_path / name)
     assert len(runs["table"]) == 6
     assert runs["stream"] == runs["table"]  # same rows, same order, same batches: bitwise
@@ -269,13 +270,13 @@ def test_streaming_resume_is_exact(tmp_path, repo):
     entry = {"streaming": True, "shuffle_buffer": 4, "extra": [shapes]}
     recipe, resolved = load_recipe(_recipe(tmp_path, "straight", repo, **entry))
     assert isinstance(build_samples(recipe.data.train, "train", BadRows()), StreamingSamples)
-    train(recipe, resolved)  # 15 + 3 rows an epoch, batch 2: step 3 is mid-epoch
+    train(recipe, resolved, family_of(recipe))  # 15 + 3 rows an epoch, batch 2: step 3 is mid-epoch
     recipe2, resolved2 = load_recipe(_recipe(tmp_path, "resumed", repo, **entry))
     shutil.copytree(
         tmp_path / "straight" / "checkpoints" / "step-0000003",
         tmp_path / "resumed" / "checkpoints" / "step-0000003",
     )
-    train(recipe2, resolved2, resume="auto")
+    train(recipe2, resolved2, family_of(recipe2), resume="auto")
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")[3:]
     expected = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     got = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")

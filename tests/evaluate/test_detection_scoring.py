@@ -13,13 +13,14 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pg_tune.codecs import encode_box, parse_detections
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.formats import BuildContext
 from pg_tune.data.formats.coco_detection import CocoDetectionOptions, build
 from pg_tune.evaluate.metrics import coco_map
 from pg_tune.evaluate.predictions import rescore, write_predictions
 from pg_tune.evaluate.scoring import score_samples as _score_samples
+from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.paligemma.boxes import encode_box, parse_detections
 
 COCO_DIR = Path(__file__).resolve().parents[2] / "data_formats" / "samples" / "coco_detection"
 ANNOTATIONS = COCO_DIR / "instances_val2017.json"
@@ -42,9 +43,12 @@ class Generation(str):
         return obj
 
 
-def score_samples(samples, texts):
+PG = PaliGemmaFamily()
+
+
+def score_samples(samples, texts, family=PG):
     logprobs = [getattr(t, "token_logprobs", None) for t in texts]
-    return _score_samples(samples, [str(t) for t in texts], token_logprobs=logprobs)
+    return _score_samples(samples, [str(t) for t in texts], family, token_logprobs=logprobs)
 
 
 def _generation(sample, objects) -> Generation:
@@ -86,13 +90,13 @@ def _outputs(samples, crowd_box=False, invented=False):
 
 def test_map_does_not_depend_on_image_order(samples):
     texts = _outputs(samples)
-    forward = score_samples(samples, texts).metrics["detect/map"]
-    backward = score_samples(samples[::-1], texts[::-1]).metrics["detect/map"]
+    forward = score_samples(samples, texts, PaliGemmaFamily()).metrics["detect/map"]
+    backward = score_samples(samples[::-1], texts[::-1], PaliGemmaFamily()).metrics["detect/map"]
     assert forward == pytest.approx(backward, abs=1e-12)
     # Without confidences (the old rule: every box 1.0) the same boxes score differently per order.
     plain = [str(t) for t in texts]  # no token_logprobs
-    old_forward = score_samples(samples, plain).metrics["detect/map"]
-    old_backward = score_samples(samples[::-1], plain[::-1]).metrics["detect/map"]
+    old_forward = score_samples(samples, plain, PaliGemmaFamily()).metrics["detect/map"]
+    old_backward = score_samples(samples[::-1], plain[::-1], PaliGemmaFamily()).metrics["detect/map"]
     assert abs(old_forward - old_backward) > 0.01
 
 
@@ -122,8 +126,8 @@ def _pycocotools_map(texts, samples) -> float:
 
 
 def _confidence(text, detection) -> float:
-    from pg_tune.codecs import parse_detection_spans
     from pg_tune.evaluate.metrics import object_confidence
+    from pg_tune.models.paligemma.boxes import parse_detection_spans
 
     for d, span in parse_detection_spans(text, (1, 1)):
         if d.loc == detection.loc and d.label == detection.label:
@@ -132,9 +136,9 @@ def _confidence(text, detection) -> float:
 
 
 def test_crowd_regions_are_ignored_as_pycocotools_does(samples):
-    base = score_samples(samples, _outputs(samples)).metrics
+    base = score_samples(samples, _outputs(samples), PaliGemmaFamily()).metrics
     with_crowd_box = _outputs(samples, crowd_box=True)
-    scored = score_samples(samples, with_crowd_box).metrics
+    scored = score_samples(samples, with_crowd_box, PaliGemmaFamily()).metrics
     # The confident box on the crowd is neither a hit nor a false positive: mAP is unchanged ...
     assert scored["detect/map"] == pytest.approx(base["detect/map"], abs=1e-12)
     assert scored["detect/precision@0.5"] == base["detect/precision@0.5"]
@@ -148,9 +152,9 @@ def test_crowd_regions_are_ignored_as_pycocotools_does(samples):
 
 
 def test_invented_labels_are_counted_not_dropped(samples):
-    base = score_samples(samples, _outputs(samples)).metrics
+    base = score_samples(samples, _outputs(samples), PaliGemmaFamily()).metrics
     texts = _outputs(samples, invented=True)
-    scored = score_samples(samples, texts)
+    scored = score_samples(samples, texts, PaliGemmaFamily())
     metrics = scored.metrics
     # pycocotools averages AP over categories with ground truth: the invented one cannot move mAP ...
     assert metrics["detect/map"] == pytest.approx(base["detect/map"], abs=1e-12)
@@ -164,11 +168,11 @@ def test_invented_labels_are_counted_not_dropped(samples):
 
 def test_box_scores_are_written_and_rescored_identically(samples, tmp_path):
     texts = _outputs(samples, crowd_box=True, invented=True)
-    scored = score_samples(samples, texts)
+    scored = score_samples(samples, texts, PaliGemmaFamily())
     parsed = scored.records[0]["parsed"]
     assert [round(o["score"], 6) for o in parsed] == [0.9, 0.8, 0.2, 0.95, 0.99]
     path = write_predictions(tmp_path / "predictions.jsonl", scored.records)
     line = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
     assert line["crowd"] == [{"label": "dog", "box": [0.0, 50.0, 96.0, 64.0]}]
-    again, _ = rescore(path)
+    again, _ = rescore(path, PaliGemmaFamily())
     assert again.metrics == scored.metrics

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pg_tune.cli import main
-from pg_tune.codecs import encode_box
 from pg_tune.data.formats.shapes import draw_shape
+from pg_tune.models.paligemma.boxes import encode_box
 
 
 def _refer_jsonl(folder, n: int = 4):
@@ -32,7 +32,7 @@ def _refer_jsonl(folder, n: int = 4):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from pg_tune.commands_train import run_training
+    from pg_tune.cli.train import run_training
     from pg_tune.config.recipe import parse_recipe, resolved
 
     root = tmp_path_factory.mktemp("eval_cli")
@@ -70,7 +70,7 @@ def test_eval_adapter_merged_and_base_then_rescore(trained_run, capsys):
     import peft
 
     from pg_tune.config.recipe import ModelConfig
-    from pg_tune.models.paligemma import load_model, load_processor
+    from pg_tune.models.paligemma import PaliGemmaFamily
 
     root, recipe_path = trained_run
     adapter = root / "run" / "adapter"
@@ -92,9 +92,9 @@ def test_eval_adapter_merged_and_base_then_rescore(trained_run, capsys):
 
     # A merged copy of the adapter predicts the same; the bare base predicts something else.
     merged_dir = root / "merged"
-    base = load_model(ModelConfig(name_or_path="tiny-paligemma2"))
+    base = PaliGemmaFamily().load_model(ModelConfig(name_or_path="tiny-paligemma2"))
     peft.PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(merged_dir)
-    load_processor(ModelConfig(name_or_path=str(adapter))).save_pretrained(merged_dir)
+    PaliGemmaFamily().load_processor(ModelConfig(name_or_path=str(adapter))).save_pretrained(merged_dir)
     assert main(["eval", str(recipe_path), "--model", str(merged_dir), "--out", str(root / "ev_merged")]) == 0
     assert main(["eval", str(recipe_path), "--out", str(root / "ev_base")]) == 0
     adapter_texts = [r["prediction"] for r in records]
@@ -143,12 +143,15 @@ def test_rescore_minimal_lines_and_errors_name_the_line(tmp_path, capsys):
     ]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["eval", "--predictions", str(path)]) == 0
+    # Lines that do not name the family that wrote them: its parser is asked for, never assumed.
+    assert main(["eval", "--predictions", str(path)]) == 2
+    assert "no model family (field 'family'" in capsys.readouterr().err
+    assert main(["eval", "--predictions", str(path), "--family", "paligemma"]) == 0
     metrics = json.loads((tmp_path / "rescored" / "metrics.json").read_text())["metrics"]
     assert metrics["refer_detect/acc@0.5"] == 0.5 and metrics["refer_detect/unparsed"] == 1
     assert metrics["vqa/accuracy"] == 1.0 and metrics["caption/exact_match"] == 1.0
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[1], "image_size": None}) + "\n")
-    assert main(["eval", "--predictions", str(bad)]) == 2
+    assert main(["eval", "--predictions", str(bad), "--family", "paligemma"]) == 2
     assert f"{bad}:2: field 'image_size'" in capsys.readouterr().err

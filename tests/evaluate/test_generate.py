@@ -10,9 +10,10 @@ import torch
 from pg_tune.data.formats.shapes import draw_shape
 from pg_tune.data.sample import Sample
 from pg_tune.evaluate.generate import batch_inputs, generate, max_new_tokens_for
-from pg_tune.models.layout import EOS_ID
-from pg_tune.models.paligemma import PaliGemmaCollator
-from pg_tune.models.tiny import build_model
+from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.paligemma.layout import EOS_ID
+from pg_tune.models.paligemma.tiny import build_model
+from tests.families import family_of
 from tests.numerics import assert_close_to_scale
 
 PROMPTS = [
@@ -46,7 +47,7 @@ def pg2_model_and_processor():
 def test_prefill_logits_equal_training_mode_prefix_logits(model_and_processor):
     model, processor = model_and_processor
     samples = _samples()
-    train_collator = PaliGemmaCollator(processor, 64, train=True)
+    train_collator = PaliGemmaFamily().collator(processor, 64, train=True)
     batch = train_collator(list(enumerate(samples)))
     with torch.no_grad():
         train_logits = model(
@@ -61,7 +62,7 @@ def test_prefill_logits_equal_training_mode_prefix_logits(model_and_processor):
     expected = torch.stack([train_logits[i, p] for i, p in enumerate(last_prefix)])
 
     inputs = batch_inputs(
-        PaliGemmaCollator(processor, 64, train=False), samples, torch.device("cpu"), torch.float32
+        PaliGemmaFamily().collator(processor, 64, train=False), samples, torch.device("cpu"), torch.float32
     )
     assert (inputs["attention_mask"][:, 0] == 0).any(), "prompts of different lengths must be left-padded"
     out = model.generate(
@@ -83,8 +84,13 @@ def test_prefill_logits_equal_training_mode_prefix_logits(model_and_processor):
 def test_batched_left_padded_generation_equals_one_by_one(model_and_processor, num_beams):
     model, processor = model_and_processor
     samples = [dataclasses.replace(s, task="caption") for s in _samples()]  # one batch
-    batched = generate(model, processor, samples, batch_size=8, max_new_tokens=6, num_beams=num_beams)
-    single = [generate(model, processor, [s], max_new_tokens=6, num_beams=num_beams)[0] for s in samples]
+    batched = generate(
+        model, processor, samples, family_of(model), batch_size=8, max_new_tokens=6, num_beams=num_beams
+    )
+    single = [
+        generate(model, processor, [s], family_of(model), max_new_tokens=6, num_beams=num_beams)[0]
+        for s in samples
+    ]
     assert batched == single
     assert any(batched), "a random tiny model still emits some tokens"
 
@@ -102,12 +108,17 @@ def test_per_task_budget_and_input_order(pg2_model_and_processor, monkeypatch):
         return out
 
     monkeypatch.setattr(model, "generate", spy)
-    texts = generate(model, processor, samples, max_new_tokens=5, max_new_tokens_per_task=budgets)
+    texts = generate(
+        model, processor, samples, family_of(model), max_new_tokens=5, max_new_tokens_per_task=budgets
+    )
     assert sorted(budget for budget, _ in calls) == [1, 3, 5]  # one batch per task, each with its budget
     assert all(new_tokens <= budget for budget, new_tokens in calls)
     # Order is the input order even though samples are grouped per task.
     again = [
-        generate(model, processor, [s], max_new_tokens=5, max_new_tokens_per_task=budgets)[0] for s in samples
+        generate(model, processor, [s], family_of(model), max_new_tokens=5, max_new_tokens_per_task=budgets)[
+            0
+        ]
+        for s in samples
     ]
     assert texts == again
     assert max_new_tokens_for("detect", 32, {"detect": 128}) == 128
@@ -127,7 +138,7 @@ def test_stops_at_eos_and_keeps_loc_tokens(pg2_model_and_processor, monkeypatch)
 
     monkeypatch.setattr(model, "generate", fake_generate)
     try:
-        assert generate(model, processor, _samples()[:1]) == ["<loc0007> cat"]
+        assert generate(model, processor, _samples()[:1], family_of(model)) == ["<loc0007> cat"]
     finally:
         monkeypatch.setattr(model, "generate", real_generate)
 
@@ -139,12 +150,12 @@ def test_peft_wrapped_and_merged_models_generate_like_the_base(pg2_model_and_pro
 
     base, processor = pg2_model_and_processor
     samples = _samples()[:2]
-    expected = generate(base, processor, samples, max_new_tokens=4)
+    expected = generate(base, processor, samples, family_of(base), max_new_tokens=4)
     config = peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
     wrapped = peft.get_peft_model(copy.deepcopy(base), config)  # LoRA B starts at 0: same function
-    assert generate(wrapped, processor, samples, max_new_tokens=4) == expected
+    assert generate(wrapped, processor, samples, family_of(wrapped), max_new_tokens=4) == expected
     merged = wrapped.merge_and_unload()
-    assert generate(merged, processor, samples, max_new_tokens=4) == expected
+    assert generate(merged, processor, samples, family_of(merged), max_new_tokens=4) == expected
 
 
 def test_generate_with_logprobs_gives_each_kept_token_its_log_probability(pg2_model_and_processor):
@@ -152,12 +163,19 @@ def test_generate_with_logprobs_gives_each_kept_token_its_log_probability(pg2_mo
 
     model, processor = pg2_model_and_processor
     samples = _samples()
-    generated = generate_with_logprobs(model, processor, samples, max_new_tokens=6)
-    assert [g.text for g in generated] == generate(model, processor, samples, max_new_tokens=6)
+    generated = generate_with_logprobs(model, processor, samples, family_of(model), max_new_tokens=6)
+    assert [g.text for g in generated] == generate(
+        model, processor, samples, family_of(model), max_new_tokens=6
+    )
     for sample in samples:
-        (g,) = generate_with_logprobs(model, processor, [sample], max_new_tokens=6)  # same padding as below
+        (g,) = generate_with_logprobs(
+            model, processor, [sample], family_of(model), max_new_tokens=6
+        )  # same padding as below
         inputs = batch_inputs(
-            PaliGemmaCollator(processor, 64, train=False), [sample], torch.device("cpu"), torch.float32
+            PaliGemmaFamily().collator(processor, 64, train=False),
+            [sample],
+            torch.device("cpu"),
+            torch.float32,
         )
         out = model.generate(
             **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -178,8 +196,10 @@ def test_generate_with_logprobs_under_beam_search_keeps_texts(pg2_model_and_proc
 
     model, processor = pg2_model_and_processor
     samples = _samples()
-    beams = generate_with_logprobs(model, processor, samples, max_new_tokens=5, num_beams=2)
-    assert [g.text for g in beams] == generate(model, processor, samples, max_new_tokens=5, num_beams=2)
+    beams = generate_with_logprobs(model, processor, samples, family_of(model), max_new_tokens=5, num_beams=2)
+    assert [g.text for g in beams] == generate(
+        model, processor, samples, family_of(model), max_new_tokens=5, num_beams=2
+    )
     assert all(g.token_logprobs and all(v <= 1e-6 for v in g.token_logprobs) for g in beams)
 
 
@@ -203,7 +223,9 @@ def test_detect_generations_carry_token_logprobs_of_the_model(
         return outputs[-1][1]
 
     monkeypatch.setattr(model, "generate", spy)
-    (text,) = generate_with_logprobs(model, processor, [sample], max_new_tokens=6, num_beams=num_beams)
+    (text,) = generate_with_logprobs(
+        model, processor, [sample], family_of(model), max_new_tokens=6, num_beams=num_beams
+    )
     monkeypatch.setattr(model, "generate", real_generate)
     assert isinstance(text, Generated) and text.token_logprobs
     spans = list(text.token_spans)

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pg_tune.codecs import MaskCodec, encode_box, make_random_vae_weights
 from pg_tune.evaluate.report import GT_COLOUR, PRED_COLOUR, write_report
 from pg_tune.evaluate.scoring import Item, score_items
+from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.paligemma.boxes import encode_box
+from pg_tune.models.paligemma.masks import MaskCodec, make_random_vae_weights
 
 SIZE = (160, 120)
 
@@ -34,7 +36,7 @@ def _report(tmp_path):
         Item("refer_detect", "nothing", [gt], SIZE, extra={"source": "ref-miss", "prefix": "detect cat"}),
         Item("refer_segment", gt + seg, [gt + seg], SIZE, extra={"source": "seg", "prefix": "segment cat"}),
     ]  # fmt: skip
-    scored = score_items(items, mask_codec=codec)
+    scored = score_items(items, PaliGemmaFamily(mask_codec=codec))
     images = [in_memory, None, on_disk, on_disk, in_memory]
     index = write_report(
         tmp_path / "report",

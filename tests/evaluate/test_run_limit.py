@@ -4,6 +4,7 @@ from pg_tune.config.recipe import parse_recipe
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
 from pg_tune.evaluate import run
+from tests.families import family_of
 
 
 def test_limit_applies_per_eval_dataset(monkeypatch):
@@ -23,7 +24,7 @@ def test_limit_applies_per_eval_dataset(monkeypatch):
     samples = build_samples(recipe.data.eval, "eval", BadRows())
     seen = []
 
-    def fake_predict(model, processor, rows, recipe, accelerator, progress):
+    def fake_predict(model, processor, rows, recipe, family, accelerator, progress):
         seen.extend(r.source for r in rows)
         return [r.suffix for r in rows]
 
@@ -32,6 +33,6 @@ def test_limit_applies_per_eval_dataset(monkeypatch):
     class Single:
         is_local_main_process = True
 
-    metrics = run.evaluate_samples(Single(), None, None, samples, recipe)
+    metrics = run.evaluate_samples(Single(), None, None, samples, recipe, family_of(recipe))
     assert seen == ["shapes(seed=1)[0]", "shapes(seed=1)[1]", "shapes(seed=3)[0]", "shapes(seed=3)[1]"]
     assert metrics["caption/count"] == 4 and metrics["caption/exact_match"] == 1.0

@@ -11,13 +11,13 @@ import math
 import numpy as np
 import pytest
 
-from pg_tune.codecs import encode_box
-from pg_tune.codecs.masks import MaskCodec, make_random_vae_weights
 from pg_tune.data.masks import mask_to_rle
 from pg_tune.data.sample import ObjectTarget, Sample
 from pg_tune.evaluate.metrics import box_iou, mask_iou
 from pg_tune.evaluate.scoring import Item, score_items, score_samples
 from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.paligemma.boxes import encode_box
+from pg_tune.models.paligemma.masks import MaskCodec, make_random_vae_weights
 
 SIZE = (200, 100)  # width, height
 PG = PaliGemmaFamily()
@@ -44,11 +44,13 @@ def test_mask_miou_is_against_the_real_mask_not_the_reference_reconstruction(cod
     mask = mask_to_rle(truth) if form == "rle" else [[20, 20, 100, 20, 100, 80, 20, 80]]
     target = ObjectTarget("", box, mask)
     sample = _sample("refer_segment", [target])
-    prediction = PG.render_target(sample, codec)  # the model copies the reference tokens exactly
-    out = score_samples([sample], [prediction], codec, PG)
+    prediction = PaliGemmaFamily(mask_codec=codec).render_target(
+        sample
+    )  # the model copies the reference tokens exactly
+    out = score_samples([sample], [prediction], PaliGemmaFamily(mask_codec=codec))
     # The score is the IoU of the decoded prediction with the rasterised real mask: what the
     # VQ-VAE loses now costs, where scoring against the reference's own reconstruction gave 1.0.
-    decoded = PG.parse_output(prediction, "refer_segment", SIZE, mask_codec=codec)[0].mask
+    decoded = PaliGemmaFamily(mask_codec=codec).parse_output(prediction, "refer_segment", SIZE)[0].mask
     expected = mask_iou(decoded, target.rasterise(SIZE))
     assert out.metrics["refer_segment/miou"] == pytest.approx(expected)
     assert expected < 0.99
@@ -59,7 +61,7 @@ def test_reference_box_is_the_raw_pixel_box_not_its_quantised_tokens():
     box = (10.3, 7.7, 120.9, 61.2)
     sample = _sample("refer_detect", [ObjectTarget("", box)], "detect the cat")
     prediction = encode_box(box, SIZE)
-    out = score_samples([sample], [prediction], None, PG)
+    out = score_samples([sample], [prediction], PG)
     decoded = PG.parse_output(prediction, "refer_detect", SIZE)[0].box
     assert out.metrics["refer_detect/box_miou"] == pytest.approx(box_iou(decoded, box))
     assert out.metrics["refer_detect/box_miou"] < 1.0
@@ -80,10 +82,10 @@ def test_reference_box_is_the_raw_pixel_box_not_its_quantised_tokens():
 def test_referring_box_uses_only_the_first_four_tokens(prediction):
     box = (100 / 1023 * 200, 100 / 1023 * 100, 600 / 1023 * 200, 500 / 1023 * 100)
     sample = _sample("refer_detect", [ObjectTarget("", box)], "detect the cat")
-    assert score_samples([sample], ["<loc0100><loc0100><loc0500><loc0600>"], None, PG).metrics[
+    assert score_samples([sample], ["<loc0100><loc0100><loc0500><loc0600>"], PG).metrics[
         "refer_detect/acc@0.5"
     ] == pytest.approx(1.0)
-    out = score_samples([sample], [prediction], None, PG)
+    out = score_samples([sample], [prediction], PG)
     assert out.metrics["refer_detect/acc@0.5"] == 0.0
     assert out.metrics["refer_detect/unparsed"] == 1.0
 
@@ -95,7 +97,7 @@ def test_multi_object_rows_are_matched_by_iou_and_every_object_scored(codec):
     both = PG.render_target(sample)
     swapped = " ; ".join(reversed(both.split(" ; ")))
     first_only = both.split(" ; ")[0]
-    out = score_samples([sample] * 3, [both, swapped, first_only], None, PG)
+    out = score_samples([sample] * 3, [both, swapped, first_only], PG)
     scores = [r["box_iou"] for r in out.records]
     # Swapped order is as good as the reference order; dropping the second object halves the score.
     assert scores[0] == pytest.approx(scores[1]) and scores[0] > 0.97
@@ -111,9 +113,9 @@ def test_multi_object_segment_rows_score_every_mask(codec):
         ObjectTarget("right", (120.0, 20.0, 180.0, 80.0), mask_to_rle(right)),
     ]
     sample = _sample("refer_segment", targets, "segment left ; right")
-    both = PG.render_target(sample, codec)
+    both = PaliGemmaFamily(mask_codec=codec).render_target(sample)
     swapped = " ; ".join(reversed(both.split(" ; ")))
-    out = score_samples([sample] * 2, [both, swapped], codec, PG)
+    out = score_samples([sample] * 2, [both, swapped], PaliGemmaFamily(mask_codec=codec))
     assert out.records[0]["score"] == pytest.approx(out.records[1]["score"]) and out.records[0]["score"] > 0
 
 
@@ -121,7 +123,7 @@ def test_detection_truth_is_pixel_boxes_and_scores_come_from_token_logprobs():
     targets = [ObjectTarget("cat", (10.2, 10.9, 60.4, 60.6))]
     sample = _sample("detect", targets, "detect cat")
     prediction = PG.render_target(sample)
-    out = score_samples([sample], [prediction], None, PG)
+    out = score_samples([sample], [prediction], PG)
     assert out.records[0]["reference_parsed"] == [{"label": "cat", "box": [10.2, 10.9, 60.4, 60.6]}]
     # (start, end, logprob) per token; a box's confidence is exp(mean) over the tokens that wrote it.
     tokens = [(0, 9, -0.5), (9, len(prediction), -1.5)]
@@ -131,7 +133,7 @@ def test_detection_truth_is_pixel_boxes_and_scores_come_from_token_logprobs():
 
 def test_old_prediction_files_without_targets_still_score_from_the_reference_text():
     ref = encode_box((0, 0, 100, 100), SIZE)
-    out = score_items([Item("refer_detect", ref, [ref], SIZE)])
+    out = score_items([Item("refer_detect", ref, [ref], SIZE)], PaliGemmaFamily())
     assert out.metrics["refer_detect/acc@0.5"] == 1.0
 
 
@@ -140,10 +142,10 @@ def test_predictions_file_keeps_the_true_ground_truth_for_rescoring(codec, tmp_p
 
     truth = _ellipse()
     sample = _sample("refer_segment", [ObjectTarget("", (20.0, 20.0, 100.0, 80.0), mask_to_rle(truth))])
-    prediction = PG.render_target(sample, codec)
-    scored = score_samples([sample], [prediction], codec, PG)
+    prediction = PaliGemmaFamily(mask_codec=codec).render_target(sample)
+    scored = score_samples([sample], [prediction], PaliGemmaFamily(mask_codec=codec))
     path = write_predictions(tmp_path / "predictions.jsonl", scored.records)
-    again, _ = rescore(path, codec)
+    again, _ = rescore(path, PaliGemmaFamily(mask_codec=codec))
     assert again.metrics["refer_segment/miou"] == pytest.approx(scored.metrics["refer_segment/miou"])
     assert again.metrics["refer_segment/miou"] < 0.99
 
@@ -152,7 +154,7 @@ def test_token_logprobs_reach_the_parsed_detections():
     sample = _sample("detect", [ObjectTarget("cat", (10.0, 10.0, 60.0, 60.0))], "detect cat")
     prediction = PG.render_target(sample)
     tokens = [(0, 9, -0.2), (9, len(prediction), -0.4)]
-    out = score_samples([sample], [prediction], None, PG, token_logprobs=[tokens])
+    out = score_samples([sample], [prediction], PG, [tokens])
     assert out.records[0]["parsed"][0]["score"] == pytest.approx(math.exp(-0.3), abs=1e-4)
     assert out.metrics["detect/map"] == pytest.approx(1.0)
 
@@ -164,7 +166,7 @@ def test_report_draws_the_real_ground_truth_mask(codec, tmp_path):
 
     truth = _ellipse()
     sample = _sample("refer_segment", [ObjectTarget("", (20.0, 20.0, 100.0, 80.0), mask_to_rle(truth))])
-    scored = score_samples([sample], ["no answer"], codec, PG)
+    scored = score_samples([sample], ["no answer"], PaliGemmaFamily(mask_codec=codec))
     image = Image.new("RGB", SIZE, (255, 255, 255))
     write_report(tmp_path, "t", {}, scored.records, images=[image], mask_codec=codec)
     (drawn,) = (tmp_path / "images").glob("*.png")

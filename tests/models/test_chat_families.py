@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from pg_tune.data.sample import DataError, ObjectTarget, Sample
-from pg_tune.models import gemma3_tiny, smolvlm_tiny
-from pg_tune.models.gemma3 import Gemma3Family
-from pg_tune.models.smolvlm import SmolVLMFamily
+from pg_tune.models.chat import gemma3_tiny, smolvlm_tiny
+from pg_tune.models.chat.gemma3 import Gemma3Family
+from pg_tune.models.chat.smolvlm import SmolVLMFamily
 from pg_tune.train.loss import head_cross_entropy_sum
 from tests.numerics import assert_close_to_scale
 
@@ -280,7 +280,7 @@ def test_feature_cache_gives_the_same_loss_for_gemma3(tmp_path):
     rows = list(enumerate(samples))
     cached = CachedFeatureCollator(collator, cache)(rows)
     assert "pixel_values" not in cached and cached["image_features"].shape[:2] == (3, 16)
-    loss = SuffixLoss(model, family=family)
+    loss = SuffixLoss(model, family)
     with torch.no_grad():
         from_cache, n = loss(cached)
         from_pixels, m = loss(collator(rows))

@@ -14,6 +14,7 @@ from pg_tune.cli import main
 from pg_tune.config import load_recipe
 from pg_tune.data import Sample
 from pg_tune.models.family import family_for
+from tests.families import family_of
 from tests.numerics import assert_close_to_scale
 
 RECIPE = """
@@ -59,7 +60,7 @@ def test_train_learns_saves_and_reloads(tmp_path, shapes_jsonl, model_name, caps
     recipe.output_dir = str(tmp_path / "again")
     from pg_tune.train.loop import train
 
-    trained = train(recipe, resolved).model.eval()
+    trained = train(recipe, resolved, family_of(recipe)).model.eval()
     again = load_file(tmp_path / "again" / "adapter" / "adapter_model.safetensors")
     assert again.keys() == trained_weights.keys()
     for key, value in trained_weights.items():  # CPU training is deterministic

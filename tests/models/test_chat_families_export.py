@@ -10,9 +10,10 @@ from PIL import Image
 
 from pg_tune.config.recipe import ModelConfig, QuantizationConfig, parse_recipe, resolved
 from pg_tune.data import Sample
-from pg_tune.export import export_merged
-from pg_tune.models import gemma3_tiny, smolvlm_tiny
+from pg_tune.export.merged import export_merged
+from pg_tune.models.chat import gemma3_tiny, smolvlm_tiny
 from pg_tune.models.family import family_for
+from tests.families import family_of
 
 TINY = {"tiny-gemma3": gemma3_tiny, "tiny-smolvlm2": smolvlm_tiny}
 
@@ -41,7 +42,7 @@ def _run(out_dir, checkpoint, quantization: str):
             "eval": {"max_new_tokens": 4, "before_training": False},
         }
     )
-    return train(recipe, resolved(recipe))
+    return train(recipe, resolved(recipe), family_of(recipe))
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 
 from pg_tune.config.recipe import ModelConfig
 from pg_tune.models import family as family_module
+from pg_tune.models.chat.gemma3 import Gemma3Family
 from pg_tune.models.family import family_for
-from pg_tune.models.gemma3 import Gemma3Family
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -1,11 +1,13 @@
-"""Boxes as text for families without location tokens, and the chat prompts (pg_tune.models.chat)."""
+"""Boxes as text for families without location tokens, and the chat prompts (pg_tune.models.chat.base)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
 from pg_tune.data.sample import DataError, ObjectTarget, Sample
-from pg_tune.models.chat import chat_prompt, parse_text_boxes, render_text_boxes, text_box
+from pg_tune.models.chat.base import chat_prompt, parse_text_boxes, render_text_boxes, text_box
 
 
 def _sample(task: str, targets, size=(200, 100), prefix="detect cat ; dog") -> Sample:
@@ -65,9 +67,16 @@ def test_referring_keeps_the_first_box_and_a_degenerate_first_box_is_a_miss():
     assert parse_text_boxes(None, "detect", (100, 100)) == []  # type: ignore[arg-type]
 
 
-def test_scores_come_through():
-    (obj,) = parse_text_boxes("[0, 0, 10, 10] a", "detect", (10, 10), score=-0.5)
-    assert obj.score == -0.5
+def test_each_object_is_scored_by_the_tokens_that_wrote_it():
+    # Scoring passes (start, end, logprob) per generated token (issue 23: a detection eval crashed
+    # summing those tuples); each object's confidence comes from its own box and label only.
+    text = "[0, 0, 10, 10] cat ; [5, 5, 9, 9] dog"
+    cut = text.index(" ; ")
+    tokens = [(0, cut, -0.1), (cut, cut + 3, -5.0), (cut + 3, len(text), -2.0)]
+    cat, dog = parse_text_boxes(text, "detect", (10, 10), tokens)
+    assert cat.score == pytest.approx(math.exp(-0.1)) and dog.score == pytest.approx(math.exp(-2.0))
+    (unscored,) = parse_text_boxes("[0, 0, 10, 10] a", "detect", (10, 10))
+    assert unscored.score is None
 
 
 @pytest.mark.parametrize(

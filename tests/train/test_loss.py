@@ -9,10 +9,11 @@ from PIL import Image
 
 from pg_tune.config.recipe import LoraConfig
 from pg_tune.data.sample import Sample
-from pg_tune.models.paligemma import PaliGemmaCollator
-from pg_tune.models.tiny import build_model
+from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.paligemma.tiny import build_model
 from pg_tune.train.adapters import apply_lora
 from pg_tune.train.loss import LogitsWorkspace, SuffixLoss, head_cross_entropy_sum
+from tests.families import family_of
 from tests.numerics import assert_close_to_scale
 
 
@@ -28,7 +29,7 @@ def _batch(processor, n: int = 3) -> dict[str, torch.Tensor]:
         )
         for i in range(n)
     ]
-    return PaliGemmaCollator(processor, max_text_length=32)(list(enumerate(samples)))
+    return PaliGemmaFamily().collator(processor, max_text_length=32)(list(enumerate(samples)))
 
 
 def _reference_loss(model, batch) -> torch.Tensor:
@@ -43,7 +44,7 @@ def test_suffix_loss_equals_model_loss_and_gradients(tiny_preset, softcap):
         if tiny_preset != "tiny-paligemma2":
             pytest.skip("final-logit soft-capping exists in Gemma 2 only")
         model.config.text_config.final_logit_softcapping = softcap
-    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), tiny_preset)
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), tiny_preset, family_of(model))
     # Non-zero LoRA B so the adapter gradients depend on the whole path.
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -57,7 +58,7 @@ def test_suffix_loss_equals_model_loss_and_gradients(tiny_preset, softcap):
     reference = _reference_loss(model, batch)
     ref_grads = torch.autograd.grad(reference, trainable)
 
-    loss_sum, count = SuffixLoss(model, chunk_size=7)(batch)  # several chunks, one ragged
+    loss_sum, count = SuffixLoss(model, family_of(model), chunk_size=7)(batch)  # several chunks, one ragged
     assert int(count) == int((batch["labels"][:, 1:] != -100).sum()) > 0
     ours = loss_sum / count
     grads = torch.autograd.grad(ours, trainable)
@@ -70,9 +71,9 @@ def test_suffix_loss_equals_model_loss_and_gradients(tiny_preset, softcap):
 
 def test_frozen_head_and_vision_get_no_gradient():
     model, processor = build_model("tiny-paligemma")
-    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), "tiny-paligemma")
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), "tiny-paligemma", family_of(model))
     model.train()
-    loss_sum, count = SuffixLoss(model)(_batch(processor))
+    loss_sum, count = SuffixLoss(model, family_of(model))(_batch(processor))
     (loss_sum / count).backward()
     core = model.get_base_model()
     assert not core.lm_head.weight.requires_grad and core.lm_head.weight.grad is None
@@ -86,10 +87,10 @@ def test_cached_image_features_give_the_same_loss():
     model, processor = build_model("tiny-paligemma2")
     batch = _batch(processor)
     with torch.no_grad():
-        direct, _ = SuffixLoss(model)(batch)
+        direct, _ = SuffixLoss(model, family_of(model))(batch)
         features = model.model.get_image_features(batch["pixel_values"]).pooler_output
         cached_batch = {k: v for k, v in batch.items() if k != "pixel_values"} | {"image_features": features}
-        cached, _ = SuffixLoss(model)(cached_batch)
+        cached, _ = SuffixLoss(model, family_of(model))(cached_batch)
     torch.testing.assert_close(cached, direct)
 
 
@@ -180,7 +181,7 @@ def test_suffix_loss_label_smoothing_equals_pytorch_on_supervised_positions():
     model's own full-sequence logits, masked to the supervised positions, loss and LoRA gradients."""
     model, processor = build_model("tiny-paligemma2")
     model.config.text_config.final_logit_softcapping = 30.0
-    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), "tiny-paligemma2")
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), "tiny-paligemma2", family_of(model))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -194,7 +195,7 @@ def test_suffix_loss_label_smoothing_equals_pytorch_on_supervised_positions():
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, label_smoothing=0.1
     )
     ref_grads = torch.autograd.grad(reference, [p for _, p in named])
-    loss_sum, count = SuffixLoss(model, chunk_size=7, label_smoothing=0.1)(batch)
+    loss_sum, count = SuffixLoss(model, family_of(model), chunk_size=7, label_smoothing=0.1)(batch)
     ours = loss_sum / count
     grads = torch.autograd.grad(ours, [p for _, p in named])
     assert_close_to_scale(ours, reference)

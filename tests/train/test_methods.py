@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from pg_tune.config.recipe import LoraConfig, Recipe, load_recipe, parse_recipe
 from pg_tune.config.schema import ConfigError
-from pg_tune.models.tiny import build_model
+from pg_tune.models.paligemma.tiny import build_model
 from pg_tune.train.adapters import apply_lora, apply_method
 from pg_tune.train.methods import (
     TrainingMemoryWarning,
@@ -20,6 +20,7 @@ from pg_tune.train.methods import (
     memory_warning,
     unfreeze_groups,
 )
+from tests.families import family_of  # noqa: E402
 
 BASE = {"output_dir": "x", "data": {"train": [{"format": "shapes"}]}}
 
@@ -60,13 +61,13 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 
 def test_partial_groups_select_exactly_their_weights():
     model, _ = build_model("tiny-paligemma2")
-    unfreeze_groups(model, ["attention"])
+    unfreeze_groups(model, ["attention"], family_of(model))
     names = set(_trainable(model))
     assert names and all(".self_attn." in n and n.startswith("model.language_model.layers.") for n in names)
     projections = {n.split(".self_attn.")[1].split(".")[0] for n in names}
     assert projections == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
-    unfreeze_groups(model, ["projector"])
+    unfreeze_groups(model, ["projector"], family_of(model))
     assert set(_trainable(model)) == {
         n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")
     }
@@ -76,7 +77,7 @@ def test_partial_groups_select_exactly_their_weights():
 def test_full_trains_language_model_embeddings_and_projector(vision):
     model, _ = build_model("tiny-paligemma")
     recipe = _recipe(method="full", full={"vision": vision})
-    model = apply_method(model, recipe)
+    model = apply_method(model, recipe, family_of(model))
     assert isinstance(model, type(build_model("tiny-paligemma")[0]))  # no wrapper: a plain model
     trainable = _trainable(model)
     assert model.lm_head.weight.requires_grad  # tied to the embeddings, which train
@@ -91,19 +92,19 @@ def test_full_trains_language_model_embeddings_and_projector(vision):
 
 def test_dora_and_rslora_reach_peft():
     model, _ = build_model("tiny-paligemma")
-    dora = apply_lora(model, LoraConfig(r=4, alpha=8, use_dora=True), "tiny-paligemma")
+    dora = apply_lora(model, LoraConfig(r=4, alpha=8, use_dora=True), "tiny-paligemma", family_of(model))
     assert dora.peft_config["default"].use_dora
     assert any("lora_magnitude_vector" in n for n, _ in dora.named_parameters())
 
     model, _ = build_model("tiny-paligemma")
-    rs = apply_lora(model, LoraConfig(r=4, alpha=8, use_rslora=True), "tiny-paligemma")
+    rs = apply_lora(model, LoraConfig(r=4, alpha=8, use_rslora=True), "tiny-paligemma", family_of(model))
     layer = next(m for m in rs.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
     assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)  # alpha / sqrt(r), not alpha / r
 
 
 def test_memory_estimate_counts_weights_gradients_and_adam_states():
     model, _ = build_model("tiny-paligemma")
-    unfreeze_groups(model, ["attention"])
+    unfreeze_groups(model, ["attention"], family_of(model))
     n_total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adamw = estimate_memory(model, "adamw")  # fp32 weights: 4 bytes each, two fp32 moments
@@ -124,7 +125,7 @@ def test_apply_method_warns_when_it_cannot_fit(monkeypatch):
     monkeypatch.setattr(methods, "device_memory_bytes", lambda: (10_000_000, "a small test device"))
     model, _ = build_model("tiny-paligemma")
     with pytest.warns(TrainingMemoryWarning, match="a small test device"):
-        apply_method(model, _recipe(method="full"))
+        apply_method(model, _recipe(method="full"), family_of(model))
 
 
 # --- end to end: every method trains, resumes bitwise, saves what loads -------------------------------
@@ -184,7 +185,7 @@ def test_method_trains_and_resumes_bitwise(tmp_path, four_rows, method):
     from pg_tune.train.loop import train
 
     recipe, resolved = _method_recipe(tmp_path, "straight", method, four_rows)
-    train(recipe, resolved)
+    train(recipe, resolved, family_of(recipe))
     straight = tmp_path / "straight"
     losses = _losses(straight)
     assert list(losses) == [1, 2, 3, 4, 5, 6]
@@ -195,7 +196,7 @@ def test_method_trains_and_resumes_bitwise(tmp_path, four_rows, method):
     shutil.copytree(
         straight / "checkpoints" / "step-0000003", tmp_path / "resumed" / "checkpoints" / "step-0000003"
     )
-    train(recipe2, resolved2, resume="auto")
+    train(recipe2, resolved2, family_of(recipe2), resume="auto")
     resumed = tmp_path / "resumed"
     assert {s: v for s, v in _losses(straight).items() if s > 3} == _losses(resumed)
     expected, got = _weights(straight, method), _weights(resumed, method)
@@ -209,11 +210,11 @@ def test_full_run_saves_a_model_folder_transformers_loads_and_push_plans_it(tmp_
     from PIL import Image
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    from pg_tune.commands_train import run_training
+    from pg_tune.cli.train import run_training
     from pg_tune.data import Sample
-    from pg_tune.export import export_merged
-    from pg_tune.hub import upload_plan
-    from pg_tune.models.paligemma import PaliGemmaCollator
+    from pg_tune.export.hub import upload_plan
+    from pg_tune.export.merged import export_merged
+    from pg_tune.models.paligemma import PaliGemmaFamily
 
     recipe, resolved = _method_recipe(tmp_path, "run", "full", four_rows)
     recipe.train.max_steps, recipe.train.save_every = 2, None
@@ -230,7 +231,7 @@ def test_full_run_saves_a_model_folder_transformers_loads_and_push_plans_it(tmp_
     model = PaliGemmaForConditionalGeneration.from_pretrained(run / "model").eval()
     processor = PaliGemmaProcessor.from_pretrained(run / "model")
     sample = Sample(Image.new("RGB", (60, 60), (30, 200, 30)), "caption en", "a green square", "t")
-    batch = PaliGemmaCollator(processor, 16)([(0, sample)])
+    batch = PaliGemmaFamily().collator(processor, 16)([(0, sample)])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, result.model.eval()(**inputs).logits)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from pg_tune.config.recipe import load_recipe
 from pg_tune.train.signals import KILL_AFTER_CHECKPOINT_ENV, NonFiniteError
+from tests.families import family_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -200,7 +201,7 @@ def test_nonfinite_loss_stops_with_rows_and_checkpoint(tmp_path, monkeypatch):
     recipe, resolved = load_recipe(_write_recipe(tmp_path, "nan", train={"max_steps": 3, "save_every": None}))
     _poison_loss(monkeypatch, {2})
     with pytest.raises(NonFiniteError) as err:
-        train(recipe, resolved)
+        train(recipe, resolved, family_of(recipe))
     message = str(err.value)
     assert "non-finite loss nan" in message and "at step 2" in message
     assert "shapes(seed=0)[" in message  # the batch's Sample.source values
@@ -211,7 +212,7 @@ def test_nonfinite_loss_stops_with_rows_and_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_nonfinite_loss_skipped_and_counted(tmp_path, monkeypatch):
-    from pg_tune.commands_train import run_training
+    from pg_tune.cli.train import run_training
 
     recipe, resolved = load_recipe(
         _write_recipe(tmp_path, "nanskip", train={"max_steps": 2, "save_every": None, "on_nonfinite": "skip"})

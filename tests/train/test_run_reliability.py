@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pg_tune.cli import main
+from tests.families import family_of
 
 BASE = {
     "model": {"name_or_path": "tiny-paligemma2"},
@@ -131,7 +132,7 @@ def test_max_steps_below_one_is_refused_not_ignored(tmp_path, capsys, max_steps)
     recipe, resolved = load_recipe(_recipe(tmp_path))
     recipe.train.max_steps = max_steps
     with pytest.raises(ConfigError, match="train.max_steps: must be >= 1"):
-        train(recipe, resolved)
+        train(recipe, resolved, family_of(recipe))
     assert not (tmp_path / "run" / "adapter").exists()
 
 

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from pg_tune.cli import main
 from pg_tune.config import load_recipe
 from pg_tune.data import Sample
-from pg_tune.models.paligemma import PaliGemmaCollator, load_model
+from pg_tune.models.paligemma import PaliGemmaFamily
 from pg_tune.train.adapters import prepare_model
+from tests.families import family_of
 from tests.numerics import assert_close_to_scale
 
 RECIPE = """
@@ -58,10 +59,12 @@ def test_train_learns_saves_and_reloads(tmp_path, shapes_jsonl, model_name, caps
 
     # Every LoRA weight moved away from its initial value.
     recipe, _ = load_recipe(recipe_path)
-    base = load_model(recipe.model)
+    base = PaliGemmaFamily().load_model(recipe.model)
     set_seed(recipe.train.seed)
     initial = {
-        k: v.detach().clone() for k, v in prepare_model(base, recipe).state_dict().items() if "lora_" in k
+        k: v.detach().clone()
+        for k, v in prepare_model(base, recipe, family_of(recipe)).state_dict().items()
+        if "lora_" in k
     }
     trained = load_file(adapter / "adapter_model.safetensors")
     assert len(trained) == len(initial) > 0
@@ -70,14 +73,14 @@ def test_train_learns_saves_and_reloads(tmp_path, shapes_jsonl, model_name, caps
         assert not torch.equal(value, start), f"{key} did not change"
 
     # Reloading on a fresh base with peft reproduces the trained model's logits.
-    reloaded = peft.PeftModel.from_pretrained(load_model(recipe.model), adapter).eval()
-    from pg_tune.models.tiny import PRESETS, build_processor
+    reloaded = peft.PeftModel.from_pretrained(PaliGemmaFamily().load_model(recipe.model), adapter).eval()
+    from pg_tune.models.paligemma.tiny import PRESETS, build_processor
 
     processor = build_processor(PRESETS[model_name])
     from PIL import Image
 
     sample = Sample(Image.new("RGB", (60, 60), (30, 200, 30)), "caption en", "a green square", "t")
-    batch = PaliGemmaCollator(processor, 16)([(0, sample)])
+    batch = PaliGemmaFamily().collator(processor, 16)([(0, sample)])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
     trained_model = _trained_model_from_run(recipe_path)
     with torch.no_grad():
@@ -93,4 +96,4 @@ def _trained_model_from_run(recipe_path):
 
     recipe, resolved = load_recipe(recipe_path, ["logging.trackers=[]", "eval.before_training=false"])
     recipe.output_dir = str(recipe_path.parent / "again")
-    return train(recipe, resolved).model.eval()
+    return train(recipe, resolved, family_of(recipe)).model.eval()

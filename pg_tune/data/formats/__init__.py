@@ -1,7 +1,8 @@
 """The dataset formats a recipe can name under ``data.train`` / ``data.eval``.
 
-Each format is one small module with an options dataclass (its recipe keys) and one builder that
-returns ``Sample``s. Adding a format is one new file plus one line here.
+Each format is one small module with one builder that returns ``Sample``s; its recipe keys are an
+options dataclass in ``pg_tune/config/datasets.py`` (so recipes validate without importing data code).
+Adding a format is one new file, its options there, and one line here.
 """
 
 from __future__ import annotations
@@ -10,17 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pg_tune.data.bad_rows import BadRows
+from pg_tune.config.datasets import FORMAT_OPTIONS
+from pg_tune.data.formats._common import BuildContext
 from pg_tune.data.sample import Sample
-
-
-@dataclass(frozen=True)
-class BuildContext:
-    """What a builder may know besides its own options."""
-
-    split: str  # "train" or "eval"
-    bad_rows: BadRows
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,15 +25,17 @@ class Format:
 def _registry() -> dict[str, Format]:
     from pg_tune.data.formats import coco_captions, coco_detection, docvqa, hf, jsonl, refcoco, shapes
 
-    return {
-        "coco_captions": Format(coco_captions.CocoCaptionsOptions, coco_captions.build),
-        "coco_detection": Format(coco_detection.CocoDetectionOptions, coco_detection.build),
-        "docvqa": Format(docvqa.DocvqaOptions, docvqa.build),
-        "hf": Format(hf.HfOptions, hf.build),
-        "jsonl": Format(jsonl.JsonlOptions, jsonl.build),
-        "refcoco": Format(refcoco.RefcocoOptions, refcoco.build),
-        "shapes": Format(shapes.ShapesOptions, shapes.build),
+    builders = {
+        "coco_captions": coco_captions.build,
+        "coco_detection": coco_detection.build,
+        "docvqa": docvqa.build,
+        "hf": hf.build,
+        "jsonl": jsonl.build,
+        "refcoco": refcoco.build,
+        "shapes": shapes.build,
     }
+    assert builders.keys() == FORMAT_OPTIONS.keys(), "a format needs its options in config/datasets.py"
+    return {name: Format(FORMAT_OPTIONS[name], build) for name, build in builders.items()}
 
 
 FORMATS: dict[str, Format] = _registry()

@@ -9,11 +9,21 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.sample import DataError, Sample
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a builder may know besides its own options."""
+
+    split: str  # "train" or "eval"
+    bad_rows: BadRows
+    seed: int = 0
 
 
 def read_json(path: str | Path, what: str) -> Any:

@@ -20,27 +20,11 @@ them). Selected in a recipe by::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import apply_limit, limit_reached, read_json
+from pg_tune.config.datasets import CocoCaptionsOptions
+from pg_tune.data.formats._common import BuildContext, apply_limit, limit_reached, read_json
 from pg_tune.data.sample import Sample
-
-
-@dataclass
-class CocoCaptionsOptions:
-    annotations: str
-    """``captions_*.json`` (COCO format: ``images`` and ``annotations`` with ``caption``)."""
-    images: str
-    """Folder holding the images' ``file_name``s."""
-    prompt: str = "caption en"
-    train_pairs: Literal["every_caption", "one_per_image"] = "every_caption"
-    """``every_caption``: each caption is a training pair (an epoch sees each image ~5 times);
-    ``one_per_image``: a random caption of each image per epoch."""
-    limit: int | None = None
-    """Use at most this many images (in file order)."""
 
 
 def build(options: CocoCaptionsOptions, ctx: BuildContext) -> list[Sample]:

@@ -22,39 +22,19 @@ and counted; degenerate ones are bad rows. Selected in a recipe by::
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pg_tune.codecs import coco_bbox_to_xyxy
-from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import apply_limit, check_box, format_prompt, limit_reached, read_json
+from pg_tune.config.datasets import CocoDetectionOptions
+from pg_tune.data.boxes import coco_bbox_to_xyxy
+from pg_tune.data.formats._common import (
+    BuildContext,
+    apply_limit,
+    check_box,
+    format_prompt,
+    limit_reached,
+    read_json,
+)
 from pg_tune.data.sample import DataError, ObjectTarget, Sample
-
-
-@dataclass
-class CocoDetectionOptions:
-    annotations: str
-    """``instances_*.json`` (COCO format)."""
-    images: str
-    """Folder holding the images' ``file_name``s."""
-    prompt: str = "detect {classes}"
-    """``{classes}`` becomes the class names joined with `` ; ``."""
-    classes: list[str] | None = None
-    """Only these category names (others are left out of prompts and targets); default: all."""
-    prompt_classes: Literal["present", "all"] = "present"
-    """``present``: name the classes in the image; ``all``: name every class (absent ones too)."""
-    crowd: Literal["skip", "keep"] = "skip"
-    """COCO ``iscrowd=1`` boxes cover a group of objects; ``skip`` leaves them out of the target but
-    keeps them as crowd ground truth for scoring (``meta["crowd"]``: COCOeval ignores matches to them);
-    ``keep`` writes them into the target as ordinary objects."""
-    order: Literal["file", "left_to_right", "largest_first", "random"] = "file"
-    """Object order in the suffix; ``random`` is seeded by the recipe seed and the image id."""
-    max_objects: int | None = None
-    """Keep at most this many objects per image (after ordering)."""
-    keep_empty: bool = False
-    """Keep images with no (selected) object, with an empty target; only valid for evaluation."""
-    limit: int | None = None
 
 
 def build(options: CocoDetectionOptions, ctx: BuildContext) -> list[Sample]:

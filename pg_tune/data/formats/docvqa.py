@@ -21,23 +21,11 @@ The default prompt is ``answer en {question}``; big_vision's DocVQA transfer use
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import apply_limit, format_prompt, limit_reached, read_json
+from pg_tune.config.datasets import DocvqaOptions
+from pg_tune.data.formats._common import BuildContext, apply_limit, format_prompt, limit_reached, read_json
 from pg_tune.data.sample import DataError, Sample
-
-
-@dataclass
-class DocvqaOptions:
-    annotations: str
-    """SP-DocVQA ``train_v1.0.json`` / ``val_v1.0.json`` / ``test_v1.0.json``."""
-    images: str
-    """Root the records' ``image`` paths (``documents/x.png``) are relative to."""
-    prompt: str = "answer en {question}"
-    """Template with ``{question}``; ``"{question}"`` is big_vision's transfer prompt."""
-    limit: int | None = None
 
 
 def build(options: DocvqaOptions, ctx: BuildContext) -> list[Sample]:

@@ -32,55 +32,17 @@ from __future__ import annotations
 import glob
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from pg_tune.config.schema import ConfigError
+from pg_tune.config.datasets import HfOptions
 from pg_tune.data.bad_rows import data_error, reason_of
-from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import format_prompt
+from pg_tune.data.formats._common import BuildContext, format_prompt
 from pg_tune.data.sample import DataError, LazySamples, Sample
 
 _CONTRACT = ("image", "prefix", "suffix")
-
-
-@dataclass
-class HfOptions:
-    path: str
-    """A ``save_to_disk`` folder, or a parquet file / glob."""
-    split: str | None = None
-    """Split of a saved ``DatasetDict`` (parquet: ignored)."""
-    columns: dict[str, str] = field(default_factory=dict)
-    """Contract field -> column, for any that differ: ``image``, ``prefix``, ``suffix``."""
-    prompt: str | None = None
-    """A prefix template filled from the row's columns (``"answer en {question}"``); replaces the
-    prefix column."""
-    image_root: str | None = None
-    """Folder that string image paths are relative to."""
-    task: str = "caption"
-    limit: int | None = None
-    name: str | None = None
-    """Configuration of a Hub dataset / repository folder (``load_dataset``'s ``name``)."""
-    revision: str | None = None
-    """Branch, tag or commit of a Hub dataset."""
-    streaming: bool = False
-    """Read the rows as a stream instead of converting the dataset first: for sets too large for
-    the disk or RAM. Training only (an eval entry reads its first ``limit`` rows)."""
-    shuffle_buffer: int = 1000
-    """Streaming: rows held to shuffle the stream (plus a seeded shard order). Larger shuffles
-    better and holds more rows (encoded) in RAM; 0 or 1 keeps the stream order."""
-    num_rows: int | None = None
-    """Streaming: rows in the split, when its files do not say (JSON/CSV shards; parquet footers
-    and the Hub's dataset info are read automatically). An epoch is sized from it."""
-
-    def check(self, path: str) -> None:
-        if self.shuffle_buffer < 0:
-            raise ConfigError(f"{path}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
-        if self.num_rows is not None and self.num_rows < 1:
-            raise ConfigError(f"{path}.num_rows: must be >= 1, got {self.num_rows}")
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -30,24 +30,14 @@ evaluation). Selected in a recipe by::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import apply_limit, check_box, limit_reached
+from pg_tune.config.datasets import JsonlOptions
+from pg_tune.data.formats._common import BuildContext, apply_limit, check_box, limit_reached
 from pg_tune.data.images import image_size, load_image
 from pg_tune.data.masks import mask_box, mask_to_rle, segmentation_to_mask
-from pg_tune.data.sample import TASKS, DataError, ObjectTarget, Sample
-
-
-@dataclass
-class JsonlOptions:
-    path: str
-    image_root: str | None = None
-    """Folder image paths are relative to; default: the JSONL file's folder."""
-    task: str = "caption"
-    """Metric family for rows without a ``task`` key (caption, vqa, docvqa, detect, ...)."""
-    limit: int | None = None
+from pg_tune.data.sample import DataError, ObjectTarget, Sample
+from pg_tune.tasks import TASKS
 
 
 def build(options: JsonlOptions, ctx: BuildContext) -> list[Sample]:

@@ -49,44 +49,24 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pg_tune.codecs import coco_bbox_to_xyxy
-from pg_tune.data.formats import BuildContext
-from pg_tune.data.formats._common import apply_limit, check_box, format_prompt, limit_reached, read_json
+from pg_tune.config.datasets import RefcocoOptions
+from pg_tune.data.boxes import coco_bbox_to_xyxy
+from pg_tune.data.formats._common import (
+    BuildContext,
+    apply_limit,
+    check_box,
+    format_prompt,
+    limit_reached,
+    read_json,
+)
 from pg_tune.data.images import image_size
 from pg_tune.data.masks import segmentation_to_mask
 from pg_tune.data.sample import DataError, ObjectTarget, Sample
 
 _DEFAULT_PROMPTS = {"detect": "detect {expression}", "segment": "segment {expression}"}
-
-
-@dataclass
-class RefcocoOptions:
-    split: str
-    """Which refs to use: ``train``, ``val``, ``testA``, ``testB`` (unc) or ``test`` (umd)."""
-    task: Literal["detect", "segment"] = "detect"
-    refs: str | list[str] | None = None
-    """``refs(unc).p`` / ``refs(google).p`` / ``refs(umd).p`` (read safely, see the module docstring),
-    or several, read as one set (big_vision's combined RefCOCO/+/g: see the module docstring)."""
-    instances: str | list[str] | None = None
-    """The matching COCO ``instances.json`` (boxes, masks, image sizes): one, or one per refs file."""
-    images: str | None = None
-    """Folder of COCO train2014 images (or the parquet's image paths' root)."""
-    parquet: str | None = None
-    """Instead of refs + instances: a parquet file (or a glob) with one row per ref or sentence."""
-    columns: dict[str, str] = field(default_factory=dict)
-    """Parquet column names, for any that differ from: image, box, expression, split, segmentation,
-    width, height. ``expression`` may hold a string or a list of strings."""
-    prompt: str | None = None
-    """Template with ``{expression}``; default ``detect {expression}`` / ``segment {expression}``."""
-    sentence: Literal["sent", "raw"] = "sent"
-    """Which text of a refer sentence: the cleaned lower-case ``sent`` or the annotator's ``raw``."""
-    train_pairs: Literal["one_per_image", "every_sentence"] = "one_per_image"
-    """Training rows per epoch: one object and one of its sentences per image (big_vision), or all."""
-    limit: int | None = None
 
 
 # -- safe pickle ---------------------------------------------------------------------------------

@@ -15,28 +15,17 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from pg_tune.config.datasets import ShapesOptions
 from pg_tune.data.bad_rows import BadRows
-from pg_tune.data.formats import BuildContext
+from pg_tune.data.formats._common import BuildContext
 from pg_tune.data.sample import Sample
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
-
-
-@dataclass
-class ShapesOptions:
-    num_samples: int = 480
-    image_size: int = 112
-    prompt: str = "caption en"
-    seed: int | None = None
-    """Default: 0 for train, 1 for eval, so the splits never share an image."""
-    limit: int | None = None
-    """At most this many samples (as in every format); the first ``limit`` of ``num_samples``."""
 
 
 def draw_shape(rng: random.Random, size: int) -> tuple[Image.Image, str, str, tuple[int, int, int, int]]:

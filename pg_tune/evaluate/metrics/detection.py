@@ -54,7 +54,7 @@ TokenLogprob = tuple[int, int, float]
 def object_confidence(span: tuple[int, int], token_logprobs: Sequence[TokenLogprob]) -> float | None:
     """exp(mean log-probability) of the tokens overlapping the characters ``span`` of the output.
 
-    ``span`` is where a detection was read from (``pg_tune.codecs.parse_detection_spans``); tokens
+    ``span`` is where a detection was read from (``pg_tune.models.paligemma.boxes.parse_detection_spans``); tokens
     that wrote nothing visible (empty ranges) are skipped. None when no token overlaps.
     """
     start, end = span

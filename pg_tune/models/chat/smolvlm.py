@@ -1,0 +1,145 @@
+"""SmolVLM2 (``SmolVLMForConditionalGeneration``, ``SmolVLMProcessor``): 256M, 500M and 2.2B.
+
+The sequence, as SmolVLM2's chat template and processor render one user turn and the answer::
+
+    <|im_start|>User:
+    <fake_token_around_image><row_1_col_1><image> x T ... <fake_token_around_image><row_r_col_c><image> x T\\n
+    \\n<fake_token_around_image><global-img><image> x T<fake_token_around_image>   (the image, expanded)
+    {prompt}<end_of_utterance>\\nAssistant:
+     {target}<end_of_utterance>\\n                                                 (training only)
+
+- The image processor resizes the image to its longest edge (``size``), cuts it into ``rows x
+  cols`` tiles of the encoder's size plus one global view of the whole image; each tile is ``T``
+  image tokens after the connector's pixel shuffle (SmolVLM2-256M/500M: 512 px tiles, T = 64;
+  2.2B: 384 px, T = 81). So the number of image tokens depends on each image's aspect ratio and
+  ``pixel_values`` is ``[batch, max_tiles, 3, tile, tile]`` with all-zero padding tiles, which the
+  model drops; ``pixel_attention_mask`` marks the real pixels of each tile.
+- Attention is causal everywhere (no token types); labels cover `` {target}`` and its
+  ``<end_of_utterance>``; the template's newline after it, the prompt and the pads are -100.
+- The head is a separate ``lm_head`` (untied in SmolVLMConfig's default), no soft-cap.
+
+Box tasks are text (``pg_tune.models.chat.base``); there are no location or mask tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil, SmolVLMProcessor
+from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+from transformers.utils import is_torchvision_available
+
+from pg_tune.config.recipe import ModelConfig
+from pg_tune.data.sample import Sample
+from pg_tune.models.chat import smolvlm_tiny
+from pg_tune.models.chat.base import ChatCollator, ChatFamily
+from pg_tune.models.family import ModulePaths
+
+
+class SmolVLMCollator(ChatCollator):
+    """SmolVLM2 batches: tiles + global view per image, ``pixel_attention_mask``."""
+
+    def _images(self, samples: Sequence[Sample]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        processed = self.processor.image_processor(
+            images=[[image] for image in self._load_images(samples)],
+            return_tensors="pt",
+            return_row_col_info=True,
+        )
+        processor = self.processor
+        texts = [
+            get_image_prompt_string(
+                rows[0],
+                cols[0],
+                processor.image_seq_len,
+                fake_token_around_image=processor.fake_image_token,
+                image_token=processor.image_token,
+                global_image_token=processor.global_image_token,
+            )
+            for rows, cols in zip(processed["rows"], processed["cols"], strict=True)
+        ]
+        pixels = {
+            "pixel_values": processed["pixel_values"],
+            "pixel_attention_mask": processed["pixel_attention_mask"],
+        }
+        return pixels, texts
+
+
+class SmolVLMFamily(ChatFamily):
+    """SmolVLM / SmolVLM2 (``model_type`` ``smolvlm``)."""
+
+    name = "smolvlm"
+    model_types = ("smolvlm",)
+    tiny_module = smolvlm_tiny
+    tiny_presets = tuple(smolvlm_tiny.PRESETS)
+    modules = ModulePaths(
+        language_model="model.text_model",
+        vision="model.vision_model",
+        projector="model.connector",
+        head="lm_head",
+    )
+    model_class = SmolVLMForConditionalGeneration
+    processor_class = SmolVLMProcessor
+    hub_tags = ("smolvlm",)
+    name_hints = ("smolvlm",)
+    refused_hints = {
+        "smolvlm-": "SmolVLM (v1) is an Idefics3 model (model_type idefics3), which pg_tune has no family "
+        "for; the smolvlm family fine-tunes SmolVLM2: HuggingFaceTB/SmolVLM2-256M-Video-Instruct, "
+        "-500M-Video-Instruct or -2.2B-Instruct"
+    }
+    fixed_reserved = frozenset(
+        {
+            "<|im_start|>",
+            "<|im_end|>",
+            "<end_of_utterance>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<global-img>",
+        }
+    )
+    lm_layers = r"model\.text_model\.layers\.\d+"
+    vision_layers = r"model\.vision_model\.encoder\.layers\.\d+"
+    projector_linears = r"model\.connector\.modality_projection\.proj"
+    image_inputs = ("pixel_values", "pixel_attention_mask")  # tiles, and the real pixels of each
+    collator_class = SmolVLMCollator
+
+    def load_processor(self, model: ModelConfig) -> SmolVLMProcessor:
+        """The processor; without torchvision its video part is a stand-in (pg_tune passes no videos)."""
+        if self.is_tiny(model.name_or_path) or is_torchvision_available():
+            return super().load_processor(model)
+        from transformers import AutoTokenizer
+
+        kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+        processor_dict, _ = SmolVLMProcessor.get_processor_dict(model.name_or_path, **kwargs)
+        image_processor = SmolVLMImageProcessorPil.from_pretrained(model.name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, **kwargs)
+        args = [image_processor, tokenizer, smolvlm_tiny.video_processor_stand_in()]
+        processor_dict = {
+            k: v for k, v in processor_dict.items() if k not in SmolVLMProcessor.get_attributes()
+        }
+        return SmolVLMProcessor.from_args_and_dict(args, processor_dict)
+
+    def user_turn(self, image_text: str, prompt: str) -> str:
+        # The template writes "User:" when the first content item is the image, then the items.
+        return f"<|im_start|>User:{image_text}{prompt}<end_of_utterance>\nAssistant:"
+
+    def assistant_turn(self, target: str) -> tuple[str, str]:
+        return " " + target, "\n"
+
+    def end_of_turn_id(self, processor) -> int:
+        return processor.tokenizer.convert_tokens_to_ids(processor.end_of_utterance_token)
+
+    def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Connector output of every real tile, concatenated: ``[image tokens in the batch, hidden]``."""
+        if "pixel_attention_mask" not in batch:
+            raise ValueError(
+                "SmolVLM2's image features need the collator's pixel_attention_mask, and their length varies "
+                "per image (tiles), so data.feature_cache cannot store them: remove data.feature_cache"
+            )
+        with torch.no_grad() if self.vision_frozen(core) else contextlib.nullcontext():
+            per_sample = core.model.get_image_features(
+                batch["pixel_values"].to(core.dtype), batch["pixel_attention_mask"]
+            ).pooler_output
+        return torch.cat(list(per_sample), dim=0)

@@ -1,0 +1,242 @@
+"""PaliGemma 1 and 2: the worked example of ``pg_tune.models.family.ModelFamily``.
+
+PaliGemma 1 (Gemma) and PaliGemma 2 (Gemma 2) share one class in transformers,
+``PaliGemmaForConditionalGeneration``, and one processor, so one module serves both. Everything
+PaliGemma-specific lives in this folder: loading and LoRA targets (here), the training /
+generation sequence (``collator.py``), ``<loc>``/``<seg>`` rendering of structured targets
+(big_vision's encodings: ``boxes.py``, ``masks.py``) and parsing them back (big_vision's evaluator
+rules, here), tiny and real-shape presets (``tiny.py``, ``shapes.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+from pg_tune.data.sample import DataError, Sample
+from pg_tune.evaluate.metrics.detection import object_confidence
+from pg_tune.models.family import ModelFamily, ModulePaths, ParsedObject
+from pg_tune.models.paligemma import tiny
+from pg_tune.models.paligemma.boxes import (
+    MAX_LOC,
+    NUM_SEG_TOKENS,
+    OBJECT_SEPARATOR,
+    encode_box,
+    parse_detection_spans,
+    parse_detections,
+)
+from pg_tune.models.paligemma.collator import PaliGemmaCollator
+from pg_tune.models.paligemma.layout import EOS_ID, IMAGE_TOKEN
+from pg_tune.tasks import TASKS
+
+__all__ = ["PaliGemmaFamily"]
+
+# ---- parsing: big_vision's referring rule ---------------------------------------------------------
+
+_FIRST_FOUR_LOCS = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>")
+_SIXTEEN_SEGS = re.compile(rf"(?:<seg\d{{3}}>){{{NUM_SEG_TOKENS}}}")
+_SEG = re.compile(r"<seg(\d{3})>")
+
+
+def _referring_object(
+    text: str, task: str, image_size: tuple[int, int], mask_codec: Any | None
+) -> list[ParsedObject]:
+    """big_vision's segmentation evaluator: only the first 4 output tokens make the box.
+
+    A non-location token among them, ``ymax <= ymin`` or ``xmax <= xmin`` is a miss (``[]``); the
+    mask needs the next 16 tokens to be ``<seg>`` tokens, else the object has no mask.
+    """
+    match = _FIRST_FOUR_LOCS.match(text)
+    if match is None:
+        return []
+    ymin, xmin, ymax, xmax = (int(v) for v in match.groups())
+    if ymax <= ymin or xmax <= xmin:
+        return []
+    width, height = image_size
+    box = (xmin / MAX_LOC * width, ymin / MAX_LOC * height, xmax / MAX_LOC * width, ymax / MAX_LOC * height)
+    tokens: dict[str, Any] = {"loc": [ymin, xmin, ymax, xmax]}
+    mask = None
+    if task == "refer_segment":
+        segs = _SIXTEEN_SEGS.match(text, match.end())
+        if segs is not None:
+            tokens["seg"] = [int(v) for v in _SEG.findall(segs.group(0))]
+            if mask_codec is not None:
+                mask = mask_codec.decode_mask(tokens["seg"], box, image_size)
+    rest = text[match.end() :]
+    label = _SEG.sub("", rest).partition(OBJECT_SEPARATOR.strip())[0]
+    first = ParsedObject(label=label.strip(), box=box, mask=mask, tokens=tokens)
+    # Rows with several reference objects (custom segment data) are matched over every object; the
+    # ones after the first follow the lenient detection parser.
+    _, separator, tail = rest.partition(OBJECT_SEPARATOR.strip())
+    return [first, *(_detections(tail, image_size, mask_codec) if separator else [])]
+
+
+def _detections(text: str, image_size: tuple[int, int], mask_codec: Any | None) -> list[ParsedObject]:
+    return [
+        ParsedObject(
+            label=d.label,
+            box=d.box,
+            tokens={"loc": list(d.loc), **({"seg": list(d.seg)} if d.seg is not None else {})},
+            mask=(
+                mask_codec.decode_mask(d.seg, d.box, image_size)
+                if mask_codec is not None and d.seg is not None
+                else None
+            ),
+        )
+        for d in parse_detections(text, image_size)
+    ]
+
+
+class PaliGemmaFamily(ModelFamily):
+    """PaliGemma 1 and 2 (``PaliGemmaForConditionalGeneration``), big_vision's task encodings."""
+
+    name = "paligemma"
+    model_types = ("paligemma",)
+    tiny_module = tiny
+    tiny_presets = tuple(tiny.PRESETS)
+    tasks = frozenset(TASKS)
+    modules = ModulePaths(
+        language_model="model.language_model",
+        vision="model.vision_tower",
+        projector="model.multi_modal_projector",
+        head="lm_head",
+    )
+    model_class = PaliGemmaForConditionalGeneration
+    processor_class = PaliGemmaProcessor
+    lm_layers = r"model\.language_model\.layers\.\d+"
+    vision_layers = r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+"
+    projector_linears = r"model\.multi_modal_projector\.linear"
+    attention_inputs = ("token_type_ids",)  # prefix-LM: 0 on image + prompt (both ways), 1 on the suffix
+    hub_tags = ("paligemma",)
+    name_hints = ("paligemma",)
+
+    def published_config(self, name_or_path: str) -> PaliGemmaConfig | None:
+        """The published configs of PaliGemma 1/2 checkpoints (``shapes.py``), by hub id."""
+        from pg_tune.models.paligemma.shapes import shape_config, shape_of_hub_id
+
+        shape = shape_of_hub_id(name_or_path)
+        return shape_config(shape) if shape is not None else None
+
+    # sequences
+    def reserved_tokens(self, processor) -> frozenset[str]:
+        """Gemma's ``<bos>``/``<eos>``/``<pad>``/``<unk>`` and ``<image>``, plus the tokenizer's specials."""
+        named = {"<bos>", "<eos>", "<pad>", "<unk>", IMAGE_TOKEN}
+        if processor is not None:
+            tokenizer = processor.tokenizer
+            named |= {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token}
+            named |= set(getattr(tokenizer, "additional_special_tokens", None) or ())
+        return frozenset(t for t in named if t)
+
+    def render_prompt(self, sample: Sample) -> str:
+        return sample.prefix
+
+    def render_target(self, sample: Sample) -> str:
+        """``<loc..>x4[<seg..>x16][ label]`` per object, joined by `` ; `` (big_vision's encodings)."""
+        if not sample.targets:
+            return sample.suffix
+        if sample.image_size is None:
+            raise DataError(f"{sample.source}: structured targets need the image size")
+        parts = []
+        for obj in sample.targets:
+            tokens = encode_box(obj.box, sample.image_size)
+            if sample.task == "refer_segment":
+                if self.mask_codec is None:
+                    raise ValueError(
+                        f"{sample.source}: segmentation targets need the mask VQ-VAE: set model.vae_path to "
+                        "big_vision's vae-oid.npz"
+                    )
+                mask = obj.rasterise(sample.image_size)
+                if mask is None:
+                    raise DataError(f"{sample.source}: a segment object has no mask")
+                codes = self.mask_codec.encode_mask(mask, obj.box, sample.image_size)
+                tokens += "".join(f"<seg{c:03d}>" for c in codes)
+            parts.append(f"{tokens} {obj.label}" if obj.label else tokens)
+        return OBJECT_SEPARATOR.join(parts)
+
+    def collator(self, processor, max_text_length: int, train: bool = True) -> PaliGemmaCollator:
+        return PaliGemmaCollator(self, processor, max_text_length, train=train)
+
+    # generation and parsing
+    def generation_kwargs(self, processor) -> dict[str, Any]:
+        return {"eos_token_id": EOS_ID, "pad_token_id": processor.tokenizer.pad_token_id}
+
+    def decode(self, processor, token_ids: Sequence[int]) -> str:
+        """Cut at ``<eos>``; ``<loc>``/``<seg>`` stay in the text (not special), other specials go."""
+        ids = list(token_ids)
+        if EOS_ID in ids:
+            ids = ids[: ids.index(EOS_ID)]
+        return processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def parse_output(
+        self,
+        text: str,
+        task: str,
+        image_size: tuple[int, int],
+        token_logprobs: Sequence[tuple[int, int, float]] | None = None,
+    ) -> list[ParsedObject]:
+        """Referring tasks: big_vision's first-4-tokens rule; detection: every ``<loc>x4 label`` object.
+
+        ``token_logprobs`` (``(start, end, logprob)`` per generated token, when the caller kept them)
+        give each detection a confidence: exp(mean log-probability of the tokens that wrote it, its
+        loc tokens and label), so COCO mAP ranks boxes by the model's belief, not by dataset order.
+        """
+        if not isinstance(text, str):
+            return []
+        if task in ("refer_detect", "refer_segment"):
+            objects = _referring_object(text, task, image_size, self.mask_codec)
+        else:
+            objects = _detections(text, image_size, self.mask_codec)
+        if token_logprobs:
+            if task in ("refer_detect", "refer_segment"):
+                spans = [(0, len(text))] * len(objects)  # one answer, one object
+            else:  # the same parser as _detections: same objects, same order
+                spans = [span for _, span in parse_detection_spans(text, image_size)]
+            objects = [
+                ParsedObject(o.label, o.box, object_confidence(span, token_logprobs), o.mask, o.tokens)
+                for o, span in zip(objects, spans, strict=True)
+            ]
+        return objects
+
+    def load_mask_codec(self, vae_path: str | Path | None) -> Any | None:
+        from pg_tune.models.paligemma.masks import load_codec
+
+        return load_codec(vae_path)
+
+    def reference_batch(self, processor, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """The transformers docs' / HF posts' recipe: ``PaliGemmaProcessor(text, images, suffix=...)``."""
+        from PIL import Image
+
+        return processor(
+            text=["<image>" + s.prefix for s in samples],
+            images=[Image.open(s.image).convert("RGB") for s in samples],
+            suffix=[s.suffix for s in samples],
+            return_tensors="pt",
+            padding="longest",
+        )
+
+    # export and hub
+    def usage_snippet(self, base_id: str | None, repo_or_dir: str, merged: bool) -> str:
+        if merged:
+            code = (
+                "from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor\n\n"
+                f'model = PaliGemmaForConditionalGeneration.from_pretrained("{repo_or_dir}")\n'
+                f'processor = PaliGemmaProcessor.from_pretrained("{repo_or_dir}")\n'
+            )
+        else:
+            code = (
+                "import torch\nfrom peft import PeftModel\n"
+                "from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor\n\n"
+                f'base = PaliGemmaForConditionalGeneration.from_pretrained("{base_id or "BASE"}", dtype=torch.bfloat16)\n'
+                f'model = PeftModel.from_pretrained(base, "{repo_or_dir}")\n'
+                f'processor = PaliGemmaProcessor.from_pretrained("{repo_or_dir}")\n'
+            )
+        return (
+            f"```python\n{code}```\n\n"
+            "Prompts follow PaliGemma's layout: the image, then the task prefix (e.g. `caption en`) and a "
+            "newline; the model writes the suffix.\n"
+        )
