@@ -56,10 +56,13 @@ def write_summary(result) -> Path:
 
 def run_training(recipe, resolved_recipe: dict[str, Any], resume: str | None = None, overwrite: bool = False):
     """``train()`` with what the command adds: Hub pushes and ``summary.json`` (main process)."""
+    from accelerate import PartialState
+
     from pg_tune.export.hub import push_from_training
     from pg_tune.models.family import load_family
     from pg_tune.train.loop import train
     from pg_tune.train.signals import kill_after_checkpoint_callback
+    from pg_tune.train.storage import hold_output_dir
 
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
     output_dir = Path(recipe.output_dir)
@@ -68,12 +71,15 @@ def run_training(recipe, resolved_recipe: dict[str, Any], resume: str | None = N
     ]
     if (kill := kill_after_checkpoint_callback()) is not None:
         callbacks.append(kill)
-    result = train(
-        recipe, resolved_recipe, family, resume=resume, overwrite=overwrite, on_checkpoint=callbacks
-    )
-    if result.is_main_process and not result.already_finished:
-        write_summary(result)
-        push_from_training(output_dir, recipe, _MainProcess())
+    # One writer per run folder: held around training, the summary and the push (train() takes it too).
+    command = "pg-tune train" + (f" --resume {resume}" if resume else " --overwrite" if overwrite else "")
+    with hold_output_dir(output_dir, command, PartialState().is_main_process):
+        result = train(
+            recipe, resolved_recipe, family, resume=resume, overwrite=overwrite, on_checkpoint=callbacks
+        )
+        if result.is_main_process and not result.already_finished:
+            write_summary(result)
+            push_from_training(output_dir, recipe, _MainProcess())
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -297,8 +298,35 @@ class HubConfig:
     """Hub dataset ids for the model card."""
 
     def check(self, path: str) -> None:
-        if self.repo_id is not None and (self.repo_id.count("/") != 1 or not all(self.repo_id.split("/"))):
-            raise ConfigError(f"{path}.repo_id: expected OWNER/NAME, got {self.repo_id!r}")
+        if self.repo_id is not None:
+            check_repo_id(self.repo_id, f"{path}.repo_id")
+        if self.revision is not None:
+            check_revision(self.revision, f"{path}.revision")
+
+
+def check_repo_id(repo_id: str, where: str) -> None:
+    """``OWNER/NAME`` as the Hub accepts it (huggingface_hub's own validator); ``where`` names the
+    setting (``hub.repo_id``, ``--repo-id``) in the error."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ConfigError(f"{where}: expected OWNER/NAME, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"{where}: {repo_id!r} is not a valid Hub repo id: {e}") from None
+
+
+_BAD_BRANCH = re.compile(r"(^[-/.])|(/\.)|(\.\.)|([\x00-\x20\x7f~^:?*\[\\])|(//)|(@\{)|([/.]$)|(\.lock(/|$))")
+
+
+def check_revision(revision: str, where: str) -> None:
+    """A branch name git accepts (``git check-ref-format --branch``'s rules): what a push creates."""
+    if not revision or revision == "@" or _BAD_BRANCH.search(revision):
+        raise ConfigError(
+            f"{where}: {revision!r} is not a valid branch name (no spaces, '..', '~^:?*[\\', '@{{', leading "
+            "'-' or '.', or trailing '/', '.' or '.lock'), e.g. main or exp-1"
+        )
 
 
 @dataclass

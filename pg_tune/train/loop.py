@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -64,6 +64,7 @@ from pg_tune.train.storage import (
     check_output_dir,
     disk_full_guard,
     final_folder,
+    hold_output_dir,
     remove_entries,
     remove_stale_temporaries,
 )
@@ -104,7 +105,21 @@ def train(
 ) -> TrainResult:
     """Fine-tune as the recipe says, with the recipe model's ``family`` (``load_family``: its mask
     codec bound). ``resume`` (``auto`` or a path) continues a run; ``overwrite`` starts
-    ``output_dir`` clean; a non-empty ``output_dir`` without either is refused."""
+    ``output_dir`` clean; a non-empty ``output_dir`` without either is refused. The main process
+    holds ``output_dir``'s one-writer lock throughout (``pg_tune.train.lock``)."""
+    command = "pg-tune train" + (f" --resume {resume}" if resume else " --overwrite" if overwrite else "")
+    with hold_output_dir(Path(recipe.output_dir), command, PartialState().is_main_process):
+        return _train(recipe, resolved_recipe, family, resume, overwrite, on_checkpoint)
+
+
+def _train(
+    recipe: Recipe,
+    resolved_recipe: dict[str, Any],
+    family: ModelFamily,
+    resume: str | None,
+    overwrite: bool,
+    on_checkpoint: Sequence[CheckpointCallback],
+) -> TrainResult:
     started = time.time()
     output_dir = Path(recipe.output_dir)
     notes: list[str] = []
