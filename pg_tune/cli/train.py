@@ -123,6 +123,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe, resolved_recipe = load_recipe(args.recipe, args.overrides)
     recipe.model.trust_remote_code = args.trust_remote_code
+    for warning in recipe.ignored_settings():
+        print(warning, file=sys.stderr)
     try:
         result = run_training(recipe, resolved_recipe, resume=args.resume, overwrite=args.overwrite)
     except TrainingStopped as e:  # a stop signal, a non-finite step, a full disk

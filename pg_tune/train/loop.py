@@ -436,6 +436,7 @@ def _build_run(
     quantized = recipe.quantization.mode != "none"
     device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
     model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
+    family.check_context(model.config, processor, recipe.data.max_text_length)  # image tokens included
     set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
     model = prepare_model(model, recipe, family)
     accelerator.print(trainable_summary(model))

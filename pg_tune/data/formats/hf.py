@@ -37,7 +37,7 @@ from typing import Any
 
 from PIL import Image
 
-from pg_tune.config.datasets import HfOptions
+from pg_tune.config.datasets import HfOptions, is_saved_dataset
 from pg_tune.data.bad_rows import data_error, reason_of
 from pg_tune.data.formats._common import BuildContext, format_prompt
 from pg_tune.data.sample import DataError, LazySamples, Sample
@@ -45,15 +45,11 @@ from pg_tune.data.sample import DataError, LazySamples, Sample
 _CONTRACT = ("image", "prefix", "suffix")
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
-
-
 def _load(options: HfOptions):
     import datasets
 
     path = Path(options.path)
-    if _is_saved_dataset(path):
+    if is_saved_dataset(path):
         if options.streaming:
             raise DataError(
                 f"{path}: a save_to_disk folder is memory-mapped already; drop streaming: true "
