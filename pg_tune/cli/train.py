@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -42,6 +43,17 @@ def run_summary(result) -> dict[str, Any]:
     }
 
 
+def _strict(value: Any) -> Any:
+    """NaN and infinities as null: ``summary.json`` is strict JSON (``NaN`` is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_summary(result) -> Path:
     """Write ``summary.json`` beside the adapter (atomically: it is read by scripts)."""
     from pg_tune.train.storage import disk_full_guard
@@ -49,7 +61,7 @@ def write_summary(result) -> Path:
     path = Path(result.output_dir) / "summary.json"
     tmp = path.with_suffix(".json.tmp")
     with disk_full_guard(path):
-        tmp.write_text(json.dumps(run_summary(result), indent=2))
+        tmp.write_text(json.dumps(_strict(run_summary(result)), indent=2, allow_nan=False))
     tmp.replace(path)
     return path
 

@@ -157,6 +157,10 @@ class DataConfig:
     is ever truncated; image tokens never are."""
     on_bad_row: Literal["stop", "skip"] = "stop"
     """``stop`` at the first bad row, or ``skip`` it and count it; counts are always printed."""
+    max_bad_row_share: float = 0.5
+    """Under ``skip``: a run fails (no adapter written) when more than this share of its training rows
+    was bad, at build or among the rows read while training; 1 = never for the share. A run that
+    trained nothing always fails."""
     num_workers: int = 0
     """DataLoader worker processes decoding and resizing images."""
     shuffle: bool = True
@@ -171,6 +175,9 @@ class DataConfig:
     def check(self, path: str) -> None:
         _at_least(path, "max_text_length", self.max_text_length, 1, " (text tokens after the image tokens)")
         _at_most(path, "max_text_length", self.max_text_length, MAX_TEXT_LENGTH)
+        _finite_in(
+            path, "max_bad_row_share", self.max_bad_row_share, 0, 1, " (a fraction of the training rows)"
+        )
         _at_least(path, "num_workers", self.num_workers, 0, " (0 = load in the main process)")
         if not self.shuffle and self.group_by_length:
             raise ConfigError(

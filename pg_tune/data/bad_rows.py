@@ -64,3 +64,24 @@ class BadRows:
             lines.append(f"  {reason}: {n}")
             lines.extend(f"    e.g. {ex}" for ex in self.examples.get(reason, []))
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The counts on one line, each reason with its first example: ``corrupt_image: 4 (e.g. ...)``."""
+        parts = []
+        for reason, n in self.counts.most_common():
+            example = self.examples.get(reason, [])
+            parts.append(f"{reason}: {n}" + (f" (e.g. {example[0]})" if example else ""))
+        return "; ".join(parts) or "none"
+
+
+def check_bad_share(bad: BadRows, good: int, limit: float, where: str) -> None:
+    """Raise ``DataError`` when more than ``limit`` of the rows a dataset build read (``bad`` + ``good``)
+    were bad (``data.max_bad_row_share``): a run that drops most of its data learns from what is left."""
+    count = sum(bad.counts.values())
+    if not count or count <= limit * (count + good):
+        return
+    raise DataError(
+        f"{where}: {count} of {count + good} training rows were bad at build ({100 * count / (count + good):.0f}%, "
+        f"over data.max_bad_row_share={limit:g}): {bad.summary()}. Fix or remove those rows (pg-tune data "
+        "validate lists them all), or raise data.max_bad_row_share if dropping that many is intended"
+    )

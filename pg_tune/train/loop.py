@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pg_tune.config.recipe import Recipe, TrainConfig
 from pg_tune.config.schema import ConfigError
-from pg_tune.data.bad_rows import BadRows
+from pg_tune.data.bad_rows import BadRows, check_bad_share
 from pg_tune.data.build import build_samples
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
@@ -134,6 +134,7 @@ def _train(
 
     bad_rows, eval_bad = BadRows(recipe.data.on_bad_row), BadRows(recipe.data.on_bad_row)
     train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed, family=family)
+    check_bad_share(bad_rows, len(train_samples), recipe.data.max_bad_row_share, "data.train")
     eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed, family=family)
     eval_samples = readable_eval_samples(eval_samples, recipe.eval.limit, eval_bad)
     say(f"data: {len(train_samples)} train samples, {len(eval_samples)} eval samples; {bad_rows.report()}")
@@ -169,6 +170,7 @@ def _train(
         disable=not accelerator.is_local_main_process,
     )
     samples_seen, window_start, last_saved = 0, time.time(), -1
+    start = _Progress(state.step, state.nonfinite_skipped, sum(run.train_bad.counts.values()))
     run.loss_module.train()
     with StopSignals() as stop, contextlib.closing(progress):
         for window in _windows(run, state):
@@ -176,6 +178,7 @@ def _train(
             if step_result is None:  # every row of the window failed to load (one process): skip it
                 continue
             samples_seen += step_result.rows
+            start.rows_read += step_result.rows
             state.truncated += step_result.truncated
             progress.update(1)
             if step_result.nonfinite:
@@ -212,6 +215,7 @@ def _train(
                 say(f"\n{early_stop}")
                 break
     bad = _finish_counts(run, state, bad_rows, eval_bad, recipe)
+    stop_reason = _check_trained(run, state, start, recipe) or stop_reason
 
     adapter_dir = _save_adapter(run, resolved_recipe, output_dir)
     metrics_after = evaluate("after training") if eval_samples else {}
@@ -577,6 +581,53 @@ def _checkpoint(
     for callback in on_checkpoint:
         callback(state.step, path, acc)
     return path
+
+
+@dataclass
+class _Progress:
+    """Where this process's training started, to tell what it did itself."""
+
+    step: int
+    nonfinite_skipped: int
+    bad_rows: int
+    rows_read: int = 0
+    """Rows of the windows that reached a forward pass (this rank)."""
+
+
+def _check_trained(run: _Run, state: TrainState, start: _Progress, recipe: Recipe) -> str | None:
+    """Refuse to save a run that trained nothing, or that read more bad rows than
+    ``data.max_bad_row_share`` allows (a ``DataError`` on every rank: no adapter is written).
+    Returns the stop reason of a run that took fewer steps than planned (windows with no readable row)."""
+    acc = run.accelerator
+    good = int(acc.reduce(torch.tensor(start.rows_read, device=acc.device), "sum"))
+    bad = sum(run.train_bad.counts.values()) - start.bad_rows  # gathered over ranks by _finish_counts
+    steps = state.step - start.step
+    updates = steps - (state.nonfinite_skipped - start.nonfinite_skipped)
+    if steps and not updates:
+        raise DataError(
+            f"trained nothing: every one of the {steps} optimizer steps was non-finite and skipped "
+            "(train.on_nonfinite=skip); no adapter was written. Lower train.lr, or find the rows with "
+            "train.on_nonfinite=stop (it names them)"
+        )
+    if not steps:
+        raise DataError(
+            f"trained nothing: all {bad} training rows read were bad ({run.train_bad.summary()}); no adapter "
+            "was written. Fix or remove those rows (pg-tune data validate lists them all)"
+        )
+    limit = recipe.data.max_bad_row_share
+    if bad > limit * (bad + good):
+        raise DataError(
+            f"training: {bad} of {bad + good} ({100 * bad / (bad + good):.0f}%) of the training rows read were "
+            f"bad (over data.max_bad_row_share={limit:g}): {run.train_bad.summary()}; no adapter was written. "
+            "Fix or remove those rows (pg-tune data validate lists them all), or raise data.max_bad_row_share "
+            "if dropping that many is intended"
+        )
+    if state.step < state.total_steps:
+        return (
+            f"trained {state.step} of the planned {state.total_steps} steps: windows without a readable row "
+            f"were skipped ({run.train_bad.summary()})"
+        )
+    return None
 
 
 def _finish_counts(
