@@ -40,11 +40,12 @@ class BadRows:
         self.examples: dict[str, list[str]] = {}
         self._examples_per_reason = examples_per_reason
 
-    def bad(self, reason: str, message: str) -> None:
-        """Record a bad row; raise ``DataError`` under the ``stop`` policy."""
+    def bad(self, reason: str, message: str, count: int = 1) -> None:
+        """Record a bad row (``count`` rows: a damaged parquet row group); raise ``DataError`` under the
+        ``stop`` policy."""
         if self.policy == "stop":
             raise DataError(f"{message} (data.on_bad_row=stop; set it to 'skip' to skip and count such rows)")
-        self.counts[reason] += 1
+        self.counts[reason] += count
         examples = self.examples.setdefault(reason, [])
         if len(examples) < self._examples_per_reason:
             examples.append(message)
