@@ -174,3 +174,20 @@ def test_the_text_budget_is_checked_by_training_on_the_loaded_model(tmp_path, ca
     ):
         train(recipe, resolved, family_of(recipe))
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "what"),
+    [
+        (["lora.vision=true"], "lora.vision=true"),
+        (["method=full"], "method=full (it trains the projector)"),
+        (
+            ["method=partial", "partial.groups=[attention, projector]"],
+            "partial.groups=['attention', 'projector']",
+        ),
+    ],
+)
+def test_a_feature_cache_with_a_trained_vision_side_fails_validate(tmp_path, capsys, overrides, what):
+    code, _, err = _validate(tmp_path, capsys, BASE, "data.feature_cache=cache", *overrides)
+    assert code == 2 and f"data.feature_cache: {what} trains what produces the image features" in err
+    assert _validate(tmp_path, capsys, BASE, "data.feature_cache=cache")[0] == 0

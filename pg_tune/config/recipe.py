@@ -402,6 +402,19 @@ class Recipe:
                 "(or remove best_metric)"
             )
         self._check_streaming()
+        trains_vision = {
+            "lora": ("lora.vision=true", self.lora.vision),
+            "full": ("method=full (it trains the projector)", True),
+            "partial": (
+                f"partial.groups={self.partial.groups}",
+                bool({"vision", "projector"} & set(self.partial.groups)),
+            ),
+        }[self.method]
+        if self.data.feature_cache and trains_vision[1]:
+            raise ConfigError(
+                f"data.feature_cache: {trains_vision[0]} trains what produces the image features, so cached "
+                "features would go stale while training; remove data.feature_cache or freeze the vision side"
+            )
 
     def _check_streaming(self) -> None:
         """What the loader refuses for streamed entries (``pg_tune.data.loader``), refused here first."""
