@@ -68,8 +68,6 @@ def write_summary(result) -> Path:
 
 def run_training(recipe, resolved_recipe: dict[str, Any], resume: str | None = None, overwrite: bool = False):
     """``train()`` with what the command adds: Hub pushes and ``summary.json`` (main process)."""
-    from accelerate import PartialState
-
     from pg_tune.export.hub import push_from_training
     from pg_tune.models.family import load_family
     from pg_tune.train.loop import train
@@ -85,7 +83,7 @@ def run_training(recipe, resolved_recipe: dict[str, Any], resume: str | None = N
         callbacks.append(kill)
     # One writer per run folder: held around training, the summary and the push (train() takes it too).
     command = "pg-tune train" + (f" --resume {resume}" if resume else " --overwrite" if overwrite else "")
-    with hold_output_dir(output_dir, command, PartialState().is_main_process):
+    with hold_output_dir(output_dir, command):
         result = train(
             recipe, resolved_recipe, family, resume=resume, overwrite=overwrite, on_checkpoint=callbacks
         )

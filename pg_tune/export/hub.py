@@ -274,11 +274,11 @@ def push(
     items = upload_plan(
         run_dir, repo_id, merged, dtype, base_model, tags, datasets, trust_remote_code, dry_run=dry_run
     )
-    local_base = read_run(run_dir).recipe.model.name_or_path
-    if not base_model and published_base(read_run(run_dir)) != local_base:
+    run = read_run(run_dir)
+    if not base_model and (named := published_base(run)) != run.recipe.model.name_or_path:
         print(
             f"note: the base is a local folder; the card, recipe.yaml and adapter_config.json name it by its "
-            f"folder name {published_base(read_run(run_dir))!r}, not its path (--base-model OWNER/NAME names its hub id)"
+            f"folder name {named!r}, not its path (--base-model OWNER/NAME names its hub id)"
         )
     visibility = "private" if private else "PUBLIC: anyone can download it"
     where = f"{repo_id}@{revision or 'main'} ({visibility})"
@@ -293,11 +293,7 @@ def push(
                 "--dry-run writes it first (pg-tune export's checks), then uploads it"
             )
         return items
-    what = (
-        "merged weights"
-        if merged
-        else ("model weights" if read_run(run_dir).is_full_model else "LoRA adapter")
-    )
+    what = "merged weights" if merged else ("model weights" if run.is_full_model else "LoRA adapter")
     info = upload(items, repo_id, private, revision, f"pg_tune: {what} from {Path(run_dir).name}", endpoint)
     print(f"pushed: {info.commit_url}")
     return items

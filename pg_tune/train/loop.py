@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -108,7 +108,7 @@ def train(
     ``output_dir`` clean; a non-empty ``output_dir`` without either is refused. The main process
     holds ``output_dir``'s one-writer lock throughout (``pg_tune.train.lock``)."""
     command = "pg-tune train" + (f" --resume {resume}" if resume else " --overwrite" if overwrite else "")
-    with hold_output_dir(Path(recipe.output_dir), command, PartialState().is_main_process):
+    with hold_output_dir(Path(recipe.output_dir), command):
         return _train(recipe, resolved_recipe, family, resume, overwrite, on_checkpoint)
 
 
@@ -609,7 +609,7 @@ def _check_trained(run: _Run, state: TrainState, start: _Progress, recipe: Recip
             "(train.on_nonfinite=skip); no adapter was written. Lower train.lr, or find the rows with "
             "train.on_nonfinite=stop (it names them)"
         )
-    if not steps:
+    if not steps and state.step < state.total_steps:  # (a resume at the last step has nothing to do)
         raise DataError(
             f"trained nothing: all {bad} training rows read were bad ({run.train_bad.summary()}); no adapter "
             "was written. Fix or remove those rows (pg-tune data validate lists them all)"

@@ -119,11 +119,19 @@ def ensure_writable_dir(output_dir: Path) -> None:
         ) from None
 
 
+def is_main_launch_process() -> bool:
+    """Rank 0 of a launch, read from the launcher's environment (torchrun, accelerate, deepspeed,
+    MPI) before any Accelerator exists (a ``PartialState`` made early would fix the wrong backend)."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+
+
 @contextlib.contextmanager
-def hold_output_dir(output_dir: Path, command: str, main_process: bool = True) -> Iterator[None]:
-    """The run folder's one-writer lock (``pg_tune.train.lock``), taken by the main process only,
+def hold_output_dir(output_dir: Path, command: str) -> Iterator[None]:
+    """The run folder's one-writer lock (``pg_tune.train.lock``), taken by the launch's rank 0 only,
     after checking that the folder can be written; ``OutputDirError`` when another process holds it."""
-    if not main_process:
+    if not is_main_launch_process():
         yield
         return
     ensure_writable_dir(output_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,18 @@ def test_max_bad_row_share_is_a_fraction(tmp_path):
     base = {"output_dir": "x", "data": {"train": [{"format": "shapes"}]}}
     with pytest.raises(ConfigError, match=r"data.max_bad_row_share: must be a finite number in \[0, 1\]"):
         parse_recipe({**base, "data": {**base["data"], "max_bad_row_share": 1.5}})
+
+
+@pytest.mark.slow
+def test_a_resume_at_the_last_checkpoint_has_nothing_to_train_and_still_saves(tmp_path, capsys):
+    """Killed after the last step's checkpoint, before the adapter: nothing is left to train, and that
+    is not "trained nothing"."""
+    recipe = _recipe(tmp_path, _dataset(tmp_path, rows=4), on_bad_row="stop")
+    assert main(["train", recipe, "train.save_every=1"]) == 0
+    run = tmp_path / "run"
+    for name in ("adapter", "final_state.json", "summary.json"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert main(["train", recipe, "train.save_every=1", "--resume", "auto"]) == 0
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
