@@ -215,7 +215,11 @@ def _train(
                 say(f"\n{early_stop}")
                 break
     bad = _finish_counts(run, state, bad_rows, eval_bad, recipe)
-    stop_reason = _check_trained(run, state, start, recipe) or stop_reason
+    short_of_plan = _check_trained(run, state, start, recipe)
+    if (
+        short_of_plan and stop_reason == f"trained the planned {state.total_steps} steps"
+    ):  # not early stopping
+        stop_reason = short_of_plan
 
     adapter_dir = _save_adapter(run, resolved_recipe, output_dir)
     metrics_after = evaluate("after training") if eval_samples else {}

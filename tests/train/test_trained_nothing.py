@@ -134,3 +134,14 @@ def test_a_resume_at_the_last_checkpoint_has_nothing_to_train_and_still_saves(tm
     assert main(["train", recipe, "train.save_every=1", "--resume", "auto"]) == 0
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_run_short_of_its_planned_steps_says_so(tmp_path, capsys):
+    """Windows whose every row was unreadable are skipped: the stop reason says how many steps ran."""
+    recipe = _recipe(tmp_path, _dataset(tmp_path, rows=4, corrupt=2), max_bad_row_share=0.9, shuffle=False)
+    assert main(["train", recipe, "train.batch_size=1", "train.max_steps=4"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert summary["stop_reason"].startswith("trained 2 of the planned 4 steps: windows without a readable row")
+    assert "corrupt_image: 2" in summary["stop_reason"]
