@@ -143,5 +143,7 @@ def test_a_run_short_of_its_planned_steps_says_so(tmp_path, capsys):
     assert main(["train", recipe, "train.batch_size=1", "train.max_steps=4"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
-    assert summary["stop_reason"].startswith("trained 2 of the planned 4 steps: windows without a readable row")
+    assert summary["stop_reason"].startswith(
+        "trained 2 of the planned 4 steps: windows without a readable row"
+    )
     assert "corrupt_image: 2" in summary["stop_reason"]
