@@ -27,7 +27,7 @@ from pg_tune.data.sample import DataError
 if TYPE_CHECKING:
     from pg_tune.models.family import ModelFamily
 
-REPAIRED = frozenset({"box_clipped"})
+REPAIRED = frozenset({"box_clipped", "box_swapped"})
 """Reasons that mark a repaired row (kept), not a bad one."""
 
 

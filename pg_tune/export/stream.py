@@ -18,8 +18,8 @@ merged ``W'x`` must equal ``Wx + s·B(Ax)`` (both fp32) within ``MODULE_PARITY_R
 that tolerance cannot be checked this way; the report counts them. ``--parity full`` keeps the
 whole-model logit comparison of ``pg_tune.export.merged`` for models that fit in memory.
 
-The output folder is written as ``OUT.partial`` and renamed at the end: a failed check leaves
-nothing behind.
+The output folder is written as ``OUT.partial`` (marked as pg_tune's and locked:
+``pg_tune.export.staging``) and renamed at the end: a failed check leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from safetensors import safe_open
 
 from pg_tune.export.model_card import build_model_card
 from pg_tune.export.run import REPORT_NAME
+from pg_tune.export.staging import StagedExport
 
 FP32_EPS = torch.finfo(torch.float32).eps
 MODULE_PARITY_ROWS = 4
@@ -422,11 +423,8 @@ def stream_export(run, out_dir: str | Path, dtype_name: str, dtype: torch.dtype,
 
     ``run`` is a ``pg_tune.export.run.Run``. Returns the report written to ``export_report.json``.
     """
-    out_dir = Path(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    staging = StagedExport(out_dir)  # OUT.partial, marked as pg_tune's and locked (pg_tune.export.staging)
+    out_dir, partial = staging.out_dir, staging.path
     try:
         with tempfile.TemporaryDirectory(prefix="pg_tune_merge_") as scratch:
             base_dir = base_checkpoint(
@@ -458,9 +456,9 @@ def stream_export(run, out_dir: str | Path, dtype_name: str, dtype: torch.dtype,
             )
         (partial / REPORT_NAME).write_text(json.dumps(report, indent=2))
         (partial / "README.md").write_text(build_model_card(run, family, kind="merged", export_report=report))
-        partial.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        staging.finish()
+    except BaseException as e:
+        staging.discard(e)
         raise
     print(f"exported to {out_dir}")
     return report

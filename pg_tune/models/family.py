@@ -191,7 +191,9 @@ class ModelFamily(abc.ABC):
         quantized = quantization is not None and quantization.mode != "none"
         if self.is_tiny(model.name_or_path):
             if quantized:
-                raise ValueError(
+                from pg_tune.config.schema import ConfigError
+
+                raise ConfigError(
                     "quantization needs a checkpoint on disk: save the tiny preset first "
                     f"(python -m pg_tune.models.tiny DIR --preset {model.name_or_path}) and point "
                     "model.name_or_path at it"
@@ -383,6 +385,50 @@ class ModelFamily(abc.ABC):
                 f"{self.name} models run code from their Hub repo: read that code at the pinned revision, "
                 "then pass --trust-remote-code on the command line (it stays off unless asked)"
             )
+
+    # ---- the context window --------------------------------------------------------------------
+    @abc.abstractmethod
+    def sequence_overhead(self, processor: ProcessorMixin) -> int:
+        """The most positions a sample's sequence holds beyond its ``data.max_text_length`` budget:
+        image tokens of the largest image the processor makes, and the template around them."""
+
+    def context_positions(self, config: Any) -> int | None:
+        """Positions the decoder can attend over (``max_position_embeddings`` of the text config)."""
+        return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+    def check_context(self, config: Any, processor: ProcessorMixin, max_text_length: int) -> None:
+        """Refuse a ``data.max_text_length`` whose longest sequence (image tokens included) would run
+        past the model's context; ``ConfigError`` naming the key and the largest value that fits."""
+        from pg_tune.config.schema import ConfigError
+
+        positions = self.context_positions(config)
+        if positions is None:
+            return
+        overhead = self.sequence_overhead(processor)
+        if overhead + max_text_length > positions:
+            raise ConfigError(
+                f"data.max_text_length={max_text_length}: with up to {overhead} image and template tokens a "
+                f"sequence reaches {overhead + max_text_length} positions, past the model's context of {positions} "
+                f"positions (max_position_embeddings of its text config); set data.max_text_length to at most "
+                f"{positions - overhead}"
+            )
+
+    def offline_config(self, model: ModelConfig) -> Any | None:
+        """The model's config without the network: a tiny preset's, a local folder's, pg_tune's copy of a
+        published one, or the hub cache's; None when none is at hand (``validate`` then cannot check)."""
+        from transformers import AutoConfig
+
+        name = model.name_or_path
+        if self.is_tiny(name):
+            return self.tiny_module.build_config(self.tiny_module.PRESETS[name])
+        if Path(name).is_dir():
+            return AutoConfig.from_pretrained(name, trust_remote_code=False)
+        if (published := self.published_config(name)) is not None:
+            return published
+        try:
+            return AutoConfig.from_pretrained(name, revision=model.revision, local_files_only=True)
+        except (OSError, ValueError):
+            return None
 
     def load_mask_codec(self, vae_path: str | Path | None) -> Any | None:
         """The family's mask tokenizer (PaliGemma: big_vision's VQ-VAE), or None if it has none."""

@@ -333,6 +333,18 @@ class ChatFamily(ModelFamily):
     def end_of_turn_id(self, processor: Any) -> int:
         """The token that ends the assistant's turn (supervised; generation stops there)."""
 
+    @abc.abstractmethod
+    def largest_image_text(self, processor: Any) -> str:
+        """The text that stands for the largest image the processor makes (its image tokens)."""
+
+    def sequence_overhead(self, processor: Any) -> int:
+        """The largest image block plus the chat template's turns: what ``encode`` does not budget."""
+        tokens = processor.tokenizer(
+            self.user_turn(self.largest_image_text(processor), "") + "".join(self.assistant_turn("")),
+            add_special_tokens=False,
+        )["input_ids"]
+        return len(tokens)
+
     # sequences
     fixed_reserved: ClassVar[frozenset[str]]
     """The family's control strings, refused in sample text even before a processor is loaded."""

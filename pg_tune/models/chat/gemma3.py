@@ -92,3 +92,6 @@ class Gemma3Family(ChatFamily):
 
     def end_of_turn_id(self, processor) -> int:
         return processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+
+    def largest_image_text(self, processor) -> str:
+        return processor.full_image_sequence  # every image is the same number of soft tokens

@@ -131,6 +131,21 @@ class SmolVLMFamily(ChatFamily):
     def end_of_turn_id(self, processor) -> int:
         return processor.tokenizer.convert_tokens_to_ids(processor.end_of_utterance_token)
 
+    def largest_image_text(self, processor) -> str:
+        """Tiles of an image resized to the longest edge on both sides, plus the global view."""
+        image_processor = processor.image_processor
+        tiles = -(-image_processor.size["longest_edge"] // image_processor.max_image_size["longest_edge"])
+        if not getattr(image_processor, "do_image_splitting", True):
+            tiles = 0
+        return get_image_prompt_string(
+            tiles,
+            tiles,
+            processor.image_seq_len,
+            fake_token_around_image=processor.fake_image_token,
+            image_token=processor.image_token,
+            global_image_token=processor.global_image_token,
+        )
+
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Connector output of every real tile, concatenated: ``[image tokens in the batch, hidden]``."""
         if "pixel_attention_mask" not in batch:

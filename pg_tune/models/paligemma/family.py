@@ -122,6 +122,10 @@ class PaliGemmaFamily(ModelFamily):
         shape = shape_of_hub_id(name_or_path)
         return shape_config(shape) if shape is not None else None
 
+    def sequence_overhead(self, processor) -> int:
+        """``<image>`` x N before the text; bos, prompt, newline, target and eos are the text budget."""
+        return int(processor.image_seq_length)
+
     # sequences
     def reserved_tokens(self, processor) -> frozenset[str]:
         """Gemma's ``<bos>``/``<eos>``/``<pad>``/``<unk>`` and ``<image>``, plus the tokenizer's specials."""
