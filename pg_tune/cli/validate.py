@@ -7,10 +7,16 @@ import argparse
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pg_tune.config import load_recipe
-    from pg_tune.models.family import check_recipe_tasks
+    from pg_tune.data.validate import check_recipe_support
+    from pg_tune.models.family import family_for
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
-    check_recipe_tasks(recipe)
+    try:
+        family = family_for(recipe.model.name_or_path)
+    except (ValueError, OSError):
+        family = None  # an unknown model is reported where it is loaded
+    if family is not None:
+        check_recipe_support(recipe, family)
     print(
         f"{args.recipe}: OK ({len(recipe.data.train)} train and {len(recipe.data.eval)} eval dataset entries, "
         f"model {recipe.model.name_or_path})"

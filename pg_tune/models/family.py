@@ -133,6 +133,9 @@ class ModelFamily(abc.ABC):
     """Batch keys of the family's attention rule, passed to the decoder (``token_type_ids``)."""
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Batch keys the image encoder reads (the first holds the pixels)."""
+    cacheable_image_features: ClassVar[bool] = True
+    """Whether every image gives features of one shape, so ``data.feature_cache`` can store them
+    (SmolVLM2's tiles make their number vary per image: False)."""
     final_softcap: ClassVar[bool] = True
     """Whether the model class applies ``final_logit_softcapping`` to its logits when the config
     names one (Gemma 3's ``forward`` never does)."""
@@ -288,6 +291,15 @@ class ModelFamily(abc.ABC):
                 )
                 error.reason = "reserved_token"  # type: ignore[attr-defined]
                 raise error
+
+    def check_task(self, sample: Sample) -> None:
+        """Raise ``DataError`` naming the row if the family cannot do its task (reason ``unsupported_task``)."""
+        from pg_tune.data.sample import DataError
+
+        if sample.task not in self.tasks:
+            error = DataError(f"{sample.source}: {unsupported_task_message(self, sample.task)}")
+            error.reason = "unsupported_task"  # type: ignore[attr-defined]
+            raise error
 
     @abc.abstractmethod
     def render_prompt(self, sample: Sample) -> str:
@@ -500,9 +512,6 @@ def load_family(name_or_path: str, vae_path: str | Path | None = None) -> ModelF
 
 # ---- what each family supports -----------------------------------------------------------------
 
-# Dataset options name tasks in their own words: refcoco's ``task: segment`` is referring segmentation.
-_TASK_ALIASES = {"segment": "refer_segment"}
-
 
 def families_supporting(task: str) -> list[str]:
     """Names of the registered families that can render and parse ``task``."""
@@ -516,32 +525,13 @@ def unsupported_task_message(family: ModelFamily, task: str) -> str:
     return f"model family {family.name!r} cannot do task {task}{why}; families that support it: {others}"
 
 
-def check_recipe_tasks(recipe: Any) -> None:
-    """Refuse, before anything loads, dataset entries whose declared task the model's family lacks
-    (and remote-code loading without a pinned commit: ``ModelFamily.check_model_config``).
-
-    Raises ``ConfigError`` naming the entry (``data.train[0].task``). Per-row tasks of JSONL files
-    are refused when the rows are rendered (``render_target``), with the same message.
-    """
-    from pg_tune.config.schema import ConfigError
-
-    try:
-        family = family_for(recipe.model.name_or_path)
-    except (ValueError, OSError):
-        return  # an unknown model is reported where it is loaded
-    try:
-        family.check_model_config(recipe.model, at_load=False)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for split in ("train", "eval"):
-        for k, entry in enumerate(getattr(recipe.data, split)):
-            declared = getattr(entry.options, "task", None)
-            task = _TASK_ALIASES.get(declared, declared)
-            if task is not None and task not in family.tasks:
-                raise ConfigError(
-                    f"data.{split}[{k}].task: {declared!r} ({entry.format}): "
-                    f"{unsupported_task_message(family, task)}"
-                )
+def unsupported_feature_cache_message(family: ModelFamily) -> str:
+    """Why ``family``'s image features cannot be cached, and which families' can."""
+    others = ", ".join(n for n in family_names() if family_for(n).cacheable_image_features) or "none"
+    return (
+        f"model family {family.name!r} cannot use data.feature_cache: the number of its image features "
+        f"varies per image; families that support it: {others}"
+    )
 
 
 def unwrap_model(model: nn.Module, cls: type | None = None) -> nn.Module:

@@ -102,14 +102,6 @@ def render_text_boxes(sample: Sample) -> str:
     """A box task's target text: ``[..] label`` per object joined by `` ; `` (referring: the box)."""
     if sample.image_size is None:
         raise DataError(f"{sample.source}: structured targets need the image size")
-    if sample.task not in TEXT_BOX_TASKS:
-        from pg_tune.models.family import families_supporting
-
-        families = ", ".join(families_supporting(sample.task)) or "none"
-        raise DataError(
-            f"{sample.source}: task {sample.task} needs mask tokens, which this model family does not have; "
-            f"families that support it: {families}"
-        )
     parts = []
     for obj in sample.targets:
         box = text_box(obj.box, sample.image_size)
@@ -213,6 +205,7 @@ class ChatCollator(abc.ABC):
 
     def _parts(self, sample: Sample) -> tuple[str, list[int], list[int], list[int]]:
         """The prompt, its own tokens, the supervised target tokens (+ end of turn) and the trailer."""
+        self.family.check_task(sample)
         self.family.check_text(sample, self.reserved)
         prompt = self.family.render_prompt(sample)
         prompt_tokens = self._tokens(prompt)
@@ -352,6 +345,7 @@ class ChatFamily(ModelFamily):
 
     def render_target(self, sample: Sample) -> str:
         """``sample.suffix`` for text tasks, else the text boxes (module docstring)."""
+        self.check_task(sample)
         if not sample.targets:
             return sample.suffix
         return render_text_boxes(sample)
