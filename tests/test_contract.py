@@ -16,11 +16,13 @@ die or its peak memory is measured.
 | methods: LoRA (the shared run), DoRA, full, partial | ``test_methods_train`` |
 | QLoRA (4-bit base from a checkpoint on disk) | ``test_qlora_trains_from_a_checkpoint`` |
 | ``pg-tune export``, streamed (default) and ``--parity full``; the folder loads with transformers alone | ``test_export_loads_with_transformers_alone`` |
+| the model card's code runs on the export and builds the family's own inputs | ``test_model_card_snippet_runs`` |
 | SIGKILL, then ``--resume auto``: bitwise equal to an uninterrupted run | ``test_sigkill_then_resume_is_bitwise`` |
 | the model sees the image: two images give different logits | ``test_different_images_give_different_logits`` |
 | batched generation = one sample at a time | ``test_batched_generation_equals_one_by_one`` |
 | ``data.feature_cache``: same loss as from pixels, or refused by ``validate`` | ``test_feature_cache_or_refusal`` |
 | ``pg-tune plan`` within +-20% of the measured peak | ``test_plan_within_20_percent_of_the_peak`` |
+| FSDP (``recipes/accelerate/fsdp.yaml``) wraps each decoder and vision layer | ``test_fsdp_wraps_each_layer`` |
 | a task the family cannot do: refused by ``pg-tune validate``, ``data validate`` and ``predict`` | ``test_unsupported_task_is_refused`` |
 
 A new family gets all of this by registering (one line in ``pg_tune/models/family.py``'s ``_REGISTRY``):
@@ -243,7 +245,8 @@ class Workspace:
         return {
             "output_dir": str(output_dir),
             "model": {"name_or_path": self.preset, "vae_path": str(self.vae), "dtype": "float32"},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targets": "attention_mlp"},
+            # On the vision tower too: its adapters learn only if gradients reach the image path.
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targets": "attention_mlp", "vision": True},
             "data": {
                 "train": [task_entry(t, "train", self.root) for t in tasks],
                 "eval": [task_entry(t, "eval", self.root) for t in tasks],
@@ -328,6 +331,10 @@ def test_training_learns_and_evaluates_every_task(workspace, runs):
         for task in workspace.tasks:
             assert f"eval/{PRIMARY_METRIC[task]}" in evaluation, task
             assert evaluation[f"eval/{task}/count"] == counts[task], task
+    # LoRA's B matrices start at zero: after training, those on the vision tower moved too.
+    adapter = load_file(runs["run"] / "adapter" / "adapter_model.safetensors")
+    vision = [k for k in adapter if f".{workspace.family.modules.vision}." in k and "lora_B" in k]
+    assert vision and all(adapter[k].abs().max() > 0 for k in vision)
     summary = json.loads((runs["run"] / "summary.json").read_text())
     assert summary["metrics_after"] == {
         k.removeprefix("eval/"): v for k, v in evaluations[-1].items() if k != "step"
@@ -481,17 +488,35 @@ def test_methods_train(workspace, method, capsys):
 
 @pytest.mark.slow
 def test_qlora_trains_from_a_checkpoint(workspace, capsys):
+    """4-bit base (every decoder linear quantized; vision, projector and head kept), trained, then
+    exported: merged into the full-precision base."""
+    import re
+
     pytest.importorskip("bitsandbytes")
-    checkpoint = workspace.family.save_tiny(workspace.preset, workspace.root / "checkpoint")
+    family = workspace.family
+    checkpoint = family.save_tiny(workspace.preset, workspace.root / "checkpoint")
     out = workspace.root / "qlora"
     overrides = [f"output_dir={out}", f"model.name_or_path={checkpoint}", "quantization.mode=4bit"]
     overrides += ["quantization.bnb_4bit_compute_dtype=float32", "data.eval=[]", "train.save_every=null"]
     assert main(["train", str(workspace.recipe), *overrides]) == 0
-    printed = capsys.readouterr().out
-    assert "quantization: " in printed and "4bit" in printed
+    quantized = int(
+        re.search(r"quantization: (\d+) linear layers quantized", capsys.readouterr().out).group(1)
+    )
+    with torch.device("meta"):
+        model = family.model_class(family.model_class.config_class.from_pretrained(checkpoint))
+    decoder = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and re.match(family.lm_layers, n)
+    ]
+    assert quantized == len(decoder) > 0
     losses = [r["loss"] for r in records(out) if "loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    merged = workspace.root / "qlora-merged"
+    assert main(["export", str(out), "--out", str(merged), "--dtype", "fp32"]) == 0
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    assert not any("lora" in n for n, _ in load_alone(family, merged)[0].named_parameters())
+    capsys.readouterr()
 
 
 # ---- export ---------------------------------------------------------------------------------------
@@ -511,35 +536,67 @@ def load_alone(family, folder: Path):
     return model, processor
 
 
+@pytest.fixture(scope="module")
+def exports(workspace, runs):
+    """The shared run exported both ways: streamed (the default) and ``--parity full``."""
+    folders = {"streamed": workspace.root / "export-streamed", "full": workspace.root / "export-full"}
+    run = str(runs["run"])
+    assert main(["export", run, "--out", str(folders["streamed"]), "--dtype", "fp32"]) == 0
+    assert main(["export", run, "--out", str(folders["full"]), "--dtype", "fp32", "--parity", "full"]) == 0
+    return folders
+
+
 @pytest.mark.slow
-def test_export_loads_with_transformers_alone(workspace, runs, capsys):
+def test_export_loads_with_transformers_alone(workspace, runs, exports):
     import peft
 
     from pg_tune.config.recipe import ModelConfig
 
     family = workspace.family
-    run = runs["run"]
-    streamed, whole = workspace.root / "export-streamed", workspace.root / "export-full"
-    assert main(["export", str(run), "--out", str(streamed), "--dtype", "fp32"]) == 0
-    assert "parity: " in capsys.readouterr().out
-    assert main(["export", str(run), "--out", str(whole), "--dtype", "fp32", "--parity", "full"]) == 0
-    assert "parity: OK" in capsys.readouterr().out
-    for folder in (streamed, whole):
-        config = json.loads((folder / "config.json").read_text())
-        assert config["model_type"] == family.model_types[0] and "README.md" in os.listdir(folder)
-    merged, _ = load_alone(family, streamed)
-    merged_full, _ = load_alone(family, whole)
+    for kind, folder in exports.items():
+        report = json.loads((folder / "export_report.json").read_text())
+        assert json.loads((folder / "config.json").read_text())["model_type"] == family.model_types[0]
+        assert (folder / "README.md").is_file() and report, kind
+    merged = {kind: load_alone(family, folder)[0] for kind, folder in exports.items()}
     # Both merges equal base + adapter on a real sample (peft on the base, as a user would check).
     base = family.load_model(ModelConfig(workspace.preset, dtype="float32"))
-    reference = peft.PeftModel.from_pretrained(base, run / "adapter").eval()
+    reference = peft.PeftModel.from_pretrained(base, runs["run"] / "adapter").eval()
     processor = family.load_processor(ModelConfig(workspace.preset))
-    sample = workspace.eval_samples()[0]
-    batch = family.collator(processor, 48, train=False)([(0, sample)])
+    batch = family.collator(processor, 48, train=False)([(0, workspace.eval_samples()[0])])
     inputs = family.generation_inputs(batch, torch.float32)
     with torch.no_grad():
         expected = reference(**inputs).logits
-        assert_close_to_scale(merged(**inputs).logits, expected)
-        assert_close_to_scale(merged_full(**inputs).logits, expected)
+        for kind, model in merged.items():
+            assert_close_to_scale(model(**inputs).logits, expected, msg=kind)
+
+
+@pytest.mark.slow
+def test_model_card_snippet_runs(workspace, exports):
+    """The model card's code, run as written on the exported folder, loads it; where it builds model
+    inputs they are the family's own (Gemma 3: one <bos>, though its tokenizer adds one itself)."""
+    import re
+
+    from pg_tune.config.recipe import ModelConfig
+
+    family = workspace.family
+    folder = exports["streamed"]
+    try:
+        family.processor_class.from_pretrained(folder)
+    except ImportError as e:
+        pytest.skip(f"{family.processor_class.__name__} cannot load here: {str(e).strip().splitlines()[0]}")
+    card = family.usage_snippet(None, str(folder), merged=True)
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    sample = next(s for s in workspace.eval_samples() if s.task == "caption")
+    from pg_tune.data.images import load_image
+
+    image = load_image(sample.image, sample.source)
+    scope = {"image": image, "PROMPT": family.render_prompt(sample)}
+    exec(code, scope)  # the card's code, as a user pastes it
+    assert isinstance(scope["model"], family.model_class)
+    if "inputs" in scope:
+        processor = family.load_processor(ModelConfig(str(folder)))
+        ours = family.collator(processor, 48, train=False)([(0, sample)])
+        assert scope["inputs"]["input_ids"].tolist() == ours["input_ids"].tolist()
 
 
 # ---- resume ---------------------------------------------------------------------------------------
@@ -607,6 +664,43 @@ def test_batched_generation_equals_one_by_one(workspace):
     assert any(batched)
 
 
+def test_fsdp_wraps_each_layer(workspace):
+    """``recipes/accelerate/fsdp.yaml`` names no layer class: the FSDP plugin accelerate builds from it,
+    given the family's layer classes before ``prepare``, wraps every decoder and vision encoder layer
+    of the module pg_tune prepares (``SuffixLoss``). One process: FSDP itself needs several GPUs."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from pg_tune.config.recipe import ModelConfig
+    from pg_tune.train.loss import SuffixLoss
+    from pg_tune.train.sharding import wrap_family_layers
+
+    launch = yaml.safe_load((REPO / "recipes" / "accelerate" / "fsdp.yaml").read_text())["fsdp_config"]
+    assert "fsdp_transformer_layer_cls_to_wrap" not in launch
+    family = workspace.family
+    model = family.load_model(ModelConfig(workspace.preset, dtype="float32"))
+    config = model.config
+    layers = config.get_text_config().num_hidden_layers + config.vision_config.num_hidden_layers
+
+    def wrapped(name_layers: bool) -> list[str]:
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=1, auto_wrap_policy=launch["fsdp_auto_wrap_policy"]
+        )
+        accelerator = SimpleNamespace(
+            distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin)
+        )
+        if name_layers:
+            wrap_family_layers(accelerator, model, family)
+        prepared = SuffixLoss(model, family)
+        plugin.set_auto_wrap_policy(prepared)  # what accelerator.prepare does with it
+        policy = plugin.auto_wrap_policy
+        return [n for n, m in prepared.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
+
+    assert wrapped(name_layers=False) == []  # accelerate alone finds no _no_split_modules on the wrapper
+    assert len(wrapped(name_layers=True)) == layers
+
+
 # ---- what not every family can do -----------------------------------------------------------------
 
 
@@ -614,7 +708,7 @@ def test_batched_generation_equals_one_by_one(workspace):
 def test_feature_cache_or_refusal(workspace, runs, capsys):
     """Families whose image features have one shape per image train from cached features with the
     same first loss as from pixels; the others are refused by ``pg-tune validate``, by name."""
-    overrides = [f"data.feature_cache={workspace.root / 'features'}"]
+    overrides = [f"data.feature_cache={workspace.root / 'features'}", "lora.vision=false"]
     if not workspace.family.cacheable_image_features:
         assert main(["validate", str(workspace.recipe), *overrides]) == 2
         error = capsys.readouterr().err
@@ -625,6 +719,7 @@ def test_feature_cache_or_refusal(workspace, runs, capsys):
     out = workspace.root / "cached"
     overrides += [f"output_dir={out}", "data.eval=[]", "train.max_steps=1", "train.save_every=null"]
     assert main(["train", str(workspace.recipe), *overrides]) == 0
+    # Fresh adapters leave the model as it was (B = 0), wherever they sit: the same first loss.
     first = [r["loss"] for r in records(runs["run"]) if "loss" in r][0]
     assert_close_to_scale(torch.tensor(records(out)[0]["loss"]), torch.tensor(first))
     capsys.readouterr()

@@ -113,7 +113,8 @@ class ModelFamily(abc.ABC):
     model_types: ClassVar[tuple[str, ...]]
     """``config.model_type`` values this family serves."""
     tiny_presets: ClassVar[tuple[str, ...]]
-    """Preset names it builds offline (tests, demo, benchmarks)."""
+    """Preset names it builds offline (tests, demo, benchmarks); the first is the one the family
+    contract (``tests/test_contract.py``) trains: the smallest with every part of the model."""
     tiny_module: ClassVar[Any]
     """The module building the tiny presets (``PRESETS``, ``build_config``, ``build_base``,
     ``build_processor``, ``save_checkpoint``)."""
@@ -260,8 +261,17 @@ class ModelFamily(abc.ABC):
         return not any(p.requires_grad for m in self.vision_modules(core) for p in m.parameters())
 
     def layer_classes(self, core: nn.Module) -> list[str]:
-        """Class names of the repeated blocks FSDP wraps one by one (transformers' ``_no_split_modules``)."""
-        return list(getattr(core, "_no_split_modules", None) or [])
+        """Class names of the repeated blocks FSDP wraps one by one: the modules at ``lm_layers`` and
+        ``vision_layers`` (decoder and vision encoder layers).
+
+        Not transformers' ``_no_split_modules``: it names classes a model may not build (PaliGemma's
+        ``SiglipTextEmbeddings``), which accelerate refuses when named, and sub-blocks instead of
+        layers (SmolVLM2's ``SmolVLMVisionAttention``).
+        """
+        import re
+
+        layers = re.compile(f"({self.lm_layers})|({self.vision_layers})")
+        return sorted({type(m).__name__ for name, m in core.named_modules() if layers.fullmatch(name)})
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Projected image features for the batch's images, as ``decoder_hidden`` consumes them

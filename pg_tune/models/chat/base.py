@@ -406,7 +406,10 @@ class ChatFamily(ModelFamily):
             for s in samples
         ]
         images = [[Image.open(s.image).convert("RGB")] for s in samples]
-        batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        # The template wrote every special token (Gemma 3: <bos>); TRL passes add_special_tokens=False too.
+        batch = processor(
+            text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False
+        )
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = -100
         for token_id in image_ids:
@@ -432,7 +435,8 @@ class ChatFamily(ModelFamily):
             + f'processor = {processor_cls}.from_pretrained("{repo_or_dir}")\n'
             + 'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]\n'
             + "text = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
-            + 'inputs = processor(images=[[image]], text=[text], return_tensors="pt")\n'
+            + "# the template already wrote the special tokens (Gemma 3's <bos>): add none twice\n"
+            + 'inputs = processor(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=False)\n'
         )
         return (
             f"```python\n{code}```\n\n"
