@@ -180,8 +180,14 @@ def test_smolvlm_image_tokens_vary_with_the_aspect_ratio():
     assert batch["pixel_attention_mask"][2].all()
 
 
-def test_fused_loss_equals_the_models_own(family_setup):
+@pytest.mark.parametrize("config_softcap", [None, 30.0])
+def test_fused_loss_equals_the_models_own(family_setup, config_softcap, monkeypatch):
+    """Also with a ``final_logit_softcapping`` in the config, which neither model class applies: the
+    fused loss must not apply it either (``ModelFamily.final_softcap``)."""
     family, processor, model = family_setup
+    monkeypatch.setattr(
+        model.config.get_text_config(), "final_logit_softcapping", config_softcap, raising=False
+    )
     batch = family.collator(processor, 256, train=True)(list(enumerate(_samples())))
     model_inputs = {k: v for k, v in batch.items() if k not in ("sample_index", "truncated")}
     model.zero_grad()
@@ -189,6 +195,7 @@ def test_fused_loss_equals_the_models_own(family_setup):
     features = family.image_features(model, batch)
     hidden = family.decoder_hidden(model, batch, features)
     weight, softcap = family.head(model)
+    assert softcap is None
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     loss = head_cross_entropy_sum(hidden[:, :-1][mask], weight, targets[mask], softcap) / mask.sum()
