@@ -68,6 +68,7 @@ def write_summary(result) -> Path:
 
 def run_training(recipe, resolved_recipe: dict[str, Any], resume: str | None = None, overwrite: bool = False):
     """``train()`` with what the command adds: Hub pushes and ``summary.json`` (main process)."""
+    from pg_tune.data.validate import check_recipe_support
     from pg_tune.export.hub import push_from_training
     from pg_tune.models.family import load_family
     from pg_tune.train.loop import train
@@ -75,6 +76,7 @@ def run_training(recipe, resolved_recipe: dict[str, Any], resume: str | None = N
     from pg_tune.train.storage import hold_output_dir
 
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
+    check_recipe_support(recipe, family)  # what pg-tune validate refuses, before anything loads
     output_dir = Path(recipe.output_dir)
     callbacks = [
         lambda step, path, accelerator: push_from_training(output_dir, recipe, accelerator, step=step)

@@ -13,16 +13,17 @@ import argparse
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pg_tune.config import load_recipe
+    from pg_tune.data.validate import check_recipe_support
     from pg_tune.models.checks import check_recipe_model
-    from pg_tune.models.family import check_recipe_tasks, family_for
+    from pg_tune.models.family import family_for
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
-    check_recipe_tasks(recipe)
     try:
         family = family_for(recipe.model.name_or_path)
     except (ValueError, OSError) as e:
         family, notes = None, [f"note: model not checked ({e})"]
     if family is not None:
+        check_recipe_support(recipe, family)
         notes = check_recipe_model(recipe, family)
     for line in [*recipe.ignored_settings(), *notes]:
         print(line)

@@ -177,19 +177,20 @@ def checkpoint_files(folder: Path) -> list[str]:
     )
 
 
-def key_resolver(folder: Path) -> Callable[[str], str]:
+def key_resolver(folder: Path, family) -> Callable[[str], str]:
     """Checkpoint key -> model parameter name, exactly as ``from_pretrained`` renames on load.
 
     PaliGemma checkpoints keep transformers' legacy names (``language_model.model.layers...``)
-    while the model and the adapter say ``model.language_model.layers...``.
+    while the model and the adapter say ``model.language_model.layers...``. The model is the
+    family's own class (built on the meta device), so a family transformers' Auto classes do not
+    know exports alike.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    config = AutoConfig.from_pretrained(folder)
+    config = family.model_class.config_class.from_pretrained(folder)
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
+        model = family.model_class(config)
     transforms = get_model_conversion_mapping(model, add_legacy=True) or []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
@@ -317,16 +318,18 @@ def stream_merge(
     adapter: Adapter,
     out_dir: Path,
     dtype: torch.dtype,
+    family,
     seed: int = 0,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Merge ``adapter`` into ``base_dir``'s shards, writing ``out_dir`` shard by shard.
+    """Merge ``adapter`` into ``base_dir``'s shards (a checkpoint of ``family``), writing ``out_dir``
+    shard by shard.
 
     Returns the per-module parity summary; raises ``MergeError`` before writing a shard that fails.
     Writes weights, the index and ``config.json`` / ``generation_config.json``; the caller adds
     processor files and the model card.
     """
-    resolve = key_resolver(base_dir)
+    resolve = key_resolver(base_dir, family)
     files = checkpoint_files(base_dir)
     generator = torch.Generator().manual_seed(seed)
     pending_updates = dict(adapter.updates)
@@ -431,7 +434,7 @@ def stream_export(run, out_dir: str | Path, dtype_name: str, dtype: torch.dtype,
                 family, run.recipe.model.name_or_path, run.recipe.model.revision, Path(scratch)
             )
             adapter = read_adapter(run.adapter_dir)
-            modules = stream_merge(base_dir, adapter, partial, dtype, seed=run.recipe.train.seed)
+            modules = stream_merge(base_dir, adapter, partial, dtype, family, seed=run.recipe.train.seed)
         processor_source = dataclasses.replace(run.recipe.model, name_or_path=str(run.adapter_dir))
         family.load_processor(processor_source).save_pretrained(partial)
         worst = modules["worst"]

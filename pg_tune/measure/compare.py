@@ -248,7 +248,8 @@ def compare(
 ) -> list[ModelRun]:
     """Fine-tune and evaluate each model alike; write the ``compare/`` folder; return the runs."""
     from pg_tune.config import load_recipe
-    from pg_tune.models.family import check_recipe_tasks
+    from pg_tune.data.validate import check_recipe_support
+    from pg_tune.models.family import family_for
 
     overrides = list(overrides or [])
     if steps is not None:
@@ -256,7 +257,13 @@ def compare(
     recipe, _ = load_recipe(str(recipe_path), overrides)
     check_models(models)
     for model in models:  # refuse what a family cannot do before training anything
-        check_recipe_tasks(load_recipe(str(recipe_path), [*overrides, f"model.name_or_path={model}"])[0])
+        try:
+            family = family_for(model)
+        except (ValueError, OSError):
+            continue  # an unknown model fails in its own run, shown in the table
+        check_recipe_support(
+            load_recipe(str(recipe_path), [*overrides, f"model.name_or_path={model}"])[0], family
+        )
     out = Path(out_dir) if out_dir is not None else Path(recipe.output_dir) / "compare"
     runs = []
     for k, model in enumerate(models, start=1):

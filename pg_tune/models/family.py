@@ -113,7 +113,8 @@ class ModelFamily(abc.ABC):
     model_types: ClassVar[tuple[str, ...]]
     """``config.model_type`` values this family serves."""
     tiny_presets: ClassVar[tuple[str, ...]]
-    """Preset names it builds offline (tests, demo, benchmarks)."""
+    """Preset names it builds offline (tests, demo, benchmarks); the first is the one the family
+    contract (``tests/test_contract.py``) trains: the smallest with every part of the model."""
     tiny_module: ClassVar[Any]
     """The module building the tiny presets (``PRESETS``, ``build_config``, ``build_base``,
     ``build_processor``, ``save_checkpoint``)."""
@@ -133,6 +134,9 @@ class ModelFamily(abc.ABC):
     """Batch keys of the family's attention rule, passed to the decoder (``token_type_ids``)."""
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Batch keys the image encoder reads (the first holds the pixels)."""
+    cacheable_image_features: ClassVar[bool] = True
+    """Whether every image gives features of one shape, so ``data.feature_cache`` can store them
+    (SmolVLM2's tiles make their number vary per image: False)."""
     final_softcap: ClassVar[bool] = True
     """Whether the model class applies ``final_logit_softcapping`` to its logits when the config
     names one (Gemma 3's ``forward`` never does)."""
@@ -259,8 +263,17 @@ class ModelFamily(abc.ABC):
         return not any(p.requires_grad for m in self.vision_modules(core) for p in m.parameters())
 
     def layer_classes(self, core: nn.Module) -> list[str]:
-        """Class names of the repeated blocks FSDP wraps one by one (transformers' ``_no_split_modules``)."""
-        return list(getattr(core, "_no_split_modules", None) or [])
+        """Class names of the repeated blocks FSDP wraps one by one: the modules at ``lm_layers`` and
+        ``vision_layers`` (decoder and vision encoder layers).
+
+        Not transformers' ``_no_split_modules``: it names classes a model may not build (PaliGemma's
+        ``SiglipTextEmbeddings``), which accelerate refuses when named, and sub-blocks instead of
+        layers (SmolVLM2's ``SmolVLMVisionAttention``).
+        """
+        import re
+
+        layers = re.compile(f"({self.lm_layers})|({self.vision_layers})")
+        return sorted({type(m).__name__ for name, m in core.named_modules() if layers.fullmatch(name)})
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Projected image features for the batch's images, as ``decoder_hidden`` consumes them
@@ -290,6 +303,15 @@ class ModelFamily(abc.ABC):
                 )
                 error.reason = "reserved_token"  # type: ignore[attr-defined]
                 raise error
+
+    def check_task(self, sample: Sample) -> None:
+        """Raise ``DataError`` naming the row if the family cannot do its task (reason ``unsupported_task``)."""
+        from pg_tune.data.sample import DataError
+
+        if sample.task not in self.tasks:
+            error = DataError(f"{sample.source}: {unsupported_task_message(self, sample.task)}")
+            error.reason = "unsupported_task"  # type: ignore[attr-defined]
+            raise error
 
     @abc.abstractmethod
     def render_prompt(self, sample: Sample) -> str:
@@ -546,9 +568,6 @@ def load_family(name_or_path: str, vae_path: str | Path | None = None) -> ModelF
 
 # ---- what each family supports -----------------------------------------------------------------
 
-# Dataset options name tasks in their own words: refcoco's ``task: segment`` is referring segmentation.
-_TASK_ALIASES = {"segment": "refer_segment"}
-
 
 def families_supporting(task: str) -> list[str]:
     """Names of the registered families that can render and parse ``task``."""
@@ -562,32 +581,13 @@ def unsupported_task_message(family: ModelFamily, task: str) -> str:
     return f"model family {family.name!r} cannot do task {task}{why}; families that support it: {others}"
 
 
-def check_recipe_tasks(recipe: Any) -> None:
-    """Refuse, before anything loads, dataset entries whose declared task the model's family lacks
-    (and remote-code loading without a pinned commit: ``ModelFamily.check_model_config``).
-
-    Raises ``ConfigError`` naming the entry (``data.train[0].task``). Per-row tasks of JSONL files
-    are refused when the rows are rendered (``render_target``), with the same message.
-    """
-    from pg_tune.config.schema import ConfigError
-
-    try:
-        family = family_for(recipe.model.name_or_path)
-    except (ValueError, OSError):
-        return  # an unknown model is reported where it is loaded
-    try:
-        family.check_model_config(recipe.model, at_load=False)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for split in ("train", "eval"):
-        for k, entry in enumerate(getattr(recipe.data, split)):
-            declared = getattr(entry.options, "task", None)
-            task = _TASK_ALIASES.get(declared, declared)
-            if task is not None and task not in family.tasks:
-                raise ConfigError(
-                    f"data.{split}[{k}].task: {declared!r} ({entry.format}): "
-                    f"{unsupported_task_message(family, task)}"
-                )
+def unsupported_feature_cache_message(family: ModelFamily) -> str:
+    """Why ``family``'s image features cannot be cached, and which families' can."""
+    others = ", ".join(n for n in family_names() if family_for(n).cacheable_image_features) or "none"
+    return (
+        f"model family {family.name!r} cannot use data.feature_cache: the number of its image features "
+        f"varies per image; families that support it: {others}"
+    )
 
 
 def unwrap_model(model: nn.Module, cls: type | None = None) -> nn.Module:

@@ -57,6 +57,7 @@ from pg_tune.train.resume import (
     run_fingerprint,
     truncate_metrics_log,
 )
+from pg_tune.train.sharding import wrap_family_layers
 from pg_tune.train.signals import NonFiniteError, StopSignals, TrainingInterrupted
 from pg_tune.train.state import TrainState
 from pg_tune.train.storage import (
@@ -461,6 +462,7 @@ def _build_run(
     loader = build_train_loader(train_samples, processor, recipe, family, feature_cache)
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)
+    wrap_family_layers(accelerator, model, family)  # FSDP: each decoder / vision layer its own unit
     loss_module, optimizer, loader = accelerator.prepare(
         SuffixLoss(model, family, label_smoothing=recipe.train.label_smoothing),
         build_optimizer(model.parameters(), recipe.train),

@@ -102,14 +102,6 @@ def render_text_boxes(sample: Sample) -> str:
     """A box task's target text: ``[..] label`` per object joined by `` ; `` (referring: the box)."""
     if sample.image_size is None:
         raise DataError(f"{sample.source}: structured targets need the image size")
-    if sample.task not in TEXT_BOX_TASKS:
-        from pg_tune.models.family import families_supporting
-
-        families = ", ".join(families_supporting(sample.task)) or "none"
-        raise DataError(
-            f"{sample.source}: task {sample.task} needs mask tokens, which this model family does not have; "
-            f"families that support it: {families}"
-        )
     parts = []
     for obj in sample.targets:
         box = text_box(obj.box, sample.image_size)
@@ -213,6 +205,7 @@ class ChatCollator(abc.ABC):
 
     def _parts(self, sample: Sample) -> tuple[str, list[int], list[int], list[int]]:
         """The prompt, its own tokens, the supervised target tokens (+ end of turn) and the trailer."""
+        self.family.check_task(sample)
         self.family.check_text(sample, self.reserved)
         prompt = self.family.render_prompt(sample)
         prompt_tokens = self._tokens(prompt)
@@ -364,6 +357,7 @@ class ChatFamily(ModelFamily):
 
     def render_target(self, sample: Sample) -> str:
         """``sample.suffix`` for text tasks, else the text boxes (module docstring)."""
+        self.check_task(sample)
         if not sample.targets:
             return sample.suffix
         return render_text_boxes(sample)
@@ -424,7 +418,10 @@ class ChatFamily(ModelFamily):
             for s in samples
         ]
         images = [[Image.open(s.image).convert("RGB")] for s in samples]
-        batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        # The template wrote every special token (Gemma 3: <bos>); TRL passes add_special_tokens=False too.
+        batch = processor(
+            text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False
+        )
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = -100
         for token_id in image_ids:
@@ -450,7 +447,8 @@ class ChatFamily(ModelFamily):
             + f'processor = {processor_cls}.from_pretrained("{repo_or_dir}")\n'
             + 'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]\n'
             + "text = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
-            + 'inputs = processor(images=[[image]], text=[text], return_tensors="pt")\n'
+            + "# the template already wrote the special tokens (Gemma 3's <bos>): add none twice\n"
+            + 'inputs = processor(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=False)\n'
         )
         return (
             f"```python\n{code}```\n\n"
