@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from pg_tune.data.formats.shapes import draw_shape
@@ -49,19 +50,36 @@ def chat_body(image: Image.Image, prompt: str, **fields) -> dict:
     return {"messages": [{"role": "user", "content": content}], **fields}
 
 
-_ENGINES: dict[tuple[str, int], Engine] = {}
+_ENGINES: dict[str, Engine] = {}
 
 
-def engine_for(preset: str, seed: int = 1) -> Engine:
-    """An engine on a tiny preset built with ``seed`` (seed 1 writes varied answers, unlike the preset's
-    default weights, so equal batched and single answers mean something)."""
-    if (preset, seed) not in _ENGINES:
+def engine_for(preset: str) -> Engine:
+    """An engine on a tiny preset whose LM head is replaced by its own random matrix (seeded).
+
+    A random model with a tied head repeats the prompt's last token ("\\n") whatever the image, so
+    batched and single answers would agree trivially; with an untied random head the answer depends
+    on the image and the prompt."""
+    if preset not in _ENGINES:
         family = load_family(preset)
         tiny = family.tiny_module
-        model = tiny.build_base(preset, seed=seed).eval()
+        model = tiny.build_base(preset)
+        head = model.lm_head
+        generator = torch.Generator().manual_seed(0)
+        scale = head.weight.detach().std().item()
+        head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator) * scale)
         processor = tiny.build_processor(tiny.PRESETS[preset])
-        _ENGINES[preset, seed] = Engine(model, processor, family, max_prompt_tokens=64)
-    return _ENGINES[preset, seed]
+        _ENGINES[preset] = Engine(model.eval(), processor, family, max_prompt_tokens=64)
+    return _ENGINES[preset]
+
+
+def save_engine_model(preset: str, out_dir: Path) -> Path:
+    """``engine_for(preset)``'s model (its own head untied) saved as a model folder, as an export is."""
+    from pg_tune.models.tiny import write_checkpoint
+
+    engine = engine_for(preset)
+    engine.model.config.tie_word_embeddings = False
+    engine.model.config.get_text_config().tie_word_embeddings = False
+    return write_checkpoint(engine.model, engine.processor, out_dir)
 
 
 def make_app(

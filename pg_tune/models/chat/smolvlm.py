@@ -36,7 +36,7 @@ from pg_tune.config.recipe import ModelConfig
 from pg_tune.data.sample import Sample
 from pg_tune.models.chat import smolvlm_tiny
 from pg_tune.models.chat.base import ChatCollator, ChatFamily
-from pg_tune.models.family import ModulePaths
+from pg_tune.models.family import EngineSupport, ModulePaths
 
 
 class SmolVLMCollator(ChatCollator):
@@ -104,6 +104,22 @@ class SmolVLMFamily(ChatFamily):
     projector_linears = r"model\.connector\.modality_projection\.proj"
     image_inputs = ("pixel_values", "pixel_attention_mask")  # tiles, and the real pixels of each
     collator_class = SmolVLMCollator
+    serving_engines = {
+        "vllm": EngineSupport(
+            serves=True, lora=True, chat=True,
+            source="vLLM docs/models/supported_models.md (commit 0046f770): SmolVLMForConditionalGeneration "
+            "(SmolVLM2), LoRA yes, no pipeline parallelism",
+        ),
+        "sglang": EngineSupport(
+            serves=False,
+            source="SGLang docs/supported_models/text_generation/multimodal_language_models.md (commit "
+            "01fd8153): SmolVLM is not listed",
+        ),
+        "tgi": EngineSupport(
+            serves=False,
+            source="TGI docs, supported_models: Idefics 3 is listed, SmolVLM2 (SmolVLMForConditionalGeneration) is not",
+        ),
+    }  # fmt: skip
 
     def load_processor(self, model: ModelConfig) -> SmolVLMProcessor:
         """The processor; without torchvision its video part is a stand-in (pg_tune passes no videos)."""
