@@ -11,7 +11,7 @@ import pytest
 from jinja2.exceptions import TemplateError
 
 from pg_tune.cli import main
-from pg_tune.config.recipe import LoraConfig, parse_recipe, resolved
+from pg_tune.config.recipe import LoraConfig, ModelConfig, parse_recipe, resolved
 from pg_tune.export.merged import export_merged
 from pg_tune.export.serving import ENGINES, adapter_facts, check_serving, export_problems, serving_report
 from pg_tune.models.family import family_for, family_names
@@ -121,7 +121,7 @@ def test_exports_carry_the_chat_template_and_end_tokens_engines_need(family_name
     out = tmp_path / "export"
     export_merged(run, out, dtype="fp32")
     family = family_for(str(out))
-    processor = family.processor_class.from_pretrained(out)
+    processor = family.load_processor(ModelConfig(name_or_path=str(out)))
     assert export_problems(out, family) == []
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == family.generation_kwargs(processor)["eos_token_id"]

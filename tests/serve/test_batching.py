@@ -17,7 +17,11 @@ from pg_tune.serve.requests import Limits, parse_chat_request
 from tests.serve.helpers import FAMILY_PRESETS, chat_body, engine_for, shape_images
 
 LIMITS = Limits(max_tokens=16)
-IMAGES = shape_images(4)
+# Sizes and aspect ratios differ, as real requests' do (SmolVLM2 cuts each into its own number of tiles).
+IMAGES = [
+    image.resize(size)
+    for image, size in zip(shape_images(4), [(112, 112), (160, 96), (90, 200), (64, 64)], strict=True)
+]
 REQUESTS = [
     ("caption en", {"max_tokens": 6}),
     ("detect circle ; square", {"max_tokens": 12}),

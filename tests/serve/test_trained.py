@@ -77,7 +77,11 @@ def _readme_snippet() -> str:
 @pytest.mark.slow
 def test_readme_snippet_captions_held_out_images_through_pg_tune_serve(caption_run, serve_process, tmp_path):
     server = serve_process(str(caption_run))
-    held_out = write_jsonl(tmp_path / "held-out", num_samples=12, seed=1)  # the demo's eval images
+    # The README's command: images the demo never trained on (its eval seed), captions in data.jsonl.
+    made = subprocess.run([sys.executable, "-m", "pg_tune.data.formats.shapes", str(tmp_path / "held-out"), "12",
+                           "--seed", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    held_out = Path(made.stdout.strip())
     rows = [json.loads(line) for line in held_out.read_text().splitlines()]
     snippet = _readme_snippet()
     assert "http://127.0.0.1:8000/v1" in snippet and "held-out/images/00000.png" in snippet
