@@ -123,6 +123,7 @@ class Verdict:
     export: tuple[bool, str]
     """Whether the merged export is served, and how."""
     source: str
+    note: str = ""
 
 
 def _vllm_adapter_problems(facts: AdapterFacts) -> list[str]:
@@ -184,7 +185,7 @@ def check_serving(path: str | Path, family: ModelFamily, facts: AdapterFacts | N
             no = (False, f"{label} does not serve this architecture")
             verdicts.append(Verdict(label, no if facts is not None else None, no, support.source))
             continue
-        how = commands["export"] + ("" if support.chat else "   (no chat endpoint: " + support.note + ")")
+        how = commands["export"] + ("" if support.chat else "   (no OpenAI chat endpoint)")
         adapter = None
         if facts is not None:
             if not support.lora:
@@ -196,7 +197,7 @@ def check_serving(path: str | Path, family: ModelFamily, facts: AdapterFacts | N
                     if problems
                     else (True, commands["adapter"])
                 )
-        verdicts.append(Verdict(label, adapter, (True, how), support.source))
+        verdicts.append(Verdict(label, adapter, (True, how), support.source, support.note))
     return verdicts
 
 
@@ -270,6 +271,8 @@ def serving_report(path: str | Path) -> str:
         if served and problems:
             served, how = False, "the export lacks files (above): export again with pg-tune export"
         lines.append(f"    merged export:      {'yes' if served else 'no'}: {how}")
+        if v.note:
+            lines.append(f"    note: {v.note}")
         if v.source:
             lines.append(f"    source: {v.source}")
     if export_dir is None:
