@@ -125,12 +125,16 @@ class Page:
 
     def wait_for(self, expression: str, what: str, timeout_s: float = 120.0) -> Any:
         deadline = time.monotonic() + timeout_s
+        error = None
         while True:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as e:  # the page is still loading: its elements are not there yet
+                value, error = None, e
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the page never showed {what} ({expression})")
+                raise TimeoutError(f"the page never showed {what} ({expression}); last error: {error}")
             time.sleep(0.1)
 
     def set_files(self, selector: str, paths: list[Path]) -> None:
