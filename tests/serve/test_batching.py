@@ -17,6 +17,10 @@ from pg_tune.serve.requests import Limits, parse_chat_request
 from tests.serve.helpers import FAMILY_PRESETS, chat_body, engine_for, shape_images
 
 LIMITS = Limits(max_tokens=16)
+# PaliGemma in the fast tier; the other families' runs are slow-marked (each builds its model).
+EVERY_FAMILY = [
+    pytest.param(p, marks=[] if p == "tiny-paligemma2" else pytest.mark.slow) for p in FAMILY_PRESETS
+]
 # Sizes and aspect ratios differ, as real requests' do (SmolVLM2 cuts each into its own number of tiles).
 IMAGES = [
     image.resize(size)
@@ -83,7 +87,7 @@ def _summary(completion):
     return completion.text, completion.finish_reason, completion.completion_tokens, objects
 
 
-@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+@pytest.mark.parametrize("preset", EVERY_FAMILY)
 def test_a_dynamic_batch_answers_exactly_as_one_by_one(preset):
     engine = engine_for(preset)
     requests = [(image, prompt, fields) for image, (prompt, fields) in zip(IMAGES, REQUESTS, strict=True)]
@@ -104,7 +108,7 @@ def test_a_dynamic_batch_answers_exactly_as_one_by_one(preset):
         assert completion.finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+@pytest.mark.parametrize("preset", EVERY_FAMILY)
 def test_streamed_deltas_add_up_to_the_answer_and_stop_strings_cut_it(preset):
     engine = engine_for(preset)
     plain = []

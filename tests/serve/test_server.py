@@ -224,3 +224,21 @@ def test_nothing_listens_beyond_loopback_without_a_key(monkeypatch, capsys):
     monkeypatch.setattr("pg_tune.models.family.load_family", lambda *a: pytest.fail("loaded a model"))
     assert main(["serve", "tiny-paligemma2", "--host", "0.0.0.0"]) == 2
     assert "--host 0.0.0.0 is reachable from other machines: set an API key" in capsys.readouterr().err
+
+
+def test_while_draining_new_requests_get_503():
+    """After SIGTERM, a request arriving on a connection still open is refused, not queued."""
+    import asyncio
+
+    app = make_app(engine_for("tiny-paligemma2"))
+    app.state.serve.draining = True
+
+    async def post():
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://serve"
+        ) as client:
+            return await client.post("/v1/chat/completions", json=chat_body(IMAGE, "caption en"))
+
+    refused = asyncio.run(post())
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert app.state.serve.batcher.waiting == 0
