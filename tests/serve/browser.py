@@ -5,6 +5,7 @@ to fd 4, each a JSON message ended by a NUL byte. Every wait is bounded."""
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -33,8 +34,12 @@ class Browser:
         self._replies, replies_write = os.pipe()
 
         def wire_fds() -> None:  # runs in the child before exec: Chromium expects fds 3 and 4
-            os.dup2(commands_read, 3)
-            os.dup2(replies_write, 4)
+            # Copy both ends above 4 first (either may itself be fd 3 or 4), then place them; dup2
+            # onto the same number would keep the pipe's close-on-exec flag, so set it inheritable.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands_read, replies_write)]
+            for target, fd in zip((3, 4), high, strict=True):
+                os.dup2(fd, target)
+                os.set_inheritable(target, True)
 
         flags = [
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
