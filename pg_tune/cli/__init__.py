@@ -11,6 +11,7 @@ pg-tune export RUN --out DIR                 merged weights, parity-checked
 pg-tune push RUN --repo-id OWNER/NAME        adapter or merged weights to the Hub (private)
 pg-tune plan RECIPE [--memory 24GiB]         expected peak memory by part; the micro-batch that fits
 pg-tune compare RECIPE --models A,B,C [--steps N]  the same fine-tune on several models, side by side
+pg-tune serve MODEL [--port 8000]            an OpenAI-compatible API and a web playground (127.0.0.1)
 
 Overrides (``key.sub=value``, the value read as YAML) may stand anywhere after the subcommand, on
 every command that reads a recipe (train, validate, plan, data preview/validate, eval).
@@ -23,14 +24,14 @@ import re
 import sys
 from pathlib import Path
 
-from pg_tune.cli import compare, data, predict, push, train, validate
+from pg_tune.cli import compare, data, predict, push, serve, train, validate
 from pg_tune.cli import eval as eval_
 from pg_tune.cli import export as export_
 from pg_tune.cli import plan as plan_
 from pg_tune.config import ConfigError
 from pg_tune.data.sample import DataError
 
-SUBCOMMANDS = (train, validate, data, eval_, predict, export_, push, plan_, compare)
+SUBCOMMANDS = (train, validate, data, eval_, predict, export_, push, plan_, compare, serve)
 """Every subcommand module, in ``--help`` order; each has ``add_parser(sub)``."""
 
 

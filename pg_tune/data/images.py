@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -44,32 +45,44 @@ def load_image(image: str | Path | Image.Image, source: str = "") -> Image.Image
     path = Path(image)
     if not path.is_file():
         raise data_error("missing_image", f"{where}image file not found: {path}")
+    return _decode_bounded(path, f"image {path}", where, MAX_IMAGE_PIXELS)
+
+
+def decode_image_bytes(
+    data: bytes, source: str, max_pixels: int = MAX_IMAGE_PIXELS, formats: Sequence[str] | None = None
+) -> Image.Image:
+    """An RGB image from encoded bytes (an upload, a ``data:`` URL), refused as ``DataError`` when its
+    header says it is over ``max_pixels`` (checked before any pixel is decoded: a decompression bomb
+    is a small file with huge dimensions), when it is not one of ``formats`` (PIL format names), or
+    when it does not decode."""
+    import io
+
+    return _decode_bounded(io.BytesIO(data), "image", f"{source}: " if source else "", max_pixels, formats)
+
+
+def _decode_bounded(
+    fp, what: str, where: str, max_pixels: int, formats: Sequence[str] | None = None
+) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
+            with Image.open(fp, formats=list(formats) if formats else None) as im:
+                if im.width * im.height > max_pixels:
                     raise data_error(
                         "image_too_large",
-                        f"{where}image {path} is {im.width}x{im.height} pixels, over the "
-                        f"{MAX_IMAGE_PIXELS:,}-pixel bound (a decompression bomb, or far too large to train on)",
+                        f"{where}{what} is {im.width}x{im.height} pixels, over the "
+                        f"{max_pixels:,}-pixel bound (a decompression bomb, or far too large to use)",
                     )
                 im.load()
                 return to_rgb(im)
     except ValueError as e:
         if getattr(e, "reason", None):
             raise
-        raise data_error(
-            "corrupt_image", f"{where}cannot read image {path} (corrupt or truncated?): {e}"
-        ) from None
+        raise data_error("corrupt_image", f"{where}cannot read {what} (corrupt or truncated?): {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise data_error(
-            "image_too_large", f"{where}image {path} refused as a decompression bomb: {e}"
-        ) from None
+        raise data_error("image_too_large", f"{where}{what} refused as a decompression bomb: {e}") from None
     except (OSError, SyntaxError) as e:
-        raise data_error(
-            "corrupt_image", f"{where}cannot read image {path} (corrupt or truncated?): {e}"
-        ) from None
+        raise data_error("corrupt_image", f"{where}cannot read {what} (corrupt or truncated?): {e}") from None
 
 
 def image_size(image: str | Path | Image.Image, source: str = "") -> tuple[int, int]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from pg_tune.data.sample import Sample
 from pg_tune.models.family import Collator, ModelFamily
@@ -55,23 +57,67 @@ class Generated:
     token_spans: tuple[tuple[int, int], ...] = ()
     """``[start, end)`` characters of ``text`` each kept token wrote (same length as
     ``token_logprobs``), so a score can be given to each object of an answer, not only to the answer."""
+    token_ids: tuple[int, ...] = ()
+    """The generated ids before the end token."""
+    ended: bool = False
+    """True when the model wrote its end token (else the budget ran out)."""
+    prompt_tokens: int = 0
+    """Tokens of the prompt, image tokens included (what serving reports as usage)."""
 
     def scored_tokens(self) -> list[tuple[int, int, float]]:
         """``(start, end, logprob)`` per token: what scoring takes (``Item.token_logprobs``)."""
         return [(a, b, lp) for (a, b), lp in zip(self.token_spans, self.token_logprobs, strict=True)]
 
 
-def _chosen_logprobs(model, out, new: torch.Tensor) -> list[list[float]]:
-    """Log-probability of each chosen token, ``[rows][steps]`` (fp32 log-softmax of the step's scores)."""
-    if getattr(out, "beam_indices", None) is not None:
-        return model.compute_transition_scores(
-            out.sequences, out.scores, out.beam_indices, normalize_logits=True
-        ).tolist()
-    steps = [
-        torch.log_softmax(step.float(), dim=-1).gather(1, new[:, k : k + 1]).squeeze(1)
-        for k, step in enumerate(out.scores)
-    ]
-    return torch.stack(steps, dim=1).tolist()
+class _ChosenLogprobs(LogitsProcessor):
+    """A logits processor that keeps, per row and step, the log-probability of the token chosen.
+
+    It holds one step's normalised scores at a time: the next call (or ``finish``) reads which token
+    was chosen from ``input_ids``' last column. ``output_scores`` would keep every step's
+    ``[batch, vocab]`` scores until the end (gigabytes for a 257,216-token vocabulary). Appended
+    after ``generate``'s own processors and warpers, it sees the scores the token was chosen from:
+    the same values as ``log_softmax(out.scores[step])``. Greedy and sampling (one beam) only.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, chosen: torch.Tensor) -> None:
+        if self._last is not None:
+            self.steps.append(self._last.gather(1, chosen[:, None].to(self._last.device))[:, 0].cpu())
+            self._last = None
+
+    def finish(self, new: torch.Tensor) -> list[list[float]]:
+        """``[rows][steps]`` for the generated ids ``new`` (the last step's choice read from it)."""
+        if self._last is not None:
+            self._take(new[:, len(self.steps)])
+        if not self.steps:
+            return [[] for _ in range(new.shape[0])]
+        return torch.stack(self.steps, dim=1).tolist()
+
+
+def _beam_logprobs(model, out) -> list[list[float]]:
+    """Log-probability of each chosen token along the returned beam, ``[rows][steps]``."""
+    return model.compute_transition_scores(
+        out.sequences, out.scores, out.beam_indices, normalize_logits=True
+    ).tolist()
+
+
+class _RowBudgets(StoppingCriteria):
+    """A stopping criterion that ends each row at its own token budget (the others go on)."""
+
+    def __init__(self, budgets: Sequence[int], prompt_length: int):
+        self.budgets = torch.tensor(list(budgets))
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return (input_ids.shape[1] - self.prompt_length >= self.budgets).to(input_ids.device)
 
 
 def _char_spans(family: ModelFamily, processor, ids: list[int]) -> tuple[tuple[int, int], ...]:
@@ -155,10 +201,6 @@ def _generate(
     logprobs: bool = False,
 ) -> list[Generated]:
     collator = family.collator(processor, max_text_length, train=False)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    dtype = _model_dtype(model)
     by_task: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):
         by_task.setdefault(sample.task, []).append(i)
@@ -167,31 +209,106 @@ def _generate(
         for task, indices in by_task.items()
         for start in range(0, len(indices), batch_size)
     ]
-    generation_kwargs = family.generation_kwargs(processor)
-    end = generation_kwargs.get("eos_token_id")
-    end_ids = set(end) if isinstance(end, (list, tuple)) else {end}
     results: list[Generated | None] = [None] * len(samples)
+    for task, chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
+        generated = generate_batch(
+            model,
+            processor,
+            [samples[i] for i in chunk],
+            family,
+            collator=collator,
+            max_new_tokens=max_new_tokens_for(task, max_new_tokens, max_new_tokens_per_task),
+            num_beams=num_beams,
+            logprobs=logprobs,
+        )
+        for i, g in zip(chunk, generated, strict=True):
+            results[i] = g
+    return [r if r is not None else Generated("", ()) for r in results]
+
+
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module,
+    processor,
+    samples: Sequence[Sample],
+    family: ModelFamily,
+    *,
+    collator: Collator | None = None,
+    max_new_tokens: int | Sequence[int] = 32,
+    num_beams: int = 1,
+    logprobs: bool = False,
+    max_text_length: int = 512,
+    **generate_kwargs: Any,
+) -> list[Generated]:
+    """One left-padded batch through ``model.generate``: what ``generate`` runs per chunk and what
+    ``pg-tune serve`` runs per dynamic batch, so both decode alike.
+
+    ``max_new_tokens`` is one budget or one per sample (a row stops at its own; the others go on,
+    which leaves their tokens unchanged). ``generate_kwargs`` pass through to ``model.generate``
+    (sampling settings, extra ``stopping_criteria`` / ``logits_processor``); without them decoding is
+    greedy (``num_beams=1``) or beam search.
+    """
+    collator = collator or family.collator(processor, max_text_length, train=False)
+    budgets = [max_new_tokens] * len(samples) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(samples):
+        raise ValueError(f"{len(budgets)} token budgets for {len(samples)} samples")
+    was_training = model.training
+    model.eval()
     try:
-        for task, chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
-            inputs = batch_inputs(collator, [samples[i] for i in chunk], device, dtype)
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens_for(task, max_new_tokens, max_new_tokens_per_task),
-                do_sample=False,
-                num_beams=num_beams,
-                output_scores=logprobs,
-                return_dict_in_generate=logprobs,
-                **generation_kwargs,
-            )
-            sequences = out.sequences if logprobs else out
-            new = sequences[:, inputs["input_ids"].shape[1] :]
-            scores = _chosen_logprobs(model, out, new) if logprobs else None
-            for k, (i, row) in enumerate(zip(chunk, new.tolist(), strict=True)):
-                end_at = _until_end(row, end_ids)
-                kept = scores[k][:end_at] if scores is not None else []
-                spans = _char_spans(family, processor, row[:end_at]) if scores is not None else ()
-                results[i] = Generated(family.decode(processor, row), tuple(float(v) for v in kept), spans)
+        device = next(model.parameters()).device
+        inputs = batch_inputs(collator, samples, device, _model_dtype(model))
+        prompt_length = inputs["input_ids"].shape[1]
+        generation_kwargs = family.generation_kwargs(processor)
+        end = generation_kwargs.get("eos_token_id")
+        end_ids = set(end) if isinstance(end, (list, tuple)) else {end}
+        kwargs = dict(generate_kwargs)
+        stopping = list(kwargs.pop("stopping_criteria", None) or [])
+        if len(set(budgets)) > 1:
+            stopping.append(_RowBudgets(budgets, prompt_length))
+        processors = list(kwargs.pop("logits_processor", None) or [])
+        recorder = _ChosenLogprobs() if logprobs and num_beams == 1 else None
+        if recorder is not None:
+            processors.append(recorder)
+        kwargs.setdefault("do_sample", False)
+        if stopping:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max(budgets),
+            num_beams=num_beams,
+            output_scores=logprobs and num_beams > 1,
+            return_dict_in_generate=logprobs,
+            **generation_kwargs,
+            **kwargs,
+        )
     finally:
         if was_training:
             model.train()
-    return [r if r is not None else Generated("", ()) for r in results]
+    sequences = out.sequences if logprobs else out
+    new = sequences[:, prompt_length:]
+    if recorder is not None:
+        scores = recorder.finish(new)
+    elif logprobs:
+        scores = _beam_logprobs(model, out)
+    else:
+        scores = None
+    prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+    results = []
+    for k, row in enumerate(new.tolist()):
+        row = row[: budgets[k]]
+        end_at = _until_end(row, end_ids)
+        kept = scores[k][:end_at] if scores is not None else []
+        spans = _char_spans(family, processor, row[:end_at]) if scores is not None else ()
+        results.append(
+            Generated(
+                family.decode(processor, row),
+                tuple(float(v) for v in kept),
+                spans,
+                token_ids=tuple(row[:end_at]),
+                ended=end_at < len(row),
+                prompt_tokens=int(prompt_tokens[k]),
+            )
+        )
+    return results

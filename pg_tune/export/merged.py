@@ -34,6 +34,7 @@ from pg_tune.data.build import build_samples
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.export.model_card import build_model_card
 from pg_tune.export.run import REPORT_NAME, ExportError, Run, read_run, run_family
+from pg_tune.export.serving import write_serving_files
 from pg_tune.export.staging import StagedExport
 from pg_tune.export.stream import MergeError, stream_export
 from pg_tune.models.family import ModelFamily
@@ -242,6 +243,7 @@ def _export_whole_model(
     merged.config.name_or_path = run.recipe.model.name_or_path
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(out_dir)
+    write_serving_files(out_dir, family, processor)
     del merged
     gc.collect()
     # 5. QLoRA: how far the model that was trained (4/8-bit base + adapter) is from what was exported.
@@ -281,6 +283,7 @@ def _export_full_model(
     model.config.name_or_path = run.recipe.model.name_or_path
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(out_dir)
+    write_serving_files(out_dir, family, processor)
     del model
     gc.collect()
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))

@@ -40,6 +40,7 @@ from safetensors import safe_open
 
 from pg_tune.export.model_card import build_model_card
 from pg_tune.export.run import REPORT_NAME
+from pg_tune.export.serving import write_serving_files
 from pg_tune.export.staging import StagedExport
 
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -436,7 +437,9 @@ def stream_export(run, out_dir: str | Path, dtype_name: str, dtype: torch.dtype,
             adapter = read_adapter(run.adapter_dir)
             modules = stream_merge(base_dir, adapter, partial, dtype, family, seed=run.recipe.train.seed)
         processor_source = dataclasses.replace(run.recipe.model, name_or_path=str(run.adapter_dir))
-        family.load_processor(processor_source).save_pretrained(partial)
+        processor = family.load_processor(processor_source)
+        processor.save_pretrained(partial)
+        write_serving_files(partial, family, processor)
         worst = modules["worst"]
         if worst:
             print(

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Collator",
+    "EngineSupport",
     "ModelFamily",
     "ModulePaths",
     "ParsedObject",
@@ -81,6 +82,25 @@ class ParsedObject:
     score: float | None = None
     mask: np.ndarray | None = None
     tokens: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class EngineSupport:
+    """What one serving engine (vLLM, SGLang, TGI) documents for a family's architecture.
+
+    Facts from the engine's own documentation or tracker, cited in ``source``; nothing here was run.
+    """
+
+    serves: bool
+    """The engine lists the architecture (a merged export loads as a plain model)."""
+    lora: bool = False
+    """The engine loads peft LoRA adapters on the architecture's language-model linear layers."""
+    chat: bool = False
+    """Its OpenAI chat endpoint can take the model's messages (with the export's chat template)."""
+    source: str = ""
+    """Where the facts come from (docs page at a commit, or issue numbers)."""
+    note: str = ""
+    """What else a user must know (versions, restrictions)."""
 
 
 class Collator(Protocol):
@@ -151,6 +171,9 @@ class ModelFamily(abc.ABC):
     refused_hints: ClassVar[dict[str, str]] = {}
     """Lower-case substrings of hub ids the name hints would send here, but which this family cannot
     load (text-only siblings, an older generation), each with the reason ``validate`` gives."""
+    serving_engines: ClassVar[Mapping[str, EngineSupport]] = {}
+    """Per serving engine (``vllm``, ``sglang``, ``tgi``), what it documents for this architecture
+    (``pg-tune export --check serving``); an engine missing here is reported as not checked."""
 
     def __init__(self, mask_codec: Any | None = None):
         self.mask_codec = mask_codec
@@ -465,6 +488,11 @@ class ModelFamily(abc.ABC):
         own ``labels``): the reference side of ``pg_tune.measure.bench``, never used for training."""
 
     # ---- export and hub ------------------------------------------------------------------------
+    def serving_chat_template(self, processor: ProcessorMixin) -> str | None:
+        """A chat template that serving engines apply to OpenAI chat messages, written into exports as
+        ``chat_template.jinja`` when the family's processor has none; None keeps the processor's own."""
+        return None
+
     @abc.abstractmethod
     def usage_snippet(self, base_id: str | None, repo_or_dir: str, merged: bool) -> str:
         """Markdown for the model card: how to load the adapter (or merged model) and prompt it."""

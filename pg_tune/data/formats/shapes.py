@@ -71,8 +71,9 @@ def build(options: ShapesOptions, ctx: BuildContext) -> list[Sample]:
 def write_jsonl(out_dir, num_samples: int = 32, seed: int = 0, prompt: str = "caption en") -> Path:
     """Write shapes as a real JSONL dataset (PNG files + ``data.jsonl``); returns the JSONL path.
 
-    ``python -m pg_tune.data.formats.shapes OUT_DIR`` does this from the shell, to try the
-    ``jsonl`` format without any data of your own.
+    ``python -m pg_tune.data.formats.shapes OUT_DIR [N] [--seed S]`` does this from the shell, to try
+    the ``jsonl`` format without any data of your own; ``--seed 1`` draws the images of the demo's
+    eval split (held out from its training images, seed 0).
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,13 @@ def write_jsonl(out_dir, num_samples: int = 32, seed: int = 0, prompt: str = "ca
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    print(write_jsonl(sys.argv[1], num_samples=int(sys.argv[2]) if len(sys.argv) > 2 else 32))
+    parser = argparse.ArgumentParser(description="write synthetic shapes as a JSONL dataset")
+    parser.add_argument("out_dir")
+    parser.add_argument("num_samples", nargs="?", type=int, default=32)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="0: the demo's training images, 1: its eval images"
+    )
+    args = parser.parse_args()
+    print(write_jsonl(args.out_dir, num_samples=args.num_samples, seed=args.seed))

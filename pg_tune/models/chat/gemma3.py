@@ -29,7 +29,7 @@ from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
 from pg_tune.data.sample import Sample
 from pg_tune.models.chat import gemma3_tiny
 from pg_tune.models.chat.base import ChatCollator, ChatFamily
-from pg_tune.models.family import ModulePaths
+from pg_tune.models.family import EngineSupport, ModulePaths
 
 
 class Gemma3Collator(ChatCollator):
@@ -82,6 +82,24 @@ class Gemma3Family(ChatFamily):
     attention_inputs = ("token_type_ids",)
     final_softcap = False  # Gemma3ForConditionalGeneration.forward never applies final_logit_softcapping
     collator_class = Gemma3Collator
+    serving_engines = {
+        "vllm": EngineSupport(
+            serves=True, lora=True, chat=True,
+            source="vLLM docs/models/supported_models.md (commit 0046f770): Gemma3ForConditionalGeneration, "
+            "LoRA yes; tower LoRA unsupported: vllm#32758",
+            note="LoRA on the language model only: an adapter on the vision tower must be merged first (vllm#32758)",
+        ),
+        "sglang": EngineSupport(
+            serves=True, chat=True,
+            source="SGLang docs/supported_models/text_generation/multimodal_language_models.md (commit "
+            "01fd8153): Gemma 3 (Multimodal)",
+            note="SGLang's LoRA docs name no vision-language model: serve the merged export",
+        ),
+        "tgi": EngineSupport(
+            serves=True, chat=True,
+            source="TGI docs, supported_models: Gemma3; TGI is in maintenance mode",
+        ),
+    }  # fmt: skip
 
     def user_turn(self, image_text: str, prompt: str) -> str:
         # The template trims text items ({{ item['text'] | trim }}).

@@ -36,7 +36,7 @@ from pg_tune.config.recipe import ModelConfig
 from pg_tune.data.sample import Sample
 from pg_tune.models.chat import smolvlm_tiny
 from pg_tune.models.chat.base import ChatCollator, ChatFamily
-from pg_tune.models.family import ModulePaths
+from pg_tune.models.family import EngineSupport, ModulePaths
 
 
 class SmolVLMCollator(ChatCollator):
@@ -106,6 +106,22 @@ class SmolVLMFamily(ChatFamily):
     cacheable_image_features = False  # tiles: the number of features varies per image
     final_softcap = False  # SmolVLMForConditionalGeneration applies no final_logit_softcapping
     collator_class = SmolVLMCollator
+    serving_engines = {
+        "vllm": EngineSupport(
+            serves=True, lora=True, chat=True,
+            source="vLLM docs/models/supported_models.md (commit 0046f770): SmolVLMForConditionalGeneration "
+            "(SmolVLM2), LoRA yes, no pipeline parallelism",
+        ),
+        "sglang": EngineSupport(
+            serves=False,
+            source="SGLang docs/supported_models/text_generation/multimodal_language_models.md (commit "
+            "01fd8153): SmolVLM is not listed",
+        ),
+        "tgi": EngineSupport(
+            serves=False,
+            source="TGI docs, supported_models: Idefics 3 is listed, SmolVLM2 (SmolVLMForConditionalGeneration) is not",
+        ),
+    }  # fmt: skip
 
     def load_processor(self, model: ModelConfig) -> SmolVLMProcessor:
         """The processor; without torchvision its video part is a stand-in (pg_tune passes no videos)."""

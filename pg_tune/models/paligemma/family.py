@@ -20,7 +20,7 @@ from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, Pal
 
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.evaluate.metrics.detection import object_confidence
-from pg_tune.models.family import ModelFamily, ModulePaths, ParsedObject
+from pg_tune.models.family import EngineSupport, ModelFamily, ModulePaths, ParsedObject
 from pg_tune.models.paligemma import tiny
 from pg_tune.models.paligemma.boxes import (
     MAX_LOC,
@@ -92,6 +92,25 @@ def _detections(text: str, image_size: tuple[int, int], mask_codec: Any | None) 
     ]
 
 
+# A chat template that hands the user's text to the engine as the prompt. PaliGemma has none of its
+# own, so OpenAI chat requests fail on engines that need one (vllm#11471, #12052). The engine's
+# PaliGemma processor adds the image tokens, <bos> and the closing "\n" itself, exactly as
+# transformers' PaliGemmaProcessor does; the template adds nothing, so the user text IS the prefix.
+PASS_THROUGH_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] != 'user' -%}"
+    "{{ raise_exception('PaliGemma takes one user message: an image and its prompt, e.g. caption en') }}"
+    "{%- elif message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+_VLLM_DOCS = "vLLM docs/models/supported_models.md (commit 0046f770)"
+_SGLANG_DOCS = "SGLang docs/supported_models/text_generation/multimodal_language_models.md (commit 01fd8153)"
+_TGI_DOCS = "TGI docs, supported_models (huggingface.co/docs/text-generation-inference/supported_models)"
+
+
 class PaliGemmaFamily(ModelFamily):
     """PaliGemma 1 and 2 (``PaliGemmaForConditionalGeneration``), big_vision's task encodings."""
 
@@ -114,6 +133,20 @@ class PaliGemmaFamily(ModelFamily):
     attention_inputs = ("token_type_ids",)  # prefix-LM: 0 on image + prompt (both ways), 1 on the suffix
     hub_tags = ("paligemma",)
     name_hints = ("paligemma",)
+    serving_engines = {
+        "vllm": EngineSupport(
+            serves=True, lora=True, chat=True,
+            source=f"{_VLLM_DOCS}: PaliGemmaForConditionalGeneration, LoRA yes; LoRA since vllm#31656; "
+            "chat template: vllm#11471, #12052",
+            note="one image per prompt; LoRA needs a vLLM from January 2026 or later (vllm#31656); vLLM has "
+            "dropped <loc> tokens from detection output before (vllm#7115): compare with pg-tune predict",
+        ),
+        "sglang": EngineSupport(serves=False, source=f"{_SGLANG_DOCS}: PaliGemma is not listed"),
+        "tgi": EngineSupport(
+            serves=True, chat=False, source=f"{_TGI_DOCS}: PaliGemma listed; TGI is in maintenance mode",
+            note="no chat endpoint: POST /generate with the image inlined as ![](data:...) before the prompt",
+        ),
+    }  # fmt: skip
 
     def published_config(self, name_or_path: str) -> PaliGemmaConfig | None:
         """The published configs of PaliGemma 1/2 checkpoints (``shapes.py``), by hub id."""
@@ -224,6 +257,10 @@ class PaliGemmaFamily(ModelFamily):
         )
 
     # export and hub
+    def serving_chat_template(self, processor) -> str:
+        """The pass-through template (``PASS_THROUGH_TEMPLATE``): the user's text is the task prefix."""
+        return PASS_THROUGH_TEMPLATE
+
     def usage_snippet(self, base_id: str | None, repo_or_dir: str, merged: bool) -> str:
         model_cls, processor_cls = self.model_class.__name__, self.processor_class.__name__
         if merged:
