@@ -72,6 +72,7 @@ def test_overrides_and_file_errors(tmp_path):
         "image_size": 112,
         "prompt": "caption en",
         "seed": None,
+        "pairs": False,
         "limit": None,  # every format takes limit (data_formats/README.md)
     }
     with pytest.raises(ConfigError, match=r"r.yaml: train.lr: expected a number"):
