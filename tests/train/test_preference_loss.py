@@ -195,3 +195,27 @@ def test_full_and_partial_keep_a_frozen_copy_as_reference(method):
     copy_calls = _count_encodings(family, reference)
     scorer(batch)
     assert copy_calls == ([] if method == "partial" else [2])
+
+
+def test_feature_cache_feeds_preference_batches(tmp_path):
+    """``data.feature_cache`` with DPO: the cached features (one image per pair) give the same answer
+    log-probabilities as encoding the pixels."""
+    from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
+
+    preset = "tiny-paligemma2"
+    family = family_for(preset)
+    processor = family.load_processor(ModelConfig(name_or_path=preset))
+    model = apply_lora(
+        family.load_model(ModelConfig(name_or_path=preset)), LoraConfig(r=4, alpha=8), preset, family
+    )
+    pairs = _pairs()
+    cache = FeatureCache.build(tmp_path, pairs, model, processor.image_processor, family)
+    collator = family.collator(processor, 32)
+    cached = CachedFeatureCollator(collator, cache, pairs=True)(list(enumerate(pairs)))
+    assert "pixel_values" not in cached and cached["image_features"].shape[0] == len(pairs)
+    scorer = PreferenceLoss(model, family)
+    with torch.no_grad():
+        from_pixels = scorer(collator.preference_batch(list(enumerate(pairs))))
+        from_cache = scorer(cached)
+    torch.testing.assert_close(from_cache[0], from_pixels[0], rtol=0, atol=0)
+    torch.testing.assert_close(from_cache[1], from_pixels[1], rtol=0, atol=0)
