@@ -48,7 +48,13 @@ from pg_tune.train.evaluation import evaluate_during_training, readable_eval_sam
 from pg_tune.train.logbook import MetricsLog
 from pg_tune.train.loss import SuffixLoss
 from pg_tune.train.optim import build_optimizer, build_scheduler
-from pg_tune.train.preference import PreferenceLoss, WindowLoss, frozen_reference, preference_window
+from pg_tune.train.preference import (
+    PreferenceLoss,
+    WindowLoss,
+    frozen_reference,
+    pair_scorer,
+    preference_window,
+)
 from pg_tune.train.result import TrainResult, finished_run, write_final_state
 from pg_tune.train.resume import (
     capture_rng,
@@ -143,7 +149,7 @@ def train(
             recipe,
             family,
             eval_bad,
-            _pair_scorer(run),
+            pair_scorer(run.accelerator.unwrap_model(run.loss_module), run.peft_model),
         )
         say(f"\neval {when}: {json.dumps(metrics)}")
         log.write({"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
@@ -446,7 +452,7 @@ def _build_run(
     quantized = recipe.quantization.mode != "none"
     device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
     model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
-    reference = frozen_reference(model, recipe)  # DPO with full / partial: a frozen copy of the base
+    reference = frozen_reference(model, recipe, accelerator)  # DPO with full / partial: a frozen copy
     set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
     model = prepare_model(model, recipe, family)
     accelerator.print(trainable_summary(model))
@@ -464,7 +470,7 @@ def _build_run(
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)
     if recipe.train.objective == "dpo":
-        loss_module = PreferenceLoss(model, family, _placed_reference(reference, accelerator))
+        loss_module = PreferenceLoss(model, family, reference)
     else:
         loss_module = SuffixLoss(model, family, label_smoothing=recipe.train.label_smoothing)
     loss_module, optimizer, loader = accelerator.prepare(
@@ -492,28 +498,6 @@ def _build_run(
         fingerprint,
         recipe.dpo if recipe.train.objective == "dpo" else None,
     )
-
-
-def _placed_reference(reference: torch.nn.Module | None, accelerator: Accelerator) -> torch.nn.Module | None:
-    """The frozen copy on this rank's device. Under FSDP / DeepSpeed it would sit whole on every rank
-    beside the sharded policy: refused there (LoRA needs no copy)."""
-    if reference is None:
-        return None
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(
-            "train.objective=dpo with method full/partial keeps a frozen reference copy, which is not sharded "
-            "under FSDP / DeepSpeed; use method=lora (its reference is the adapter switched off) or DDP"
-        )
-    return reference.to(accelerator.device)
-
-
-def _pair_scorer(run: _Run) -> PreferenceLoss:
-    """What scores eval pairs: the DPO loss module itself, or for an SFT run the trained model against
-    its base (LoRA: the adapter switched off; full / partial: no reference)."""
-    module = run.accelerator.unwrap_model(run.loss_module)
-    return module if isinstance(module, PreferenceLoss) else PreferenceLoss(run.peft_model, module.family)
 
 
 def _any_rank(accelerator: Accelerator, flag: bool) -> bool:

@@ -45,21 +45,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from pg_tune.config.recipe import DpoConfig, Recipe
+from pg_tune.config.schema import ConfigError
 from pg_tune.data.collate import IGNORE_INDEX
 from pg_tune.data.sample import Sample
 from pg_tune.models.family import ModelFamily
 from pg_tune.train.loss import DEFAULT_CHUNK_ROWS, LogitsWorkspace, answer_logprobs
 
 
-def frozen_reference(model: nn.Module, recipe: Recipe) -> nn.Module | None:
-    """The reference model a DPO run keeps besides the policy: None for LoRA (the adapter is switched
-    off instead) and for SFT; for ``full`` / ``partial`` a frozen copy of the base as loaded, in eval
-    mode (no dropout). Call it before the method unfreezes anything."""
+def frozen_reference(model: nn.Module, recipe: Recipe, accelerator) -> nn.Module | None:
+    """The reference model a DPO run keeps besides the policy, on this rank's device: None for LoRA
+    (the adapter is switched off instead) and for SFT; for ``full`` / ``partial`` a frozen copy of the
+    base as loaded, in eval mode (no dropout). Call it before the method unfreezes anything. Under
+    FSDP / DeepSpeed the copy would sit whole on every rank beside the sharded policy: refused."""
+    from accelerate.utils import DistributedType
+
     if recipe.train.objective != "dpo" or recipe.method == "lora":
         return None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(
+            "train.objective=dpo with method full/partial keeps a frozen reference copy, which is not sharded "
+            "under FSDP / DeepSpeed; use method=lora (its reference is the adapter switched off) or DDP"
+        )
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
-    return reference
+    return reference.to(accelerator.device)
+
+
+def pair_scorer(loss_module: nn.Module, model: nn.Module) -> PreferenceLoss:
+    """What scores eval pairs: a DPO run's own ``PreferenceLoss``, or for an SFT run (``SuffixLoss``)
+    the trained model against its base (LoRA: the adapter switched off; full / partial: none)."""
+    if isinstance(loss_module, PreferenceLoss):
+        return loss_module
+    return PreferenceLoss(model, loss_module.family)
 
 
 class PreferenceLoss(nn.Module):

@@ -173,7 +173,14 @@ def test_full_and_partial_keep_a_frozen_copy_as_reference(method):
     )
     family = family_for(recipe.model.name_or_path)
     model = family.load_model(recipe.model)
-    reference = frozen_reference(model, recipe)
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    on_cpu = SimpleNamespace(distributed_type=DistributedType.NO, device=torch.device("cpu"))
+    reference = frozen_reference(model, recipe, on_cpu)
+    with pytest.raises(Exception, match="not sharded under FSDP"):
+        frozen_reference(model, recipe, SimpleNamespace(distributed_type=DistributedType.FSDP))
     model = prepare_model(model, recipe, family)
     assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
     batch = _pair_batch(family, recipe.model.name_or_path)
