@@ -1,7 +1,7 @@
 # Everyday targets. `make demo` and `make test` each set up everything they need first.
 PYTHON ?= python3
 
-.PHONY: setup demo test test-fast quality format bench
+.PHONY: setup demo demo-dpo test test-fast quality format bench
 
 setup:  ## install torch (CPU build on these machines) and pg_tune with its dev tools
 	$(PYTHON) -m pip install -q "torch==2.13.0"
@@ -9,6 +9,11 @@ setup:  ## install torch (CPU build on these machines) and pg_tune with its dev 
 
 demo: setup  ## the embedded default: LoRA on a tiny PaliGemma 2, synthetic shapes, no downloads
 	$(PYTHON) -m pg_tune train recipes/demo/shapes_tiny.yaml --overwrite
+
+demo-dpo: demo  ## DPO after the demo: prefer the right colour/shape caption (README "Preference tuning")
+	rm -rf runs/demo-shapes-merged
+	$(PYTHON) -m pg_tune export runs/demo-shapes --out runs/demo-shapes-merged --dtype fp32
+	$(PYTHON) -m pg_tune train recipes/demo/shapes_dpo.yaml --overwrite
 
 test: setup  ## the whole suite, slow end-to-end tests included (what CI runs)
 	$(PYTHON) -m pytest -q -m ""

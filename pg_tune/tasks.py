@@ -48,3 +48,10 @@ METRIC_NAMES = {
 }
 """Every metric each task reports, as ``{task}/{name}``: what ``eval.best_metric`` may name
 (tests/test_config.py checks it against what ``score_items`` really returns)."""
+
+PREFERENCE_METRIC_NAMES = ("accuracy", "margin", "loss", "logp_accuracy", "count")
+"""What evaluation reports on preference pairs (eval rows with a ``rejected`` answer), as
+``preference/{name}``: ``accuracy`` (share of pairs whose implicit reward ranks the chosen answer
+higher: ``β·(log π − log π_ref)``), ``margin`` (mean reward margin), ``loss`` (the recipe's ``dpo``
+loss), ``logp_accuracy`` (share of pairs where the model alone gives the chosen answer the higher
+log-probability) and ``count``. ``eval.best_metric`` may name them."""

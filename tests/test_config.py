@@ -72,6 +72,7 @@ def test_overrides_and_file_errors(tmp_path):
         "image_size": 112,
         "prompt": "caption en",
         "seed": None,
+        "pairs": False,
         "limit": None,  # every format takes limit (data_formats/README.md)
     }
     with pytest.raises(ConfigError, match=r"r.yaml: train.lr: expected a number"):
@@ -99,3 +100,65 @@ def test_readme_recipe_example_validates():
     recipe = parse_recipe(yaml.safe_load(block))
     assert recipe.model.name_or_path == "google/paligemma2-3b-pt-224"
     assert recipe.logging.trackers == ["tensorboard", "wandb"]
+
+
+DPO_DATA = {"train": [{"format": "shapes", "num_samples": 4, "pairs": True}]}
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"dpo": {"beta": 0.5}}, r"dpo.beta: only read with train.objective=dpo.*set train.objective=dpo"),
+        ({"train": {"objective": "dpo"}, "data": MINIMAL["data"]}, r"data.train\[0\]: .*set pairs: true"),
+        (
+            {
+                "train": {"objective": "dpo"},
+                "data": {"train": [{"format": "coco_captions", "annotations": "a", "images": "b"}]},
+            },
+            r"data.train\[0\]: .*format 'coco_captions' has no rejected answers",
+        ),
+        (
+            {"train": {"objective": "dpo", "label_smoothing": 0.1}},
+            r"train.label_smoothing: .*dpo.label_smoothing=0.1",
+        ),
+        ({"train": {"objective": "dpo"}, "dpo": {"beta": 0}}, r"dpo.beta: must be a finite number > 0"),
+        (
+            {"train": {"objective": "dpo"}, "dpo": {"label_smoothing": 0.5}},
+            r"dpo.label_smoothing: must be in \[0, 0.5\)",
+        ),
+        (
+            {"train": {"objective": "dpo"}, "dpo": {"loss": "ipo", "label_smoothing": 0.1}},
+            r"dpo.label_smoothing: conservative DPO smooths the sigmoid loss; dpo.loss is 'ipo'",
+        ),
+        (
+            {"train": {"objective": "dpo"}, "dpo": {"sft_weight": -1}},
+            r"dpo.sft_weight: must be a finite number",
+        ),
+        ({"train": {"objective": "dpo"}, "dpo": {"loss": "kto"}}, r"dpo.loss: expected one of 'sigmoid'"),
+        ({"train": {"objective": "ppo"}}, r"train.objective: expected one of 'sft' \| 'dpo'"),
+        (
+            {"eval": {"best_metric": "preference/acc"}, "data": {**DPO_DATA, "eval": DPO_DATA["train"]}},
+            r"did you mean 'preference/accuracy'",
+        ),
+    ],
+)
+def test_dpo_settings_refused_where_they_cannot_apply(sections, message):
+    data = {**MINIMAL, "data": DPO_DATA, **sections}
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(data)
+
+
+def test_dpo_recipe_validates(tmp_path, capsys):
+    recipe = parse_recipe(
+        {**MINIMAL, "data": {**DPO_DATA, "eval": DPO_DATA["train"]}, "train": {"objective": "dpo"},
+         "dpo": {"beta": 0.2, "loss": "sigmoid", "label_smoothing": 0.1, "sft_weight": 1.0},
+         "eval": {"best_metric": "preference/accuracy", "every": 5, "patience": 2}}
+    )  # fmt: skip
+    assert recipe.train.objective == "dpo" and recipe.dpo.beta == 0.2
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "output_dir: runs/x\ndata: {train: [{format: shapes, pairs: true}]}\ntrain: {objective: dpo}\n"
+    )
+    assert main(["validate", str(path)]) == 0
+    assert main(["validate", str(path), "train.objective=sft", "dpo.sft_weight=1"]) != 0
+    assert "dpo.sft_weight: only read with train.objective=dpo" in capsys.readouterr().err

@@ -72,3 +72,20 @@ def test_chat_family_recipes(folder, family, stems):
         assert recipe.quantization.mode == "4bit" and "quantization.mode=4bit" in path.read_text()
         assert family_for(recipe.model.name_or_path).name == family
         check_recipe_support(recipe, family_for(family))  # no task the family cannot render
+
+
+def test_dpo_recipes_read_pairs():
+    """The DPO recipes train on pairs; the RLAIF-V template reads RLAIF-V's layout (the shipped sample)."""
+    from pg_tune.data.bad_rows import BadRows
+    from pg_tune.data.build import build_samples
+    from pg_tune.models.family import family_for
+
+    for path in (ROOT / "demo" / "shapes_dpo.yaml", ROOT / "gemma3" / "rlaif_v_dpo_896.yaml"):
+        assert load_recipe(path)[0].train.objective == "dpo"
+    sample = ROOT.parent / "data_formats" / "samples" / "hf" / "rlaif_v.parquet"
+    overrides = [f"data.train.0.path={sample}", "data.train.0.streaming=false", "data.train.0.limit=2"]
+    recipe, _ = load_recipe(ROOT / "gemma3" / "rlaif_v_dpo_896.yaml", overrides)
+    family = family_for(recipe.model.name_or_path)
+    samples = build_samples(recipe.data.train, "train", BadRows("stop"), family=family)
+    assert len(samples) == 2 and all(s.is_pair and s.task == "vqa" for s in samples)
+    assert family.render_prompt(samples[0]) == "What animals are in the picture?"

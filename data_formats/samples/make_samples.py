@@ -268,6 +268,58 @@ def main() -> None:
         ),
     )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(folder / "docs"))
+    preference_samples()
+
+
+def preference_samples() -> None:
+    """Preference pairs (``train.objective: dpo``): ``jsonl/pairs.jsonl`` over the jsonl sample's
+    images, and ``hf/rlaif_v.parquet`` laid out like RLAIF-V's shards (openbmb/RLAIF-V-Dataset:
+    ds_name, image {bytes, path}, question, chosen, rejected, origin_dataset, origin_split, idx,
+    image_path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = [
+        {
+            "image": "images/000000000139.png",
+            "prefix": "caption en",
+            "chosen": "a red cat and a blue dog",
+            "rejected": "a red cat and a green bird",
+        },
+        {
+            "image": "images/000000000285.png",
+            "prefix": "answer en what colour is the dog?",
+            "chosen": "blue",
+            "rejected": "red",
+            "task": "vqa",
+        },
+    ]
+    (HERE / "jsonl" / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    rows = [
+        {
+            "ds_name": "RLAIF-V",
+            "image": {"bytes": (HERE / "jsonl" / "images" / "000000000139.png").read_bytes(), "path": None},
+            "question": "What animals are in the picture?",
+            "chosen": "A red cat on the left and a blue dog on the right.",
+            "rejected": "A red cat, a blue dog and a small bird perched on the sofa.",
+            "origin_dataset": "pg_tune sample",
+            "origin_split": '{"model": "pg_tune", "type": "synthetic"}',
+            "idx": "0",
+            "image_path": "images/000000000139.png",
+        },
+        {
+            "ds_name": "RLAIF-V",
+            "image": {"bytes": (HERE / "jsonl" / "images" / "000000000285.png").read_bytes(), "path": None},
+            "question": "Describe the image.",
+            "chosen": "A blue square in the middle of a beige picture.",
+            "rejected": "A blue square next to a red circle, with text written below them.",
+            "origin_dataset": "pg_tune sample",
+            "origin_split": '{"model": "pg_tune", "type": "synthetic"}',
+            "idx": "1",
+            "image_path": "images/000000000285.png",
+        },
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), HERE / "hf" / "rlaif_v.parquet")
 
 
 if __name__ == "__main__":

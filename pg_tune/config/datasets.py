@@ -83,7 +83,8 @@ class HfOptions:
     split: str | None = None
     """Split of a saved ``DatasetDict`` (parquet: ignored)."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Contract field -> column, for any that differ: ``image``, ``prefix``, ``suffix``."""
+    """Contract field -> column, for any that differ: ``image``, ``prefix``, ``suffix``; preference
+    pairs: ``chosen`` and ``rejected`` (a dataset with a ``chosen`` column is read as pairs)."""
     prompt: str | None = None
     """A prefix template filled from the row's columns (``"answer en {question}"``); replaces the
     prefix column."""
@@ -174,8 +175,24 @@ class ShapesOptions:
     prompt: str = "caption en"
     seed: int | None = None
     """Default: 0 for train, 1 for eval, so the splits never share an image."""
+    pairs: bool = False
+    """Preference pairs: each caption comes with a rejected one naming a wrong colour or a wrong
+    shape (drawn from its own seeded stream: the images are the same as without pairs)."""
     limit: int | None = None
     """At most this many samples (as in every format); the first ``limit`` of ``num_samples``."""
+
+
+def preference_pairs_problem(fmt: str, options) -> str | None:
+    """Why a dataset entry cannot give preference pairs (``train.objective: dpo``), or None if it can
+    (for ``jsonl`` and ``hf`` each row is checked when it is read)."""
+    if fmt in ("jsonl", "hf"):
+        return None
+    if fmt == "shapes":
+        return None if options.pairs else "its shapes entry has pairs: false; set pairs: true"
+    return (
+        f"format {fmt!r} has no rejected answers; pairs come from jsonl rows with 'chosen' and 'rejected', "
+        "an hf dataset with chosen/rejected columns, or shapes with pairs: true"
+    )
 
 
 FORMAT_OPTIONS: dict[str, type] = {

@@ -1,7 +1,7 @@
 """The recipe: a YAML file turned into small typed sections, validated before anything loads.
 
-Sections: ``model``, ``method`` (with ``lora`` / ``full`` / ``partial``), ``quantization``, ``data``, ``train``, ``eval``, ``logging``,
-``hub``, ``output_dir``. Each dataset entry under ``data.train`` / ``data.eval`` names its ``format`` and
+Sections: ``model``, ``method`` (with ``lora`` / ``full`` / ``partial``), ``quantization``, ``data``, ``train``
+(``train.objective: dpo`` reads ``dpo``), ``eval``, ``logging``, ``hub``, ``output_dir``. Each dataset entry under ``data.train`` / ``data.eval`` names its ``format`` and
 carries that format's own keys (see ``data_formats/``).
 """
 
@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from pg_tune.config.datasets import FORMAT_OPTIONS
+from pg_tune.config.datasets import FORMAT_OPTIONS, preference_pairs_problem
 from pg_tune.config.schema import ConfigError, coerce, from_dict, to_dict
-from pg_tune.tasks import METRIC_NAMES, TASKS
+from pg_tune.tasks import METRIC_NAMES, PREFERENCE_METRIC_NAMES, TASKS
 
 
 def _at_least(path: str, name: str, value: int | None, low: int, hint: str = "") -> None:
@@ -188,6 +188,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    objective: Literal["sft", "dpo"] = "sft"
+    """``sft``: cross-entropy on the target (demonstrations). ``dpo``: Direct Preference Optimization
+    on pairs, rows with a chosen and a rejected answer (section ``dpo``; README "Preference tuning")."""
     seed: int = 0
     epochs: int = 1
     max_steps: int | None = None
@@ -242,6 +245,43 @@ class TrainConfig:
 
 
 @dataclass
+class DpoConfig:
+    """``train.objective: dpo``: learn from (chosen, rejected) answer pairs against a reference model
+    (LoRA: the same base with the adapter switched off; ``full`` / ``partial``: a frozen copy)."""
+
+    beta: float = 0.1
+    """The implicit reward is ``beta * (log π(answer) - log π_ref(answer))``: a higher beta keeps the
+    model closer to the reference. For ``loss: ipo`` it is IPO's τ."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """``sigmoid``: DPO, ``-log σ(β·m)`` of the reward margin ``m``; ``ipo``: ``(m' - 1/(2β))²`` with
+    ``m'`` the margin of per-token mean log-ratios (as TRL computes it); ``hinge``: ``relu(1 - β·m)``
+    (SLiC)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (``loss: sigmoid`` only): the probability ε that a pair's preference is flipped,
+    ``-(1-ε)·log σ(β·m) - ε·log σ(-β·m)``. In [0, 0.5); 0 = off."""
+    sft_weight: float = 0.0
+    """RPO: add ``sft_weight`` × the chosen answers' mean token negative log-likelihood, so the chosen
+    answer's own likelihood does not fall while the margin grows. 0 = off."""
+
+    def check(self, path: str) -> None:
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(
+                f"{path}.beta: must be a finite number > 0 (0.1 is the usual start), got {self.beta}"
+            )
+        if not (math.isfinite(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5):
+            raise ConfigError(
+                f"{path}.label_smoothing: must be in [0, 0.5) (the probability a pair's label is flipped), "
+                f"got {self.label_smoothing}"
+            )
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(
+                f"{path}.label_smoothing: conservative DPO smooths the sigmoid loss; {path}.loss is {self.loss!r}. "
+                f"Set {path}.loss=sigmoid or {path}.label_smoothing=0"
+            )
+        _finite_in(path, "sft_weight", self.sft_weight, 0, math.inf, " (0 = off; RPO uses about 1)")
+
+
+@dataclass
 class EvalConfig:
     every: int | None = None
     """Evaluate every N optimizer steps (besides before and after training)."""
@@ -291,6 +331,7 @@ class EvalConfig:
 
 def _check_metric_name(path: str, name: str) -> None:
     known = [f"{task}/{metric}" for task in TASKS for metric in METRIC_NAMES.get(task, ())]
+    known += [f"preference/{metric}" for metric in PREFERENCE_METRIC_NAMES]
     if name not in known:
         task = name.split("/", 1)[0]
         same_task = [k for k in known if k.startswith(task + "/")]
@@ -378,6 +419,8 @@ class Recipe:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    """Read only with ``train.objective: dpo``."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
@@ -415,6 +458,31 @@ class Recipe:
                 f"data.feature_cache: {trains_vision[0]} trains what produces the image features, so cached "
                 "features would go stale while training; remove data.feature_cache or freeze the vision side"
             )
+
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """``dpo`` settings only where DPO runs, and DPO only on data that can hold pairs."""
+        if self.train.objective == "sft":
+            default = DpoConfig()
+            for name in ("beta", "loss", "label_smoothing", "sft_weight"):
+                if getattr(self.dpo, name) != getattr(default, name):
+                    raise ConfigError(
+                        f"dpo.{name}: only read with train.objective=dpo, and this recipe trains "
+                        "train.objective=sft; set train.objective=dpo, or remove the dpo section"
+                    )
+            return
+        if self.train.label_smoothing:
+            raise ConfigError(
+                f"train.label_smoothing: smooths the SFT cross-entropy, and train.objective=dpo has none; "
+                f"for conservative DPO set dpo.label_smoothing={self.train.label_smoothing} instead"
+            )
+        for k, entry in enumerate(self.data.train):
+            problem = preference_pairs_problem(entry.format, entry.options)
+            if problem:
+                raise ConfigError(
+                    f"data.train[{k}]: train.objective=dpo learns from answer pairs, but {problem}"
+                )
 
     def _check_streaming(self) -> None:
         """What the loader refuses for streamed entries (``pg_tune.data.loader``), refused here first."""

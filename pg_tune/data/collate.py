@@ -1,4 +1,5 @@
-"""What every model family's collator shares: the ``(index, Sample)`` dataset and the ignore label.
+"""What every model family's collator shares: the ``(index, Sample)`` dataset, the ignore label and
+the row order of a preference batch.
 
 The collators themselves are per family (``ModelFamily.collator``; PaliGemma's is
 ``pg_tune.models.paligemma.PaliGemmaCollator``): the sequence layout and attention rule are the
@@ -28,3 +29,17 @@ class SampleDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Sample]:
         return index, self.samples[index]
+
+
+def pair_rows(batch: Sequence[tuple[int, Sample]]) -> list[tuple[int, Sample]]:
+    """The rows of a preference batch of ``B`` pairs: the ``B`` chosen answers, then the ``B``
+    rejected ones in the same order (row ``i`` and row ``B + i`` share their image and prompt). A
+    sample without a rejected answer raises ``DataError`` (reason ``not_a_pair``)."""
+    return list(batch) + [(index, sample.rejected_view()) for index, sample in batch]
+
+
+def one_index_per_pair(batch: dict, pairs: int) -> dict:
+    """A preference batch names each pair once: ``sample_index`` keeps the chosen rows' ``pairs``
+    entries (the rejected rows repeat them), so rows counted and rows named are pairs."""
+    batch["sample_index"] = batch["sample_index"][:pairs]
+    return batch

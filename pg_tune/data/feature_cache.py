@@ -174,13 +174,15 @@ class FeatureCache:
 
 
 class CachedFeatureCollator:
-    """The training collator with ``image_features`` from the cache in place of ``pixel_values``."""
+    """The training collator with ``image_features`` from the cache in place of ``pixel_values``;
+    ``pairs``: its preference batches (one image's features per pair)."""
 
-    def __init__(self, collator, cache: FeatureCache):
+    def __init__(self, collator, cache: FeatureCache, pairs: bool = False):
         self.collator = collator
         self.cache = cache
+        self.pairs = pairs
 
     def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
-        out = self.collator.text_batch(batch)
+        out = self.collator.preference_text_batch(batch) if self.pairs else self.collator.text_batch(batch)
         out["image_features"] = self.cache.features([sample for _, sample in batch])
         return out

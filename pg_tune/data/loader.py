@@ -38,11 +38,14 @@ def build_train_loader(
     Rows are drawn by ``MixSampler`` (datasets mixed by ``weight``, one caption/answer per group
     per epoch; a plain seeded shuffle when every weight is 1), optionally grouped by length. The
     order depends only on ``train.seed`` and the epoch, so resumed and multi-process runs agree.
-    The collator is the model ``family``'s (its mask codec renders segmentation targets).
+    The collator is the model ``family``'s (its mask codec renders segmentation targets); under
+    ``train.objective: dpo`` its preference batches (chosen and rejected rows, each image once).
     """
     collator = family.collator(processor, recipe.data.max_text_length, train=True)
+    pairs = recipe.train.objective == "dpo"
+    collate = collator.preference_batch if pairs else collator
     if isinstance(samples, StreamingSamples):
-        return _streaming_loader(samples, collator, recipe, feature_cache)
+        return _streaming_loader(samples, collate, recipe, feature_cache)
     parts = getattr(samples, "parts", None) or [samples]
     weights = [e.weight for e in recipe.data.train] if len(parts) == len(recipe.data.train) else [1.0]
     sampler = MixSampler(parts, weights, seed=recipe.train.seed, shuffle=recipe.data.shuffle)
@@ -50,7 +53,9 @@ def build_train_loader(
     dataset = SafeSampleDataset(samples, recipe.data.on_bad_row)
     workers = recipe.data.num_workers
     common = dict(
-        collate_fn=CachedFeatureCollator(collator, feature_cache) if feature_cache is not None else collator,
+        collate_fn=CachedFeatureCollator(collator, feature_cache, pairs)
+        if feature_cache is not None
+        else collate,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,

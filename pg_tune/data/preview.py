@@ -4,7 +4,8 @@ Training rows come in the order of epoch 0 of ``pg_tune.data.mix`` (weights and 
 choice applied), evaluation rows in recipe order. ``prefix``/``suffix`` are the family's rendering
 (PaliGemma: ``<loc>``/``<seg>`` tokens from the structured targets); ``targets`` the ground truth
 itself. ``--draw`` parses the rendered text back with the family (``<seg>`` masks through the
-VQ-VAE) and draws it over the image, so a wrong box convention shows at a glance.
+VQ-VAE) and draws it over the image, so a wrong box convention shows at a glance. A preference
+pair shows both answers as the family renders them: ``chosen`` and ``rejected`` instead of ``suffix``.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ def preview_record(index: int, sample: Sample, entry: int, family: ModelFamily) 
         "image": name,
         "task": sample.task,
         "prefix": family.render_prompt(sample),
-        "suffix": family.render_target(sample),
     }
+    if sample.is_pair:
+        record["chosen"] = family.render_target(sample)
+        record["rejected"] = family.render_target(sample.rejected_view())
+    else:
+        record["suffix"] = family.render_target(sample)
     if sample.targets:
         record["targets"] = targets_json(sample.targets)
     if sample.references and sample.references != (sample.suffix,):
@@ -71,6 +76,10 @@ def draw_sample(sample: Sample, family: ModelFamily):
         objects = family.parse_output(suffix, sample.task, size)
         masks = [o.mask for o in objects]
         image = draw_detections(image, objects, masks if any(m is not None for m in masks) else None)
+    if sample.is_pair:
+        rejected = family.render_target(sample.rejected_view())
+        lines = [f"prefix: {prefix}", f"chosen: {_short(suffix)}", f"rejected: {_short(rejected)}"]
+        return draw_caption(image, lines)
     return draw_caption(image, [f"prefix: {prefix}", f"suffix: {_short(suffix)}"])
 
 

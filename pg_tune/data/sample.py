@@ -2,7 +2,9 @@
 
 Adapters never tokenize and never write model-specific strings: a sample carries its task, its
 prompt (``prefix``) and either literal target text (``suffix``: captions, answers, raw JSONL rows)
-or typed ``targets`` (``ObjectTarget``: label, pixel box, optional real mask). The model family
+or typed ``targets`` (``ObjectTarget``: label, pixel box, optional real mask). A preference pair is
+the same sample with a second, dispreferred answer: ``suffix`` is the chosen one and ``rejected``
+the other (``rejected_view`` is that answer as a sample of its own). The model family
 (``pg_tune.models.family``) renders targets to text and its collator turns samples into inputs;
 scoring compares predictions with the targets themselves (true pixel boxes and masks).
 """
@@ -10,7 +12,7 @@ scoring compares predictions with the targets themselves (true pixel boxes and m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,9 @@ class Sample:
     ``task`` is one of ``TASKS``. Box and mask tasks carry ``targets`` (typed ground truth, see
     ``ObjectTarget``) and ``image_size`` (width, height) instead of target text: the model family
     renders them (``ModelFamily.render_target``). ``meta`` carries anything else a row knows.
+
+    ``rejected`` makes the sample a preference pair (``train.objective: dpo``): ``suffix`` is the
+    chosen answer and ``rejected`` the dispreferred one, both text for the same image and prompt.
     """
 
     image: str | Path | Image.Image
@@ -62,10 +67,28 @@ class Sample:
     meta: Mapping[str, Any] = field(default_factory=dict)
     targets: tuple[ObjectTarget, ...] = ()
     image_size: tuple[int, int] | None = None
+    rejected: str | None = None
 
     @property
     def all_references(self) -> tuple[str, ...]:
         return self.references or (self.suffix,)
+
+    @property
+    def is_pair(self) -> bool:
+        """True for a preference pair (``suffix`` chosen, ``rejected`` dispreferred)."""
+        return self.rejected is not None
+
+    def rejected_view(self) -> Sample:
+        """The pair's rejected answer as a sample of its own (same image, prompt, source), so a family
+        renders and lays it out exactly as it does the chosen one."""
+        if self.rejected is None:
+            error = DataError(
+                f"{self.source}: not a preference pair (no rejected answer); train.objective=dpo trains on "
+                "rows with a chosen and a rejected answer"
+            )
+            error.reason = "not_a_pair"  # type: ignore[attr-defined]
+            raise error
+        return replace(self, suffix=self.rejected, rejected=None, references=())
 
 
 def targets_json(objects: Sequence[ObjectTarget]) -> list[dict[str, Any]]:

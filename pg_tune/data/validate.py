@@ -10,7 +10,10 @@ validation always scans everything and lists each problem with its place and fie
   training targets, control tokens of the model family inside prompt or target text
   (``<image>``, ``<bos>``, ``<eos>``, ``<pad>`` for PaliGemma: reason ``reserved_token``), and
   sequences over ``data.max_text_length`` counted with the recipe's own tokenizer through the
-  family's collator (training would truncate their target).
+  family's collator (training would truncate their target);
+- preference pairs: both answers present, non-empty and different as the family renders them, each
+  checked for control tokens and counted against the length budget through the family's collator;
+  under ``train.objective: dpo`` a training row without a rejected answer (reason ``not_a_pair``).
 """
 
 from __future__ import annotations
@@ -106,11 +109,11 @@ def validate_recipe(
             bad.bad("unreadable_file", str(e))
             report.rows[split] = 0
             continue
-        collator = (
-            family.collator(processor, recipe.data.max_text_length, train=split == "train")
-            if processor is not None
-            else None
-        )
+        collator = pair_collator = None
+        if processor is not None:
+            collator = family.collator(processor, recipe.data.max_text_length, train=split == "train")
+            # Pairs are scored with their answers in the sequence, in evaluation too.
+            pair_collator = family.collator(processor, recipe.data.max_text_length, train=True)
         count = longest = 0
         for index in range(len(samples)):
             try:
@@ -124,23 +127,58 @@ def validate_recipe(
             if split == "train" and not sample.suffix.strip() and not sample.targets:
                 bad.bad("empty_suffix", f"{sample.source}: empty suffix: nothing to learn from this row")
                 continue
+            if split == "train" and recipe.train.objective == "dpo" and not sample.is_pair:
+                bad.bad(
+                    "not_a_pair",
+                    f"{sample.source}: no rejected answer; train.objective=dpo trains on rows with a chosen "
+                    "and a rejected answer",
+                )
+                continue
+            if sample.is_pair and not _pair_ok(sample, family, bad):
+                continue
             if collator is not None:
+                answers = [sample, sample.rejected_view()] if sample.is_pair else [sample]
+                names = ("chosen answer", "rejected answer") if sample.is_pair else ("suffix",)
                 try:
-                    n_text, full = collator.text_length(sample)
+                    counter = pair_collator if sample.is_pair else collator
+                    lengths = [counter.text_length(answer) for answer in answers]
                 except DataError as e:
                     bad.bad(_reason(e), str(e))
                     continue
-                longest = max(longest, n_text)
-                if full > n_text:
-                    bad.bad(
-                        "over_length",
-                        f"{sample.source}: {full} text tokens, over data.max_text_length="
-                        f"{recipe.data.max_text_length}: training would cut the suffix",
-                    )
+                for (n_text, full), name in zip(lengths, names, strict=True):
+                    longest = max(longest, n_text)
+                    if full > n_text:
+                        bad.bad(
+                            "over_length",
+                            f"{sample.source}: {full} text tokens, over data.max_text_length="
+                            f"{recipe.data.max_text_length}: training would cut the {name}",
+                        )
         report.rows[split] = count
         if collator is not None:
             report.longest[split] = longest
     return report
+
+
+def _pair_ok(sample, family: ModelFamily, bad: BadRows) -> bool:
+    """Both answers as the family renders them: present and different (control tokens are checked
+    with the prompt, by the family)."""
+    try:
+        family.check_text(sample, family.reserved_tokens(None))
+        chosen, rejected = family.render_target(sample), family.render_target(sample.rejected_view())
+    except DataError as e:
+        bad.bad(_reason(e), str(e))
+        return False
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            bad.bad("empty_suffix", f"{sample.source}: the {name} answer is empty: a pair needs both answers")
+            return False
+    if chosen.strip() == rejected.strip():
+        bad.bad(
+            "identical_answers",
+            f"{sample.source}: the chosen and rejected answers render to the same text: the pair prefers nothing",
+        )
+        return False
+    return True
 
 
 def _reason(error: DataError) -> str:

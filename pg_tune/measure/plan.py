@@ -346,7 +346,30 @@ def estimate(
         "activations assume every row is padded to image tokens + data.max_text_length (the longest "
         "possible); shorter batches need less"
     )
+    if recipe.train.objective == "dpo":
+        parts = preference_terms(parts, recipe)
     return MemoryPlan(config.name_or_path or recipe.model.name_or_path, device, batch, seq, parts, notes)
+
+
+# --- train.objective: dpo, a separate term (pg_tune.train.preference) ---------------------------------
+
+
+def preference_terms(parts: list[Part], recipe: Recipe) -> list[Part]:
+    """What DPO changes in a plan: a micro-batch of B pairs is 2B sequences in the policy's pass, so
+    the saved activations double (the images are encoded once per pair: the vision share is an
+    over-count); the reference pass runs under ``no_grad`` in the same step and saves nothing. LoRA
+    keeps no reference copy (the adapter is switched off); ``full`` / ``partial`` keep a frozen copy
+    of the base weights (no gradients, no optimizer state)."""
+    out = [
+        Part(p.name, 2 * p.bytes, p.kind, p.how + "; x2: DPO's chosen and rejected sequences")
+        if p.name == "activations"
+        else p
+        for p in parts
+    ]
+    if recipe.method != "lora":
+        weights = sum(p.bytes for p in parts if p.name.startswith("base weights"))
+        out.append(Part("DPO reference (frozen copy)", weights, "exact", "the base weights once more"))
+    return out
 
 
 def suggest_micro_batch(

@@ -10,7 +10,9 @@ name. A new family is one module implementing this class, its tiny presets, one 
 The sequence contract every family keeps, whatever its layout: a batch from ``collator(...)`` holds
 ``input_ids``, ``attention_mask``, ``labels`` (training: -100 everywhere but the target and its end
 token), the family's own attention-rule and image inputs (PaliGemma: ``token_type_ids``,
-``pixel_values``; SmolVLM: ``pixel_attention_mask``), ``sample_index`` and ``truncated``.
+``pixel_values``; SmolVLM: ``pixel_attention_mask``), ``sample_index`` and ``truncated``. A
+preference batch (``collator.preference_batch``) holds ``B`` pairs as ``2B`` such rows, chosen
+answers first, and the image inputs of the ``B`` images once.
 """
 
 from __future__ import annotations
@@ -115,6 +117,15 @@ class Collator(Protocol):
 
     def text_length(self, sample: Sample) -> tuple[int, int]:
         """Text tokens of the encoded row (image tokens excluded) and before any truncation."""
+        ...
+
+    def preference_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+        """``B`` preference pairs as ``2B`` training rows, chosen answers first then rejected ones
+        (``pg_tune.data.collate.pair_rows``), with the ``B`` images' inputs once."""
+        ...
+
+    def preference_text_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+        """``preference_batch`` without the image inputs."""
         ...
 
 
@@ -314,10 +325,12 @@ class ModelFamily(abc.ABC):
         """Control strings refused inside sample text (``<image>``, ``<bos>``...); ``None``: the fixed ones."""
 
     def check_text(self, sample: Sample, reserved: Collection[str]) -> None:
-        """Raise ``DataError`` naming the row if its prompt or target text holds a reserved token."""
+        """Raise ``DataError`` naming the row if its prompt or target text (a pair's rejected answer
+        too) holds a reserved token."""
         from pg_tune.data.sample import DataError
 
-        for field_name, text in (("prefix", sample.prefix), ("suffix", sample.suffix)):
+        fields = [("prefix", sample.prefix), ("suffix", sample.suffix), ("rejected", sample.rejected or "")]
+        for field_name, text in fields:
             found = sorted(t for t in reserved if t and t in text)
             if found:
                 error = DataError(

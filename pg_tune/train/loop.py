@@ -3,7 +3,9 @@
 Run it with ``pg-tune train RECIPE [key.sub=value ...]``; the same command runs under
 ``accelerate launch -m pg_tune train RECIPE`` or ``torchrun -m pg_tune train RECIPE`` on many
 processes. ``train()`` tells the whole story in one screen; one accumulation window is
-``train_step``. What they call lives in its own small module: the run state a checkpoint saves and
+``train_step``, whose forward and backward passes are the objective's: cross-entropy on the target
+(``_sft_window``, ``train.objective: sft``) or DPO on answer pairs (``preference.preference_window``).
+What they call lives in its own small module: the run state a checkpoint saves and
 a resume restores (``state``), the decisions — evaluate, best, early stop, checkpoint, non-finite
 (``policies``), checkpoints (``checkpoint``), resume (``resume``), the output folder, atomic writes
 and a full disk (``storage``), evaluation with bad eval rows (``evaluation``), signals (``signals``),
@@ -31,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from pg_tune.config.recipe import Recipe, TrainConfig
+from pg_tune.config.recipe import DpoConfig, Recipe, TrainConfig
 from pg_tune.config.schema import ConfigError
 from pg_tune.data.bad_rows import BadRows, check_bad_share
 from pg_tune.data.build import build_samples
@@ -46,6 +48,13 @@ from pg_tune.train.evaluation import evaluate_during_training, readable_eval_sam
 from pg_tune.train.logbook import MetricsLog
 from pg_tune.train.loss import SuffixLoss
 from pg_tune.train.optim import build_optimizer, build_scheduler
+from pg_tune.train.preference import (
+    PreferenceLoss,
+    WindowLoss,
+    frozen_reference,
+    pair_scorer,
+    preference_window,
+)
 from pg_tune.train.result import TrainResult, finished_run, write_final_state
 from pg_tune.train.resume import (
     capture_rng,
@@ -93,6 +102,8 @@ class _Run:
     loader: Any
     steps_per_epoch: int
     fingerprint: dict[str, Any]
+    dpo: DpoConfig | None = None
+    """The ``dpo`` section when ``train.objective`` is ``dpo``."""
 
 
 def train(
@@ -148,7 +159,14 @@ def _train(
 
     def evaluate(when: str) -> dict[str, float]:
         metrics = evaluate_during_training(
-            accelerator, run.peft_model, run.processor, eval_samples, recipe, family, eval_bad
+            accelerator,
+            run.peft_model,
+            run.processor,
+            eval_samples,
+            recipe,
+            family,
+            eval_bad,
+            pair_scorer(run.accelerator.unwrap_model(run.loss_module), run.peft_model),
         )
         say(f"\neval {when}: {json.dumps(metrics)}")
         log.write({"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
@@ -266,6 +284,8 @@ class StepResult:
     nonfinite: bool = False
     sources: list[str] = field(default_factory=list)
     """The window's rows (every rank), when the step was non-finite."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """What the objective logs besides the loss (DPO: rewards and log-probabilities)."""
 
 
 def train_step(run: _Run, window: list[dict[str, Any]]) -> StepResult | None:
@@ -289,29 +309,21 @@ def train_step(run: _Run, window: list[dict[str, Any]]) -> StepResult | None:
                 f"{run.train_bad.report()}"
             )
         return None
-    # Normalise by the GLOBAL count of supervised tokens in this optimizer step (all micro-batches,
-    # all ranks); DDP averages gradients over ranks, hence the world factor.
-    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-    global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
-    scale = acc.num_processes / max(global_tokens, 1)
-    loss_sum_all = torch.zeros((), device=acc.device)
-    for i, batch in enumerate(window):
-        with contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(run.loss_module):
-            with acc.autocast():
-                loss_sum, _ = run.loss_module(batch)
-            acc.backward(loss_sum * scale)
-        loss_sum_all += loss_sum.detach().float()
+    if cfg.objective == "dpo":
+        forward = preference_window(acc, run.loss_module, window, run.dpo)
+    else:
+        forward = _sft_window(acc, run.loss_module, window)
     grad_norm = float(acc.clip_grad_norm_(run.trainable, cfg.max_grad_norm))
-    loss = float(acc.reduce(loss_sum_all, "sum")) / max(global_tokens, 1)
     result = StepResult(
-        loss,
+        forward.loss,
         grad_norm,
-        global_tokens,
-        rows=sum(b["input_ids"].shape[0] for b in window),
+        forward.tokens,
+        rows=sum(len(b["sample_index"]) for b in window),
         truncated=sum(int(b["truncated"].sum()) for b in window),
         batches=fetched,
+        metrics=forward.metrics,
     )
-    if policies.is_nonfinite(loss, grad_norm, scaler_owns_inf=acc.scaler is not None):
+    if policies.is_nonfinite(result.loss, grad_norm, scaler_owns_inf=acc.scaler is not None):
         run.optimizer.zero_grad(set_to_none=True)
         local = [run.train_samples[int(i)].source for b in window for i in b["sample_index"]]
         result.nonfinite, result.sources = True, gather_object(local) if acc.num_processes > 1 else local
@@ -320,6 +332,24 @@ def train_step(run: _Run, window: list[dict[str, Any]]) -> StepResult | None:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def _sft_window(acc: Accelerator, loss_module, window: list[dict[str, Any]]) -> WindowLoss:
+    """Forward and backward of one accumulation window of cross-entropy on the targets."""
+    # Normalise by the GLOBAL count of supervised tokens in this optimizer step (all micro-batches,
+    # all ranks); DDP averages gradients over ranks, hence the world factor.
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+    global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
+    scale = acc.num_processes / max(global_tokens, 1)
+    loss_sum_all = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(window):
+        with contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(loss_module):
+            with acc.autocast():
+                loss_sum, _ = loss_module(batch)
+            acc.backward(loss_sum * scale)
+        loss_sum_all += loss_sum.detach().float()
+    loss = float(acc.reduce(loss_sum_all, "sum")) / max(global_tokens, 1)
+    return WindowLoss(loss, global_tokens, {})
 
 
 def _windows(run: _Run, state: TrainState) -> Iterator[list[dict[str, Any]]]:
@@ -359,6 +389,7 @@ def _step_record(
         "grad_norm": result.grad_norm,
         "samples_per_s": samples * run.accelerator.num_processes / max(seconds, 1e-9),
         "supervised_tokens": state.tokens_seen,
+        **result.metrics,
     }
     if state.nonfinite_skipped:
         record["nonfinite_skipped"] = state.nonfinite_skipped
@@ -446,6 +477,7 @@ def _build_run(
     device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
     model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
     family.check_context(model.config, processor, recipe.data.max_text_length)  # image tokens included
+    reference = frozen_reference(model, recipe, accelerator)  # DPO with full / partial: a frozen copy
     set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
     model = prepare_model(model, recipe, family)
     accelerator.print(trainable_summary(model))
@@ -463,10 +495,12 @@ def _build_run(
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)
     wrap_family_layers(accelerator, model, family)  # FSDP: each decoder / vision layer its own unit
+    if recipe.train.objective == "dpo":
+        loss_module = PreferenceLoss(model, family, reference)
+    else:
+        loss_module = SuffixLoss(model, family, label_smoothing=recipe.train.label_smoothing)
     loss_module, optimizer, loader = accelerator.prepare(
-        SuffixLoss(model, family, label_smoothing=recipe.train.label_smoothing),
-        build_optimizer(model.parameters(), recipe.train),
-        loader,
+        loss_module, build_optimizer(model.parameters(), recipe.train), loader
     )
     steps_per_epoch = math.ceil(len(loader) / recipe.train.grad_accum)
     state.total_steps = _total_steps(recipe.train, steps_per_epoch)
@@ -488,6 +522,7 @@ def _build_run(
         loader,
         steps_per_epoch,
         fingerprint,
+        recipe.dpo if recipe.train.objective == "dpo" else None,
     )
 
 

@@ -23,6 +23,11 @@ The module returns the *sum* of token losses and the token count; the training l
 global count of supervised tokens across accumulation steps and ranks (big_vision normalises per
 token too, so a long answer is not worth less than a short one). ``sum / count`` equals
 ``model(**batch).loss`` to floating-point tolerance (``tests/train/test_loss.py``).
+
+Preference tuning needs each answer's summed log-probability rather than one total:
+``head_token_logprobs`` is the same fused head returning one log-probability per supervised row
+(same chunks, same workspace, gradients made in forward); ``answer_logprobs`` sums them per
+sequence (``pg_tune.train.preference``).
 """
 
 from __future__ import annotations
@@ -84,8 +89,10 @@ def _chunk_loss_and_grads(
     want_weight_grad: bool,
     workspace: LogitsWorkspace | None = None,
     label_smoothing: float = 0.0,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Summed cross-entropy of one chunk, and the gradients of that sum (logits never leave here).
+    """Per-row cross-entropy of one chunk, and the gradients of ``sum(row_scale * loss)`` (of the
+    plain sum without ``row_scale``); the logits never leave here.
 
     With label smoothing ``eps`` over ``V`` classes the target is ``(1 - eps) * one_hot + eps / V``
     (PyTorch's definition), so per row ``loss = lse - (1 - eps) * z[t] - eps * mean(z)`` and
@@ -111,9 +118,9 @@ def _chunk_loss_and_grads(
         mean_logits = logits.mean(dim=-1)
     lse = _softmax_in_place(logits)  # logits now hold the softmax
     if label_smoothing:
-        loss = (lse - (1.0 - label_smoothing) * target_logits - label_smoothing * mean_logits).sum()
+        loss = lse - (1.0 - label_smoothing) * target_logits - label_smoothing * mean_logits
     else:
-        loss = (lse - target_logits).sum()
+        loss = lse - target_logits
     if not (want_hidden_grad or want_weight_grad):
         return loss, None, None
     grad_logits = logits
@@ -126,6 +133,8 @@ def _chunk_loss_and_grads(
         # d(c * tanh(z / c)) / dz = 1 - tanh(z / c)^2
         grad_logits.mul_(capped_tanh.square_().neg_().add_(1.0))
         del capped_tanh
+    if row_scale is not None:
+        grad_logits.mul_(row_scale.to(grad_logits.dtype).unsqueeze(1))
     grad_logits = grad_logits.to(weight.dtype)
     grad_hidden = (grad_logits @ weight).to(hidden.dtype) if want_hidden_grad else None
     grad_weight = (grad_logits.T @ hidden.to(weight.dtype)) if want_weight_grad else None
@@ -156,7 +165,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                     workspace,
                     label_smoothing,
                 )
-                total += loss
+                total += loss.sum()
                 if g_h is not None:
                     grad_hidden[start:stop] = g_h
                 if g_w is not None:
@@ -206,6 +215,134 @@ def head_cross_entropy_sum(
     )
 
 
+class _FusedHeadTokenLogprobs(torch.autograd.Function):
+    """Per row, log p(target) under softcap(hidden @ weight.T), the logits never kept.
+
+    Forward computes each row's log-probability and, when only ``hidden`` needs a gradient (LoRA,
+    partial: the head is frozen), each row's gradient with respect to its hidden state; backward then
+    only scales those rows by the upstream gradient. When the head weight needs a gradient too (a full
+    fine-tune's tied head), that gradient mixes the rows with weights known only in backward, so
+    backward recomputes the logits chunk by chunk instead (one more pair of head matmuls).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk_rows, workspace):
+        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        precompute = want_hidden_grad and not want_weight_grad
+        logprobs = torch.empty(
+            targets.numel(), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device
+        )
+        grad_hidden = torch.empty_like(hidden) if precompute else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, targets.numel(), chunk_rows):
+                stop = start + chunk_rows
+                loss, g_h, _ = _chunk_loss_and_grads(
+                    hidden[start:stop], targets[start:stop], weight, softcap, precompute, False, workspace
+                )
+                logprobs[start:stop] = -loss
+                if g_h is not None:
+                    grad_hidden[start:stop] = g_h
+        ctx.softcap, ctx.chunk_rows, ctx.workspace = softcap, chunk_rows, workspace
+        if want_weight_grad:
+            ctx.save_for_backward(hidden, weight, targets)
+        else:
+            ctx.save_for_backward(grad_hidden)
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[1]:
+            (grad_hidden,) = ctx.saved_tensors
+            if grad_hidden is None:
+                return None, None, None, None, None, None
+            # d log p / d h = -(d CE / d h): the stored CE gradient, scaled per row.
+            return (
+                grad_hidden * (-grad_output).to(grad_hidden.dtype).unsqueeze(1),
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+        hidden, weight, targets = ctx.saved_tensors
+        want_hidden_grad = ctx.needs_input_grad[0]
+        out_hidden = torch.empty_like(hidden) if want_hidden_grad else None
+        out_weight = torch.zeros_like(weight, dtype=torch.float32)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, targets.numel(), ctx.chunk_rows):
+                stop = start + ctx.chunk_rows
+                _, g_h, g_w = _chunk_loss_and_grads(
+                    hidden[start:stop],
+                    targets[start:stop],
+                    weight,
+                    ctx.softcap,
+                    want_hidden_grad,
+                    True,
+                    ctx.workspace,
+                    row_scale=-grad_output[start:stop],
+                )
+                if g_h is not None:
+                    out_hidden[start:stop] = g_h
+                out_weight += g_w
+        return out_hidden, out_weight.to(weight.dtype), None, None, None, None
+
+
+def head_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    workspace: LogitsWorkspace | None = None,
+) -> torch.Tensor:
+    """``log softmax(softcap(hidden @ weight.T))[row, target]`` for every row (fp32), through the same
+    fused, chunked head as ``head_cross_entropy_sum``: no full-vocabulary tensor beyond one chunk.
+
+    Differentiable in ``hidden`` (and ``weight`` if it requires grad).
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if targets.numel() == 0:
+        return hidden.sum(dim=-1) * 0.0
+    return _FusedHeadTokenLogprobs.apply(
+        hidden, weight, targets, float(softcap) if softcap else None, chunk_rows, workspace
+    )
+
+
+def supervised_rows(
+    last_hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states whose next token is supervised, those tokens, and each one's batch row.
+
+    Position t predicts token t + 1, so row ``r``'s states ``[:, :-1]`` are kept where
+    ``labels[:, 1:]`` is not ``IGNORE_INDEX``.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return last_hidden[:, :-1][mask], targets[mask], mask.nonzero()[:, 0]
+
+
+def answer_logprobs(
+    model: nn.Module,
+    family: ModelFamily,
+    batch: dict[str, torch.Tensor],
+    image_features: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+    workspace: LogitsWorkspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its supervised tokens (target + end token) and their
+    count: ``([rows], [rows])``. ``image_features`` are placed at the image tokens of every row."""
+    core = family.unwrap(model)
+    last_hidden = family.decoder_hidden(core, batch, image_features)
+    hidden, targets, row_of = supervised_rows(last_hidden, batch["labels"])
+    weight, softcap = family.head(core)
+    token_logprobs = head_token_logprobs(hidden, weight, targets, softcap, chunk_size, workspace)
+    rows = batch["labels"].shape[0]
+    sums = token_logprobs.new_zeros(rows).index_add(0, row_of, token_logprobs)
+    counts = torch.bincount(row_of, minlength=rows)
+    return sums, counts
+
+
 class SuffixLoss(nn.Module):
     """Wraps a (peft) model; ``forward(batch)`` returns ``(loss_sum, n_supervised_tokens)``.
 
@@ -237,12 +374,9 @@ class SuffixLoss(nn.Module):
         else:
             features = self.family.image_features(core, batch)
         last_hidden = self.family.decoder_hidden(core, batch, features)
-        # Position t predicts token t + 1: keep only the rows whose next token is supervised.
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        hidden = last_hidden[:, :-1][mask]
+        hidden, targets, _ = supervised_rows(last_hidden, batch["labels"])
         weight, softcap = self.family.head(core)
         total = head_cross_entropy_sum(
-            hidden, weight, targets[mask], softcap, self.chunk_size, self.workspace, self.label_smoothing
+            hidden, weight, targets, softcap, self.chunk_size, self.workspace, self.label_smoothing
         )
-        return total, mask.sum()
+        return total, torch.tensor(targets.numel(), device=targets.device)

@@ -1,4 +1,5 @@
-"""Two real processes (gloo on CPU) train exactly like one process with the same global batch.
+"""Two real processes (gloo on CPU) train exactly like one process with the same global batch, for
+both objectives (SFT, and DPO on preference pairs: its loss is the mean over the step's pairs).
 
 ``accelerate launch --cpu --num_processes 2`` silently starts ONE process without MPI, so the test
 launches with ``torch.distributed.run --nproc_per_node 2`` and ``ACCELERATE_USE_CPU=1`` and checks
@@ -6,6 +7,7 @@ the world size the run recorded.
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -21,9 +23,9 @@ model: {{name_or_path: tiny-paligemma2}}
 lora: {{r: 4, alpha: 8, dropout: 0.0, targets: attention_mlp, vision: true}}
 data:
   train: [{{format: jsonl, path: {jsonl}}}]
-  eval: [{{format: shapes, num_samples: 7}}]
+  eval: [{{format: shapes, num_samples: 7}}{eval_pairs}]
   max_text_length: 16
-train: {{max_steps: 4, batch_size: {batch}, grad_accum: {accum}, lr: 3.0e-3, log_every: 1, warmup_ratio: 0.0}}
+train: {{objective: {objective}, max_steps: 4, batch_size: {batch}, grad_accum: {accum}, lr: 3.0e-3, log_every: 1, warmup_ratio: 0.0}}
 eval: {{before_training: false, batch_size: 2, max_new_tokens: 4}}
 """
 
@@ -45,10 +47,24 @@ def _launch(recipe, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _run(tmp_path, name, jsonl, batch, accum, nproc):
+def _recipe_text(out, jsonl, batch, accum, objective="sft"):
+    eval_pairs = ", {format: shapes, num_samples: 5, seed: 2, pairs: true}" if objective == "dpo" else ""
+    return RECIPE.format(
+        out=out, jsonl=jsonl, batch=batch, accum=accum, objective=objective, eval_pairs=eval_pairs
+    )
+
+
+def _train_jsonl(tmp_path, objective: str):
+    """The training rows of each objective: shapes captions, or shapes preference pairs."""
+    from pg_tune.data.formats.shapes import write_jsonl
+
+    return write_jsonl(tmp_path / "shapes", num_samples=24, pairs=objective == "dpo")
+
+
+def _run(tmp_path, name, jsonl, batch, accum, nproc, objective="sft"):
     out = tmp_path / name
     recipe = tmp_path / f"{name}.yaml"
-    recipe.write_text(RECIPE.format(out=out, jsonl=jsonl, batch=batch, accum=accum))
+    recipe.write_text(_recipe_text(out, jsonl, batch, accum, objective))
     proc = _launch(recipe, nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -61,10 +77,12 @@ def _run(tmp_path, name, jsonl, batch, accum, nproc):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, shapes_jsonl):
-    one, one_losses, one_adapter = _run(tmp_path, "one", shapes_jsonl, batch=8, accum=1, nproc=1)
-    two, two_losses, two_adapter = _run(tmp_path, "two", shapes_jsonl, batch=4, accum=1, nproc=2)
-    acc, acc_losses, acc_adapter = _run(tmp_path, "accum", shapes_jsonl, batch=4, accum=2, nproc=1)
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_two_processes_match_one(tmp_path, objective):
+    train_jsonl = _train_jsonl(tmp_path, objective)
+    one, one_losses, one_adapter = _run(tmp_path, "one", train_jsonl, 8, 1, nproc=1, objective=objective)
+    two, two_losses, two_adapter = _run(tmp_path, "two", train_jsonl, 4, 1, nproc=2, objective=objective)
+    acc, acc_losses, acc_adapter = _run(tmp_path, "accum", train_jsonl, 4, 2, nproc=1, objective=objective)
     assert (one["world_size"], two["world_size"], acc["world_size"]) == (1, 2, 1)
     # Same global batches, loss normalised by the global supervised-token count: the per-step
     # losses and the final adapter agree up to float summation order (stated tolerance 1e-4).
@@ -76,16 +94,29 @@ def test_two_processes_match_one(tmp_path, shapes_jsonl):
             torch.testing.assert_close(adapter[key], value, rtol=1e-3, atol=1e-4, msg=key)
     # Evaluation gathered every rank's predictions once: 7 samples, not 8 (no padding duplicates).
     assert two["metrics_after"]["caption/count"] == one["metrics_after"]["caption/count"] == 7
-    assert two["metrics_after"] == one["metrics_after"]
+    # Preference metrics are means of per-pair log-probabilities batched differently on each rank
+    # (other padding lengths): equal up to float summation order; the rest exactly.
+    pref = {k for k in one["metrics_after"] if k.startswith("preference/")}
+    assert {k: v for k, v in two["metrics_after"].items() if k not in pref} == {
+        k: v for k, v in one["metrics_after"].items() if k not in pref
+    }
+    if objective == "dpo":
+        assert two["metrics_after"]["preference/count"] == one["metrics_after"]["preference/count"] == 5
+        for key in pref:
+            torch.testing.assert_close(
+                two["metrics_after"][key], one["metrics_after"][key], rtol=1e-4, atol=1e-4
+            )
 
 
 @pytest.mark.slow
-def test_qlora_under_two_processes(tmp_path, shapes_jsonl, tiny_checkpoint):
-    """Each rank loads and quantizes its own 4-bit copy; the run trains and writes one adapter."""
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_qlora_under_two_processes(tmp_path, tiny_checkpoint, objective):
+    """Each rank loads and quantizes its own 4-bit copy; the run trains and writes one adapter (DPO: the
+    reference is the 4-bit base with the adapter switched off)."""
     out = tmp_path / "qlora"
     recipe = tmp_path / "qlora.yaml"
     recipe.write_text(
-        RECIPE.format(out=out, jsonl=shapes_jsonl, batch=4, accum=1).replace(
+        _recipe_text(out, _train_jsonl(tmp_path, objective), 4, 1, objective).replace(
             "model: {name_or_path: tiny-paligemma2}",
             f"model: {{name_or_path: {tiny_checkpoint}}}\n"
             "quantization: {mode: 4bit, bnb_4bit_compute_dtype: float32}",
@@ -98,3 +129,5 @@ def test_qlora_under_two_processes(tmp_path, shapes_jsonl, tiny_checkpoint):
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert torch.isfinite(torch.tensor(summary["last_loss"]))
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    if objective == "dpo":  # a fresh adapter: the policy is its reference, every pair's loss ln 2
+        assert abs(summary["first_loss"] - math.log(2)) < 1e-6

@@ -71,10 +71,21 @@ def _records(path) -> list[dict]:
     ]
 
 
+# DPO resumes like SFT: its reference (the adapter switched off) needs nothing saved.
+OBJECTIVES = {
+    "sft": {},
+    "dpo": {
+        "train": {"objective": "dpo"},
+        "data": {**RECIPE["data"], "train": [{**RECIPE["data"]["train"][0], "pairs": True}]},
+    },
+}
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    full_recipe = _write_recipe(tmp_path, "full")
-    crash_recipe = _write_recipe(tmp_path, "crash")
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, objective):
+    full_recipe = _write_recipe(tmp_path, "full", **OBJECTIVES[objective])
+    crash_recipe = _write_recipe(tmp_path, "crash", **OBJECTIVES[objective])
     full = _pg_tune(full_recipe)
     crashed = _pg_tune(crash_recipe, env={KILL_AFTER_CHECKPOINT_ENV: "4"})  # step 4 = mid second epoch
     crash_out, _ = crashed.communicate(timeout=300)
@@ -98,6 +109,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(expected[name], got[name]), name  # bitwise: same ops, same order, same RNG
     assert _records(run / "metrics.jsonl") == _records(tmp_path / "full" / "metrics.jsonl")
     assert [r["epoch"] for r in _records(run / "metrics.jsonl")] == [0, 0, 0, 1, 1, 1, 2]
+    if objective == "dpo":
+        assert {"rewards/margin", "rewards/accuracy", "logps/chosen"} <= set(
+            _records(run / "metrics.jsonl")[-1]
+        )
 
 
 # Every boundary a checkpoint can sit on. "accum2": 10 shapes, batch 2, grad_accum 2 -> windows of

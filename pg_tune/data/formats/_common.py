@@ -108,3 +108,23 @@ def format_prompt(template: str, where: str, **fields: str) -> str:
         raise DataError(
             f"{where}: prompt template {template!r} uses unknown field {e}; available: {', '.join(fields)}"
         ) from None
+
+
+def pair_problem(
+    chosen: object, rejected: object, where: str, names=("chosen", "rejected")
+) -> tuple[str, str] | None:
+    """``(reason, message)`` when a preference pair's two answers cannot train (missing, not text,
+    empty, or the same text), else None. ``names`` are the fields (or columns) as the data calls them."""
+    for name, value in zip(names, (chosen, rejected), strict=True):
+        if value is None:
+            return "missing_field", f"{where}: missing field {name!r} (a preference pair needs both answers)"
+        if not isinstance(value, str):
+            return "wrong_type", f"{where}: field {name!r} must be a string, got {value!r}"
+        if not value.strip():
+            return "empty_suffix", f"{where}: field {name!r} is empty: a preference pair needs both answers"
+    if chosen.strip() == rejected.strip():  # type: ignore[union-attr]
+        return (
+            "identical_answers",
+            f"{where}: fields {names[0]!r} and {names[1]!r} are the same text: the pair prefers nothing",
+        )
+    return None

@@ -5,6 +5,11 @@ One raw row (columns are yours; map them to the contract)::
     {"image": <PIL.Image or {"bytes": ..., "path": ...} or "imgs/1.jpg">,
      "question": "what is written?", "answers": ["STOP", "stop"]}
 
+Preference pairs (``train.objective: dpo``): a dataset with a ``chosen`` column (or ``columns``
+naming ``chosen`` / ``rejected``) is read as pairs, the ``suffix`` column is then not used. RLAIF-V's
+rows (``image``, ``question``, ``chosen``, ``rejected``, ...) need only ``prompt: "{question}"``
+(or ``columns: {prefix: question}``).
+
 Rows are read on demand from the memory-mapped Arrow table: building the dataset decodes no image,
 and ``samples[i]`` decodes only row ``i``'s image, so a large set never sits in RAM. ``suffix`` may
 be a string or a list of strings (the first is the training target, all are references).
@@ -39,10 +44,10 @@ from PIL import Image
 
 from pg_tune.config.datasets import HfOptions, is_saved_dataset
 from pg_tune.data.bad_rows import data_error, reason_of
-from pg_tune.data.formats._common import BuildContext, format_prompt
+from pg_tune.data.formats._common import BuildContext, format_prompt, pair_problem
 from pg_tune.data.sample import DataError, LazySamples, Sample
 
-_CONTRACT = ("image", "prefix", "suffix")
+_CONTRACT = ("image", "prefix", "suffix", "chosen", "rejected")
 
 
 def _load(options: HfOptions, ctx: BuildContext | None = None):
@@ -211,7 +216,12 @@ class HfSamples(LazySamples):
         unknown = sorted(set(options.columns) - set(_CONTRACT))
         if unknown:
             raise DataError(f"{where}: columns has unknown keys {unknown} (known: {', '.join(_CONTRACT)})")
-        needed = [self.col["image"], self.col["suffix"]] + ([] if options.prompt else [self.col["prefix"]])
+        # Pairs: a chosen column (by name, or mapped), read with its rejected column instead of suffix.
+        self.pairs = bool({"chosen", "rejected"} & set(options.columns)) or (
+            ds.column_names is not None and self.col["chosen"] in ds.column_names
+        )
+        answers = [self.col["chosen"], self.col["rejected"]] if self.pairs else [self.col["suffix"]]
+        needed = [self.col["image"], *answers] + ([] if options.prompt else [self.col["prefix"]])
         missing = [c for c in needed if ds.column_names is not None and c not in ds.column_names]
         if missing:
             raise DataError(
@@ -242,14 +252,22 @@ class HfSamples(LazySamples):
 
     def row_to_sample(self, row: dict[str, Any], index: int | str) -> Sample:
         where = f"{self.where}[{index}]"
-        prefix, suffix, references = self.text_fields(row, where)
-        return Sample(
-            self._image(row[self.col["image"]], where), prefix, suffix, where, self.options.task, references
-        )
+        prefix, suffix, references, rejected = self.text_fields(row, where)
+        image = self._image(row[self.col["image"]], where)
+        return Sample(image, prefix, suffix, where, self.options.task, references, rejected=rejected)
 
-    def text_fields(self, row: dict[str, Any], where: str) -> tuple[str, str, tuple[str, ...]]:
-        """(prefix, suffix, references) of one row; raises ``DataError`` naming the row and column."""
-        suffix = row[self.col["suffix"]]
+    def text_fields(self, row: dict[str, Any], where: str) -> tuple[str, str, tuple[str, ...], str | None]:
+        """(prefix, suffix, references, rejected) of one row (a pair: suffix is the chosen answer);
+        raises ``DataError`` naming the row and column."""
+        rejected = None
+        if self.pairs:
+            chosen, rejected = row.get(self.col["chosen"]), row.get(self.col["rejected"])
+            names = (self.col["chosen"], self.col["rejected"])
+            if problem := pair_problem(chosen, rejected, where, names):
+                raise data_error(*problem)
+            suffix = chosen
+        else:
+            suffix = row[self.col["suffix"]]
         references: tuple[str, ...] = ()
         if isinstance(suffix, list):
             references = tuple(str(s) for s in suffix)
@@ -265,7 +283,7 @@ class HfSamples(LazySamples):
                 raise DataError(f"{where}: column {self.col['prefix']!r} must hold a string")
         if self.train and not suffix.strip():
             raise data_error("empty_suffix", f"{where}: empty suffix: nothing to learn from this row")
-        return prefix, suffix, references
+        return prefix, suffix, references, rejected
 
     def _image(self, value: Any, where: str) -> str | Path | Image.Image:
         if isinstance(value, Image.Image):

@@ -4,6 +4,11 @@ The de-facto format of big_vision's ``forkme`` config and Roboflow's PaliGemma e
 
     {"image": "imgs/0001.jpg", "prefix": "caption en", "suffix": "a red circle"}
 
+A preference pair (``train.objective: dpo``; TRL's and RLAIF-V's field names) gives two answers
+instead of ``suffix``, the preferred one first; both must be non-empty and differ::
+
+    {"image": "imgs/0001.jpg", "prefix": "caption en", "chosen": "a red circle", "rejected": "a blue circle"}
+
 A structured form spares writing ``<loc>``/``<seg>`` tokens by hand. Boxes are pixel
 ``[x0, y0, x1, y1]``; a segment object gives a ``polygon`` (``[x, y, x, y, ...]`` or
 ``[[x, y], ...]``) or a ``mask`` PNG (same size as the image, non-zero = object)::
@@ -33,7 +38,7 @@ import json
 from pathlib import Path
 
 from pg_tune.config.datasets import JsonlOptions
-from pg_tune.data.formats._common import BuildContext, apply_limit, check_box, limit_reached
+from pg_tune.data.formats._common import BuildContext, apply_limit, check_box, limit_reached, pair_problem
 from pg_tune.data.images import image_size, load_image
 from pg_tune.data.masks import mask_box, mask_to_rle, segmentation_to_mask
 from pg_tune.data.sample import DataError, ObjectTarget, Sample
@@ -83,16 +88,32 @@ def _row_to_sample(
     if not isinstance(row, dict):
         ctx.bad_rows.bad("wrong_type", f"{where}: expected a JSON object, got {type(row).__name__}")
         return None
+    pair = "chosen" in row or "rejected" in row
     if "objects" in row:
+        if pair:
+            ctx.bad_rows.bad(
+                "wrong_type",
+                f"{where}: preference pairs are text answers; a row with 'objects' cannot have them",
+            )
+            return None
         return _structured_row(row, where, root, options, ctx)
-    for key in ("image", "prefix", "suffix"):
+    if pair and "suffix" in row:
+        ctx.bad_rows.bad(
+            "wrong_type",
+            f"{where}: a preference pair gives 'chosen' and 'rejected' instead of 'suffix', not both",
+        )
+        return None
+    if pair and (problem := pair_problem(row.get("chosen"), row.get("rejected"), where)):
+        ctx.bad_rows.bad(*problem)
+        return None
+    for key in ("image", "prefix") if pair else ("image", "prefix", "suffix"):
         if key not in row:
             ctx.bad_rows.bad("missing_field", f"{where}: missing field {key!r}")
             return None
         if not isinstance(row[key], str):
             ctx.bad_rows.bad("wrong_type", f"{where}: field {key!r} must be a string, got {row[key]!r}")
             return None
-    if ctx.split == "train" and not row["suffix"].strip():
+    if not pair and ctx.split == "train" and not row["suffix"].strip():
         ctx.bad_rows.bad("empty_suffix", f"{where}: empty suffix: nothing to learn from this row")
         return None
     image = root / row["image"]
@@ -112,10 +133,11 @@ def _row_to_sample(
     return Sample(
         image=image,
         prefix=row["prefix"],
-        suffix=row["suffix"],
+        suffix=row["chosen"] if pair else row["suffix"],
         source=where,
         task=task,
         references=tuple(references),
+        rejected=row["rejected"] if pair else None,
     )
 
 

@@ -9,6 +9,11 @@ two CPU cores, which is what the README's demo shows. Selected in a recipe by::
       train:
         - format: shapes
           num_samples: 480
+
+With ``pairs: true`` every sample is a preference pair (the DPO demo): the caption is the chosen
+answer and the rejected one names a wrong colour or a wrong shape (``a red circle`` against
+``a blue circle`` or ``a red square``), drawn from a stream of its own, so the images are the same
+as without pairs.
 """
 
 from __future__ import annotations
@@ -48,9 +53,17 @@ def draw_shape(rng: random.Random, size: int) -> tuple[Image.Image, str, str, tu
     return image, colour, shape, box
 
 
+def wrong_caption(rng: random.Random, colour: str, shape: str) -> str:
+    """A caption that is wrong in exactly one word: the colour or the shape (even odds)."""
+    if rng.random() < 0.5:
+        return f"a {rng.choice([c for c in sorted(COLOURS) if c != colour])} {shape}"
+    return f"a {colour} {rng.choice([s for s in SHAPES if s != shape])}"
+
+
 def build(options: ShapesOptions, ctx: BuildContext) -> list[Sample]:
     seed = options.seed if options.seed is not None else (0 if ctx.split == "train" else 1)
     rng = random.Random(seed * 1_000_003 + 17)
+    rejections = random.Random(seed * 1_000_003 + 29)  # its own stream: the images do not change
     samples = []
     count = options.num_samples if options.limit is None else min(options.num_samples, options.limit)
     for i in range(count):
@@ -63,13 +76,17 @@ def build(options: ShapesOptions, ctx: BuildContext) -> list[Sample]:
                 source=f"shapes(seed={seed})[{i}]",
                 task="caption",
                 meta={"box": box, "colour": colour, "shape": shape},
+                rejected=wrong_caption(rejections, colour, shape) if options.pairs else None,
             )
         )
     return samples
 
 
-def write_jsonl(out_dir, num_samples: int = 32, seed: int = 0, prompt: str = "caption en") -> Path:
+def write_jsonl(
+    out_dir, num_samples: int = 32, seed: int = 0, prompt: str = "caption en", pairs: bool = False
+) -> Path:
     """Write shapes as a real JSONL dataset (PNG files + ``data.jsonl``); returns the JSONL path.
+    ``pairs``: preference rows (``chosen``/``rejected`` instead of ``suffix``).
 
     ``python -m pg_tune.data.formats.shapes OUT_DIR [N] [--seed S]`` does this from the shell, to try
     the ``jsonl`` format without any data of your own; ``--seed 1`` draws the images of the demo's
@@ -78,13 +95,16 @@ def write_jsonl(out_dir, num_samples: int = 32, seed: int = 0, prompt: str = "ca
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     ctx = BuildContext(split="train", bad_rows=BadRows("stop"))
-    rows = build(ShapesOptions(num_samples=num_samples, seed=seed, prompt=prompt), ctx)
+    rows = build(ShapesOptions(num_samples=num_samples, seed=seed, prompt=prompt, pairs=pairs), ctx)
     path = out_dir / "data.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for i, sample in enumerate(rows):
             name = f"images/{i:05d}.png"
             sample.image.save(out_dir / name)
-            f.write(json.dumps({"image": name, "prefix": sample.prefix, "suffix": sample.suffix}) + "\n")
+            answers = (
+                {"chosen": sample.suffix, "rejected": sample.rejected} if pairs else {"suffix": sample.suffix}
+            )
+            f.write(json.dumps({"image": name, "prefix": sample.prefix, **answers}) + "\n")
     return path
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from pg_tune.data.collate import one_index_per_pair, pair_rows
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.evaluate.metrics.detection import object_confidence
@@ -269,6 +270,17 @@ class ChatCollator(abc.ABC):
         """Everything but the pixel inputs."""
         _, image_texts = self._images([sample for _, sample in batch])
         return self._text_batch(batch, image_texts)
+
+    def preference_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+        """``B`` preference pairs as ``2B`` training rows (chosen, then rejected: ``pair_rows``), each
+        image processed once: the pixel inputs hold ``B`` images, the loss encodes each once per pair."""
+        pixels, image_texts = self._images([sample for _, sample in batch])
+        text = self._text_batch(pair_rows(batch), [*image_texts, *image_texts])
+        return {**one_index_per_pair(text, len(batch)), **pixels}
+
+    def preference_text_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+        """``preference_batch`` without the pixel inputs (the feature cache supplies the features)."""
+        return one_index_per_pair(self.text_batch(pair_rows(batch)), len(batch))
 
     def _text_batch(
         self, batch: Sequence[tuple[int, Sample]], image_texts: Sequence[str]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pg_tune.data.collate import IGNORE_INDEX
+from pg_tune.data.collate import IGNORE_INDEX, one_index_per_pair, pair_rows
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.models.paligemma.layout import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID
@@ -101,10 +101,20 @@ class PaliGemmaCollator:
         return len(row.input_ids) - self.num_image_tokens, row.untruncated_length
 
     def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
-        out = self.text_batch(batch)
+        return {**self.text_batch(batch), "pixel_values": self._pixels(batch)}
+
+    def preference_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+        """``B`` preference pairs as ``2B`` training rows (chosen, then rejected: ``pair_rows``), each
+        image once: ``pixel_values`` has ``B`` rows, the loss encodes each image once per pair."""
+        return {**self.preference_text_batch(batch), "pixel_values": self._pixels(batch)}
+
+    def preference_text_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+        """``preference_batch`` without ``pixel_values`` (the feature cache supplies the features)."""
+        return one_index_per_pair(self.text_batch(pair_rows(batch)), len(batch))
+
+    def _pixels(self, batch: Sequence[tuple[int, Sample]]) -> torch.Tensor:
         images = [load_image(sample.image, sample.source) for _, sample in batch]
-        out["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return out
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def text_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
         """Everything but ``pixel_values`` (the feature cache supplies image features instead)."""
