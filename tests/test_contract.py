@@ -23,6 +23,8 @@ die or its peak memory is measured.
 | ``data.feature_cache``: same loss as from pixels, or refused by ``validate`` | ``test_feature_cache_or_refusal`` |
 | ``pg-tune plan`` within +-20% of the measured peak | ``test_plan_within_20_percent_of_the_peak`` |
 | FSDP (``recipes/accelerate/fsdp.yaml``) wraps each decoder and vision layer | ``test_fsdp_wraps_each_layer`` |
+| ``pg-tune serve`` of the run: each task's chat completion = ``pg-tune predict``'s answer and objects | ``test_served_run_answers_as_predict_does`` |
+| DPO (``train.objective: dpo``) on JSONL preference pairs: ln 2 at the start, the loss falls | ``test_dpo_prefers_the_chosen_answers`` |
 | a task the family cannot do: refused by ``pg-tune validate``, ``data validate`` and ``predict`` | ``test_unsupported_task_is_refused`` |
 
 A new family gets all of this by registering (one line in ``pg_tune/models/family.py``'s ``_REGISTRY``):
@@ -38,6 +40,7 @@ tiny preset); the runs that take a model or a process are marked ``slow``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -717,6 +720,100 @@ def test_fsdp_wraps_each_layer(workspace):
 
 
 # ---- what not every family can do -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_served_run_answers_as_predict_does(workspace, runs, tmp_path, capsys):
+    """``pg-tune serve RUN`` (a child process): for one image of every task, the OpenAI-style chat
+    completion at temperature 0 says what ``pg-tune predict`` says, reads the same task from the prompt
+    (``docvqa`` rows' ``answer en ...`` reads as ``vqa``) and carries the same objects."""
+    import re
+
+    import httpx
+
+    from pg_tune.data.images import load_image
+
+    server = pg_tune_process(
+        "serve", str(runs["run"]), "--host", "127.0.0.1", "--port", "0", "--max-tokens", "8",
+        log=tmp_path / "serve.log", env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        deadline, url = time.monotonic() + 300, None
+        while url is None and server.poll() is None and time.monotonic() < deadline:
+            text = server.log.read_text()
+            found = re.search(r"at (http://127\.0\.0\.1:\d+)\n", text)
+            url = found.group(1) if found and "Application startup complete" in text else None
+            time.sleep(0.1)
+        assert url is not None, server.log.read_text()[-3000:]
+        samples = {}
+        for sample in workspace.eval_samples():
+            samples.setdefault(sample.task, sample)
+        assert set(samples) == set(workspace.tasks)
+        for task, sample in samples.items():
+            image = tmp_path / f"{task}.png"
+            load_image(sample.image, sample.source).save(image)
+            capsys.readouterr()
+            assert main(
+                ["predict", "--model", str(runs["run"] / "adapter"), "--image", str(image), "--prompt",
+                 sample.prefix, "--max-new-tokens", "8", "--vae-path", str(workspace.vae)]
+            ) == 0  # fmt: skip
+            printed = capsys.readouterr().out
+            predicted = json.loads(printed[printed.index('{\n  "model"') :])
+            content = [
+                {"type": "image_url", "image_url": {"url": _data_url(image)}},
+                {"type": "text", "text": sample.prefix},
+            ]
+            body = {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 8}
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert answer["choices"][0]["message"]["content"] == predicted["prediction"], task
+            assert answer["pg_tune"]["task"] == predicted["task"], task  # both read it from the prompt
+            served_boxes = [o["box"] for o in answer["pg_tune"]["objects"]]
+            assert served_boxes == [o["box"] for o in predicted["objects"]], task
+    finally:
+        server.kill()
+        server.wait(30)
+
+
+def _data_url(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.mark.slow
+def test_dpo_prefers_the_chosen_answers(workspace, tmp_path, capsys):
+    """``train.objective: dpo`` on preference pairs (the JSONL pair format): the first step's loss is
+    ln 2 (a fresh adapter is its own reference), and the policy learns to prefer the chosen answers."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {
+            "image": str(SAMPLES / image),
+            "prefix": prefix,
+            "chosen": chosen,
+            "rejected": rejected,
+            "task": "vqa",
+        }
+        for (image, prefix, chosen), rejected in zip(TEXT_ROWS["vqa"], ("green", "bird"), strict=True)
+    ]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "dpo"
+    recipe = workspace.write_recipe(
+        "dpo.yaml", out,
+        data={"train": [{"format": "jsonl", "path": str(pairs)}], "eval": []},
+        train={"objective": "dpo", "max_steps": 4, "batch_size": 2, "lr": 1e-2, "save_every": None},
+        eval={"every": None, "best_metric": None},
+        dpo={"beta": 0.5},
+    )  # fmt: skip
+    assert main(["train", str(recipe)]) == 0, capsys.readouterr().err
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in steps if "loss" in r]
+    assert len(losses) == 4
+    ln2 = float(torch.tensor(math.log(2.0)))
+    assert abs(losses[0] - ln2) <= 1e-6 * ln2
+    assert losses[-1] < losses[0]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
