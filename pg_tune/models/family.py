@@ -182,7 +182,13 @@ class ModelFamily(abc.ABC):
         device_map: str | dict | None = None,
     ) -> PreTrainedModel:
         """The model of a hub id, a local folder or a tiny preset, in the recipe's dtype; with a
-        quantization section, bitsandbytes-quantized as ``keep_unquantized`` says (and checked)."""
+        quantization section, bitsandbytes-quantized as ``keep_unquantized`` says (and checked).
+
+        Safetensors checkpoints are read tensor by tensor with plain reads, never memory-mapped
+        (``pg_tune.models.shards``): each quantized linear's bf16 source is released as soon as it
+        is quantized, the weights kept in the stored dtype own their memory, and no file stays
+        mapped, so host memory holds the model as it trains plus one tensor, on CPU and (with a
+        ``device_map``) while the weights go to a GPU."""
         from pg_tune.models.source import require_safetensors
 
         self.check_model_config(model)
@@ -204,20 +210,52 @@ class ModelFamily(abc.ABC):
             kwargs["quantization_config"] = bnb_config(quantization, self)
         if model.attn_implementation:
             kwargs["attn_implementation"] = model.attn_implementation
-        loaded = self.model_class.from_pretrained(
-            model.name_or_path,
-            revision=model.revision,
-            dtype=dtype,
-            trust_remote_code=model.trust_remote_code,
-            use_safetensors=True,
-            device_map=device_map,
-            **kwargs,
-        )
+        folder = _checkpoint_folder(model)
+        if folder is None:  # not a safetensors checkpoint pg_tune can read itself
+            loaded = self.model_class.from_pretrained(
+                model.name_or_path,
+                revision=model.revision,
+                dtype=dtype,
+                trust_remote_code=model.trust_remote_code,
+                use_safetensors=True,
+                device_map=device_map,
+                **kwargs,
+            )
+        else:
+            loaded = self._load_unmapped(folder, model, dtype, device_map, kwargs)
         if quantized:
             from pg_tune.models.quantize import check_quantized
 
             # bitsandbytes ignores what it does not understand: assert what is really in effect.
             print(f"quantization: {check_quantized(loaded, quantization, self).summary()}")
+        return loaded
+
+    def _load_unmapped(
+        self,
+        folder: Path,
+        model: ModelConfig,
+        dtype: torch.dtype,
+        device_map: str | dict | None,
+        kwargs: dict[str, Any],
+    ) -> PreTrainedModel:
+        """``from_pretrained`` fed with the checkpoint's tensors read one by one (``shards``)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        from pg_tune.models.shards import lazy_state_dict
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
+        loaded = self.model_class.from_pretrained(
+            None,
+            config=config,
+            state_dict=lazy_state_dict(folder),
+            dtype=dtype,
+            trust_remote_code=model.trust_remote_code,
+            device_map=device_map,
+            **kwargs,
+        )
+        loaded.config._name_or_path = str(model.name_or_path)
+        if (folder / "generation_config.json").is_file():
+            loaded.generation_config = GenerationConfig.from_pretrained(folder)
         return loaded
 
     def unwrap(self, model: nn.Module) -> PreTrainedModel:
@@ -542,6 +580,27 @@ def check_recipe_tasks(recipe: Any) -> None:
                     f"data.{split}[{k}].task: {declared!r} ({entry.format}): "
                     f"{unsupported_task_message(family, task)}"
                 )
+
+
+def _checkpoint_folder(model: ModelConfig) -> Path | None:
+    """The folder holding ``model``'s safetensors files: a local folder, or a hub id's snapshot
+    (downloaded as ``from_pretrained`` would); None when there is none to read tensor by tensor."""
+    folder = Path(model.name_or_path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    model.name_or_path,
+                    revision=model.revision,
+                    allow_patterns=["*.safetensors", "*.json", "*.py"],
+                )
+            )
+        except Exception:  # noqa: BLE001 (offline, gated, not found: from_pretrained says why)
+            return None
+    has_index = (folder / "model.safetensors.index.json").is_file()
+    return folder if has_index or (folder / "model.safetensors").is_file() else None
 
 
 def unwrap_model(model: nn.Module, cls: type | None = None) -> nn.Module:
