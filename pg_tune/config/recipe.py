@@ -144,7 +144,7 @@ class DataConfig:
     """Shuffle the training rows (seeded by ``train.seed``). ``false``: every entry in its file
     order, entries one after the other (curricula, debugging, comparing a stream with a table)."""
     group_by_length: bool = False
-    """Batch rows of similar text length together (less padding); order stays random."""
+    """Batch rows of similar length (image tokens and text, as the model family lays them out) together: less padding; order stays random."""
     feature_cache: str | None = None
     """Directory caching projected image features when the vision tower is frozen, so training
     skips SigLIP (docs/performance.md says when it pays)."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Collator",
+    "ImageBudget",
     "ModelFamily",
     "ModulePaths",
     "ParsedObject",
@@ -83,6 +84,17 @@ class ParsedObject:
     tokens: Mapping[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class ImageBudget:
+    """What one image costs a training row (``ModelFamily.image_budget``)."""
+
+    tokens: int
+    """Sequence positions the image takes, its wrapper tokens included (PaliGemma 224 px: 256;
+    SmolVLM2-256M: 5 to 17 tiles of 64 image tokens plus their markers)."""
+    encoder_passes: int = 1
+    """Pictures the image encoder runs on for it: tiles and global view, or pan-and-scan crops."""
+
+
 class Collator(Protocol):
     """Turns ``(index, Sample)`` pairs into a model batch (see the module docstring's contract)."""
 
@@ -95,6 +107,17 @@ class Collator(Protocol):
 
     def text_length(self, sample: Sample) -> tuple[int, int]:
         """Text tokens of the encoded row (image tokens excluded) and before any truncation."""
+        ...
+
+    def row_length(self, sample: Sample) -> int:
+        """Positions of the encoded training row, image tokens and template included (the image's
+        size is read from its file header when the family's image tokens depend on it, never its
+        pixels): what ``data.group_by_length`` sorts by."""
+        ...
+
+    def max_row_length(self) -> int:
+        """The most positions a training row can take: the largest image this processor makes, the
+        family's template and ``data.max_text_length``: what ``pg-tune plan`` budgets."""
         ...
 
 
@@ -258,6 +281,13 @@ class ModelFamily(abc.ABC):
             loaded.generation_config = GenerationConfig.from_pretrained(folder)
         return loaded
 
+    def image_budget(self, processor: ProcessorMixin, sample: Sample | None = None) -> ImageBudget:
+        """Positions and encoder passes of ``sample``'s image with this processor's settings (the
+        image's size read from its header if the family's count depends on it), or of the largest
+        image these settings allow when ``sample`` is None. Families with a fixed count override
+        nothing else; the default is one pass of ``processor.image_seq_length`` tokens."""
+        return ImageBudget(int(processor.image_seq_length))
+
     def unwrap(self, model: nn.Module) -> PreTrainedModel:
         """The family's model class inside peft / DDP / FSDP / loss wrappers."""
         return unwrap_model(model, self.model_class)
@@ -293,6 +323,14 @@ class ModelFamily(abc.ABC):
     def vision_frozen(self, core: nn.Module) -> bool:
         """True when nothing that produces image features trains."""
         return not any(p.requires_grad for m in self.vision_modules(core) for p in m.parameters())
+
+    def decoder_layers(self, core: nn.Module) -> list[nn.Module]:
+        """The language model's decoder layers, in order (``lm_layers``): ``pg-tune plan`` reads their
+        norms and attention from them."""
+        import re
+
+        pattern = re.compile(self.lm_layers)
+        return [module for name, module in core.named_modules() if pattern.fullmatch(name)]
 
     def layer_classes(self, core: nn.Module) -> list[str]:
         """Class names of the repeated blocks FSDP wraps one by one (transformers' ``_no_split_modules``)."""

@@ -37,7 +37,7 @@ import torch
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.evaluate.metrics.detection import object_confidence
-from pg_tune.models.family import ModelFamily, ParsedObject
+from pg_tune.models.family import ImageBudget, ModelFamily, ParsedObject
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
@@ -268,6 +268,19 @@ class ChatCollator(abc.ABC):
         room = self._room(sample, prompt_tokens)
         return len(prompt_tokens) + min(len(supervised), room), len(prompt_tokens) + len(supervised)
 
+    def row_length(self, sample: Sample) -> int:
+        """Positions of the encoded row: the image's text (its size read from the file header when
+        the family's image tokens depend on it), the turns and the budgeted text."""
+        image_text, _ = self.family.image_text(self.processor, sample)
+        return len(self.encode(sample, image_text).input_ids)
+
+    def max_row_length(self) -> int:
+        """The largest image's text and the turns around it, plus ``data.max_text_length``."""
+        image_text, _ = self.family.image_text(self.processor, None)
+        _, trailer = self.family.assistant_turn("x")
+        turns = self._tokens(self.family.user_turn(image_text, ""))
+        return len(turns) + self.max_text_length + len(self._tokens(trailer))
+
     def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
         pixels, image_texts = self._images([sample for _, sample in batch])
         return {**self._text_batch(batch, image_texts), **pixels}
@@ -332,6 +345,16 @@ class ChatFamily(ModelFamily):
     @abc.abstractmethod
     def end_of_turn_id(self, processor: Any) -> int:
         """The token that ends the assistant's turn (supervised; generation stops there)."""
+
+    @abc.abstractmethod
+    def image_text(self, processor: Any, sample: Sample | None) -> tuple[str, int]:
+        """The text that stands for ``sample``'s image in the user turn (image tokens and markers,
+        as the processor expands it) and the encoder passes it takes; for the largest image the
+        processor's settings allow when ``sample`` is None. Reads the image's size, never its pixels."""
+
+    def image_budget(self, processor: Any, sample: Sample | None = None) -> ImageBudget:
+        text, passes = self.image_text(processor, sample)
+        return ImageBudget(len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]), passes)
 
     # sequences
     fixed_reserved: ClassVar[frozenset[str]]

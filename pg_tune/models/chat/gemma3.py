@@ -92,3 +92,7 @@ class Gemma3Family(ChatFamily):
 
     def end_of_turn_id(self, processor) -> int:
         return processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+
+    def image_text(self, processor, sample: Sample | None) -> tuple[str, int]:
+        """Every image is ``<start_of_image>``, ``image_seq_length`` soft tokens, ``<end_of_image>``."""
+        return processor.full_image_sequence, 1

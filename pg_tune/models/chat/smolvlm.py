@@ -33,6 +33,7 @@ from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_stri
 from transformers.utils import is_torchvision_available
 
 from pg_tune.config.recipe import ModelConfig
+from pg_tune.data.images import image_size
 from pg_tune.data.sample import Sample
 from pg_tune.models.chat import smolvlm_tiny
 from pg_tune.models.chat.base import ChatCollator, ChatFamily
@@ -130,6 +131,26 @@ class SmolVLMFamily(ChatFamily):
 
     def end_of_turn_id(self, processor) -> int:
         return processor.tokenizer.convert_tokens_to_ids(processor.end_of_utterance_token)
+
+    def image_text(self, processor, sample: Sample | None) -> tuple[str, int]:
+        """Tiles and global view as the image processor cuts an image of this size
+        (``get_number_of_image_patches``, the same arithmetic as its resize and split); the largest
+        is a square at the processor's longest edge."""
+        images = processor.image_processor
+        if sample is None:
+            height = width = int(images.size["longest_edge"])
+        else:
+            width, height = sample.image_size or image_size(sample.image, sample.source)
+        tiles, rows, cols = images.get_number_of_image_patches(height, width)
+        text = get_image_prompt_string(
+            rows,
+            cols,
+            processor.image_seq_len,
+            fake_token_around_image=processor.fake_image_token,
+            image_token=processor.image_token,
+            global_image_token=processor.global_image_token,
+        )
+        return text, max(tiles, 1)
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Connector output of every real tile, concatenated: ``[image tokens in the batch, hidden]``."""
