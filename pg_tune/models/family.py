@@ -188,6 +188,11 @@ class ModelFamily(abc.ABC):
         """pg_tune's own copy of a published checkpoint's config (``pg-tune plan`` offline), or None."""
         return None
 
+    def published_processor(self, name_or_path: str) -> ProcessorMixin | None:
+        """A processor with a published checkpoint's image settings (its tokenizer a tiny stand-in
+        with the real control ids), built offline for ``pg-tune plan``; None if pg_tune has no copy."""
+        return None
+
     # ---- loading -------------------------------------------------------------------------------
     def load_processor(self, model: ModelConfig) -> ProcessorMixin:
         """The processor of a hub id, a local folder or a tiny preset."""

@@ -106,6 +106,20 @@ class SmolVLMFamily(ChatFamily):
     image_inputs = ("pixel_values", "pixel_attention_mask")  # tiles, and the real pixels of each
     collator_class = SmolVLMCollator
 
+    def published_config(self, name_or_path: str):
+        """SmolVLM2-256M's published config (``smolvlm_shapes.py``), by hub id."""
+        from pg_tune.models.chat.smolvlm_shapes import shape_config, shape_of_hub_id
+
+        shape = shape_of_hub_id(name_or_path)
+        return shape_config(shape) if shape is not None else None
+
+    def published_processor(self, name_or_path: str) -> SmolVLMProcessor | None:
+        """SmolVLM2-256M's published image settings (longest edge 2048, 512 px tiles), tiny tokenizer."""
+        from pg_tune.models.chat.smolvlm_shapes import build_processor, shape_of_hub_id
+
+        shape = shape_of_hub_id(name_or_path)
+        return build_processor(shape) if shape is not None else None
+
     def load_processor(self, model: ModelConfig) -> SmolVLMProcessor:
         """The processor; without torchvision its video part is a stand-in (pg_tune passes no videos)."""
         if self.is_tiny(model.name_or_path) or is_torchvision_available():

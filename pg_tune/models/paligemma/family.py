@@ -122,6 +122,16 @@ class PaliGemmaFamily(ModelFamily):
         shape = shape_of_hub_id(name_or_path)
         return shape_config(shape) if shape is not None else None
 
+    def published_processor(self, name_or_path: str) -> PaliGemmaProcessor | None:
+        """``PaliGemmaProcessor`` at a published checkpoint's resolution (the tiny tokenizer)."""
+        from pg_tune.models.paligemma.shapes import _SIGLIP_SO400M, SHAPES, shape_of_hub_id
+
+        shape = shape_of_hub_id(name_or_path)
+        if shape is None:
+            return None
+        patch = _SIGLIP_SO400M["patch_size"]
+        return tiny.build_processor(tiny.TinyPreset(image_size=SHAPES[shape].image_size, patch_size=patch))
+
     # sequences
     def reserved_tokens(self, processor) -> frozenset[str]:
         """Gemma's ``<bos>``/``<eos>``/``<pad>``/``<unk>`` and ``<image>``, plus the tokenizer's specials."""
