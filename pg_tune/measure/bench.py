@@ -38,7 +38,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pg_tune.measure.bench_setup import base_model, bench_recipe, make_samples, shape_of, sync
+from pg_tune.measure.bench_setup import (
+    base_model,
+    bench_recipe,
+    first_loss_tolerance,
+    make_samples,
+    shape_of,
+    sync,
+)
 
 SIDES = ("pg_tune", "reference")
 
@@ -248,6 +255,32 @@ def _method_label(args) -> str:
     )
 
 
+def same_training(results: dict[str, list[SideResult]], args, vocab: int) -> tuple[bool, str]:
+    """Whether both sides trained the same thing on the same batch: equal first losses (within a
+    tolerance from their size, ``first_loss_tolerance``) and equal trainable-parameter counts.
+    Returns (proved, the line that says so or why not)."""
+    ours, ref = results.get("pg_tune", []), results.get("reference", [])
+    if not ours or not ref:
+        return True, "one side only: nothing to compare"
+    if args.group_by_length:
+        return True, "first losses not compared: --group-by-length reorders pg_tune's rows (another first batch)"
+    a, b = ours[0].first_loss, ref[0].first_loss
+    tolerance = first_loss_tolerance(args.dtype, vocab, b)
+    drift = max(abs(r.first_loss - a) for r in ours) + max(abs(r.first_loss - b) for r in ref)
+    counts = f"trainable parameters {ours[0].trainable_params:,} vs {ref[0].trainable_params:,}"
+    lora_alike = args.method == "lora" and not args.use_dora
+    line = (
+        f"first loss on the same batch: pg_tune {a:.6f} vs reference {b:.6f} (|diff| {abs(a - b):.2g}, "
+        f"tolerance {tolerance:.2g} from {'bf16 logits' if args.dtype == 'bfloat16' else 'fp32 vocabulary sums'}"
+        f"{f'; repetitions drift {drift:.2g}' if drift else ''}); {counts}"
+    )
+    if abs(a - b) > tolerance:
+        return False, "NOT the same training: " + line
+    if lora_alike and ours[0].trainable_params != ref[0].trainable_params:
+        return False, "NOT the same adapter: " + line
+    return True, "same training: " + line
+
+
 def _spread(values: list[float]) -> str:
     med = statistics.median(values)
     return f"{med:8.2f} ({min(values):.2f}-{max(values):.2f})"
@@ -369,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         f"preset {args.preset}, batch {args.batch_size}, {args.dtype}, reference: LoRA r={args.lora_r} attention+MLP; "
         f"pg_tune: {_method_label(args)}, "
     )
-    print(f"{args.threads} threads, {args.steps} timed steps x {args.reps} reps")
+    print(f"{args.threads} threads, {args.steps} timed steps x {args.reps} reps; load average {os.getloadavg()[0]:.1f}")
+    from pg_tune.models.family import family_for
+
+    tiny = family_for(args.preset).tiny_module
+    vocab = tiny.build_config(tiny.PRESETS[args.preset]).get_text_config().vocab_size
+    proved, verdict = same_training(results, args, vocab)
+    print(verdict)
     print(format_table(results, peak, args.device))
     if args.json:
         record = {
@@ -377,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args),
             **{s: [asdict(r) for r in rs] for s, rs in results.items()},
         }
+        record["same_training"] = {"proved": proved, "verdict": verdict}
         Path(args.json).write_text(json.dumps(record, indent=2))
-    return 0
+    return 0 if proved else 1
 
 
 if __name__ == "__main__":

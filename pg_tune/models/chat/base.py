@@ -411,35 +411,49 @@ class ChatFamily(ModelFamily):
     def reference_batch(
         self, processor: ProcessorMixin, samples: Sequence[Sample]
     ) -> dict[str, torch.Tensor]:
-        """TRL's / the transformers vision examples' recipe: the processor's chat template renders the
-        user turn (image + prompt) and the answer, and ``labels`` are the ids with padding and the image
-        placeholders (Gemma 3: soft tokens, begin/end of image) set to -100: the whole conversation is
-        supervised."""
+        """TRL's ``SFTTrainer`` recipe for prompt-completion data (the transformers vision examples'
+        collate function with TRL's default completion-only loss): the processor's chat template renders
+        the user turn (image + prompt) and the answer, the processor tokenizes it (no second ``<bos>``:
+        the template writes it, as TRL passes ``add_special_tokens=False``), and ``labels`` are the
+        answer's ids and its end-of-turn token; the prompt, the image, the template's newline after the
+        end of turn and the padding are -100.
+
+        Supervising the whole conversation instead (the examples' older collate functions, which mask
+        only padding and the ``<image>`` placeholders) trains the model to predict the user's prompt and
+        the image markers (SmolVLM2's ``<row_1_col_1>``, ``<global-img>``): not the task, and a
+        different loss from the same batch. pg_tune supervises the answer and its end-of-turn token
+        only (``ChatCollator``), so on the same batch both sides' losses are equal."""
         from PIL import Image
 
-        tokenizer = processor.tokenizer
-        names = ("image_token_id", "boi_token_id", "eoi_token_id")
-        image_ids = {getattr(tokenizer, n, None) for n in names} | {processor.image_token_id}
-        image_ids.discard(None)
-        texts = [
-            processor.apply_chat_template(
-                [
-                    {
-                        "role": "user",
-                        "content": [{"type": "image"}, {"type": "text", "text": self.render_prompt(s)}],
-                    },
-                    {"role": "assistant", "content": [{"type": "text", "text": s.suffix}]},
-                ],
-                tokenize=False,
-            )
+        def conversation(sample: Sample, answer: bool) -> list[dict]:
+            user = {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": self.render_prompt(sample)}],
+            }
+            if not answer:
+                return [user]
+            return [user, {"role": "assistant", "content": [{"type": "text", "text": sample.suffix}]}]
+
+        texts = [processor.apply_chat_template(conversation(s, True), tokenize=False) for s in samples]
+        prompts = [
+            processor.apply_chat_template(conversation(s, False), tokenize=False, add_generation_prompt=True)
             for s in samples
         ]
         images = [[Image.open(s.image).convert("RGB")] for s in samples]
-        batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
-        labels = batch["input_ids"].clone()
-        labels[batch["attention_mask"] == 0] = -100
-        for token_id in image_ids:
-            labels[labels == token_id] = -100
+        batch = processor(
+            text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        prompt_lengths = processor(
+            text=prompts, images=images, return_tensors="pt", padding=True, add_special_tokens=False
+        )["attention_mask"].sum(dim=1)
+        end_of_turn = self.end_of_turn_id(processor)
+        labels = torch.full_like(batch["input_ids"], -100)
+        for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"], strict=True)):
+            real = mask.nonzero().flatten()  # the row's tokens, whichever side the padding is on
+            answer = real[int(prompt_lengths[row]) :]
+            ends = (ids[answer] == end_of_turn).nonzero().flatten()
+            answer = answer[: int(ends[0]) + 1] if len(ends) else answer
+            labels[row, answer] = ids[answer]
         batch["labels"] = labels
         return batch
 
