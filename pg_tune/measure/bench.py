@@ -263,7 +263,10 @@ def same_training(results: dict[str, list[SideResult]], args, vocab: int) -> tup
     if not ours or not ref:
         return True, "one side only: nothing to compare"
     if args.group_by_length:
-        return True, "first losses not compared: --group-by-length reorders pg_tune's rows (another first batch)"
+        return (
+            True,
+            "first losses not compared: --group-by-length reorders pg_tune's rows (another first batch)",
+        )
     a, b = ours[0].first_loss, ref[0].first_loss
     tolerance = first_loss_tolerance(args.dtype, vocab, b)
     drift = max(abs(r.first_loss - a) for r in ours) + max(abs(r.first_loss - b) for r in ref)
@@ -402,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         f"preset {args.preset}, batch {args.batch_size}, {args.dtype}, reference: LoRA r={args.lora_r} attention+MLP; "
         f"pg_tune: {_method_label(args)}, "
     )
-    print(f"{args.threads} threads, {args.steps} timed steps x {args.reps} reps; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.threads} threads, {args.steps} timed steps x {args.reps} reps; load average {os.getloadavg()[0]:.1f}"
+    )
     from pg_tune.models.family import family_for
 
     tiny = family_for(args.preset).tiny_module

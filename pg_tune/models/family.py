@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
     from transformers import PreTrainedModel, ProcessorMixin
 
-    from pg_tune.config.recipe import LoraConfig, ModelConfig, QuantizationConfig
+    from pg_tune.config.recipe import ImageConfig, LoraConfig, ModelConfig, QuantizationConfig
     from pg_tune.data.sample import Sample
 
 __all__ = [
@@ -170,6 +170,10 @@ class ModelFamily(abc.ABC):
     refused_hints: ClassVar[dict[str, str]] = {}
     """Lower-case substrings of hub ids the name hints would send here, but which this family cannot
     load (text-only siblings, an older generation), each with the reason ``validate`` gives."""
+    image_settings: ClassVar[tuple[str, ...]] = ()
+    """``model.image`` keys (``ImageConfig``) the family's processor takes: its image-token budget."""
+    image_settings_note: ClassVar[str] = ""
+    """Why a family takes no (other) ``model.image`` key, for the refusal."""
 
     def __init__(self, mask_codec: Any | None = None):
         self.mask_codec = mask_codec
@@ -195,13 +199,37 @@ class ModelFamily(abc.ABC):
 
     # ---- loading -------------------------------------------------------------------------------
     def load_processor(self, model: ModelConfig) -> ProcessorMixin:
-        """The processor of a hub id, a local folder or a tiny preset."""
+        """The processor of a hub id, a local folder or a tiny preset, with the recipe's image-token
+        budget (``model.image``) applied: training, evaluation, the saved adapter and ``plan`` see
+        the same settings."""
         self.check_model_config(model)
+        self.check_image_settings(model.image)
+        return self.configure_processor(self._processor(model), model.image)
+
+    def _processor(self, model: ModelConfig) -> ProcessorMixin:
+        """The processor as the checkpoint (or tiny preset) ships it."""
         if self.is_tiny(model.name_or_path):
             return self.tiny_module.build_processor(self.tiny_module.PRESETS[model.name_or_path])
         return self.processor_class.from_pretrained(
             model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
+
+    def check_image_settings(self, image: ImageConfig, feature_cache: bool = False) -> None:
+        """Refuse ``model.image`` keys the family's processor does not take (``ValueError`` naming the
+        key); ``feature_cache``: whether the recipe caches image features (fixed per image)."""
+        for key in image.settings():
+            if key not in self.image_settings:
+                takes = (
+                    f"take {', '.join(self.image_settings)}"
+                    if self.image_settings
+                    else "take no model.image key"
+                )
+                note = f": {self.image_settings_note}" if self.image_settings_note else ""
+                raise ValueError(f"model.image.{key}: {self.name} models {takes}{note}")
+
+    def configure_processor(self, processor: ProcessorMixin, image: ImageConfig) -> ProcessorMixin:
+        """Apply ``model.image`` to the processor's image settings (families without keys: unchanged)."""
+        return processor
 
     def load_model(
         self,
@@ -612,6 +640,7 @@ def check_recipe_tasks(recipe: Any) -> None:
         return  # an unknown model is reported where it is loaded
     try:
         family.check_model_config(recipe.model, at_load=False)
+        family.check_image_settings(recipe.model.image, feature_cache=bool(recipe.data.feature_cache))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for split in ("train", "eval"):

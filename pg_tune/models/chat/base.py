@@ -408,6 +408,11 @@ class ChatFamily(ModelFamily):
         """Text boxes (module docstring), each scored by the tokens that wrote it."""
         return parse_text_boxes(text, task, image_size, token_logprobs)
 
+    def reference_image_kwargs(self, processor: ProcessorMixin) -> dict[str, Any]:
+        """Image settings the HF recipe passes to the processor call (a processor's call defaults
+        override its image processor's attributes): the recipe's ``model.image`` budget, as users pass it."""
+        return {}
+
     def reference_batch(
         self, processor: ProcessorMixin, samples: Sequence[Sample]
     ) -> dict[str, torch.Tensor]:
@@ -440,12 +445,10 @@ class ChatFamily(ModelFamily):
             for s in samples
         ]
         images = [[Image.open(s.image).convert("RGB")] for s in samples]
-        batch = processor(
-            text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        prompt_lengths = processor(
-            text=prompts, images=images, return_tensors="pt", padding=True, add_special_tokens=False
-        )["attention_mask"].sum(dim=1)
+        kwargs = {"return_tensors": "pt", "padding": True, "add_special_tokens": False}
+        kwargs.update(self.reference_image_kwargs(processor))
+        batch = processor(text=texts, images=images, **kwargs)
+        prompt_lengths = processor(text=prompts, images=images, **kwargs)["attention_mask"].sum(dim=1)
         end_of_turn = self.end_of_turn_id(processor)
         labels = torch.full_like(batch["input_ids"], -100)
         for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"], strict=True)):

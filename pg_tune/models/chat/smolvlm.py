@@ -120,10 +120,20 @@ class SmolVLMFamily(ChatFamily):
         shape = shape_of_hub_id(name_or_path)
         return build_processor(shape) if shape is not None else None
 
-    def load_processor(self, model: ModelConfig) -> SmolVLMProcessor:
+    image_settings = ("longest_edge", "splitting")
+
+    def configure_processor(self, processor: SmolVLMProcessor, image) -> SmolVLMProcessor:
+        """``model.image.longest_edge`` resizes before tiling; ``splitting: false`` keeps the global view only."""
+        if image.longest_edge is not None:
+            processor.image_processor.size = {"longest_edge": image.longest_edge}
+        if image.splitting is not None:
+            processor.image_processor.do_image_splitting = image.splitting
+        return processor
+
+    def _processor(self, model: ModelConfig) -> SmolVLMProcessor:
         """The processor; without torchvision its video part is a stand-in (pg_tune passes no videos)."""
         if self.is_tiny(model.name_or_path) or is_torchvision_available():
-            return super().load_processor(model)
+            return super()._processor(model)
         from transformers import AutoTokenizer
 
         kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}

@@ -114,6 +114,10 @@ class PaliGemmaFamily(ModelFamily):
     attention_inputs = ("token_type_ids",)  # prefix-LM: 0 on image + prompt (both ways), 1 on the suffix
     hub_tags = ("paligemma",)
     name_hints = ("paligemma",)
+    image_settings_note = (
+        "the image tokens are fixed by the checkpoint's resolution (224 / 448 / 896 px: 256 / 1,024 / "
+        "4,096 tokens); choose the checkpoint of the resolution you want (e.g. google/paligemma2-3b-pt-448)"
+    )
 
     def published_config(self, name_or_path: str) -> PaliGemmaConfig | None:
         """The published configs of PaliGemma 1/2 checkpoints (``shapes.py``), by hub id."""
