@@ -31,9 +31,10 @@ keeps in transformers' decoder layers under peft, read from the family's model (
 hidden width and per head, its attention implementation), checked against
 ``torch.autograd.graph.saved_tensors_hooks`` for every family in ``tests/measure/test_plan.py``:
 
-- each adapted linear's input cast to fp32 for the LoRA branch (shared between the modules that
-  read the same input when the base is fp32 already; under SDPA o_proj's input is the attention
-  output SDPA keeps), and its rank-r ``A x`` (fp32);
+- each distinct input of the adapted linears, once, in the model dtype (pg_tune's LoRA upcasts a
+  bf16 input inside the product instead of saving an fp32 copy per module:
+  ``pg_tune.train.adapters.UpcastLoraA``; under SDPA o_proj's input is the attention output SDPA
+  keeps), and each module's rank-r ``A x`` (fp32);
 - each RMSNorm's fp32 input and 1/rms (2 norms a layer in Gemma and Llama, 4 in Gemma 2 and 3),
   and per-head q/k norms' (Gemma 3) on every query and key/value head;
 - the MLP's gate, activation and up outputs (3 × intermediate, model dtype: GELU or SiLU alike);
@@ -318,17 +319,15 @@ def estimate(
         if name.startswith(first_layer + "."):
             per_layer_adapted[name.rsplit(".", 1)[-1]] = module.in_features
     layers = text.num_hidden_layers
+    # Each distinct input of the adapted linears is saved once, in the model dtype (fp32 bases need no
+    # cast; on bf16 / 4-bit bases pg_tune's LoRA upcasts inside the product, ``UpcastLoraA``): q/k/v
+    # share one, gate/up another; under SDPA o_proj's input is the attention output SDPA keeps anyway.
+    groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
+    groups += [("o_proj",)] if layer.eager else []
     lora_in = 0.0
-    if dtype == torch.float32:
-        # The fp32 input is saved once per distinct input: q/k/v share one, gate/up another; under
-        # SDPA o_proj's input is the attention output SDPA keeps anyway (counted below).
-        groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
-        groups += [("o_proj",)] if layer.eager else []
-        for group in groups:
-            widths = [per_layer_adapted[m] for m in group if m in per_layer_adapted]
-            lora_in += 4 * widths[0] if widths else 0
-    else:
-        lora_in = 4 * sum(per_layer_adapted.values())
+    for group in groups:
+        widths = [per_layer_adapted[m] for m in group if m in per_layer_adapted]
+        lora_in += size * widths[0] if widths else 0
     lora_mid = 4 * recipe.lora.r * len(per_layer_adapted)
     attn_token = (3 if layer.eager else 4) * heads * hd * size + (0 if layer.eager else 4 * heads)
     norm_token = layer.norms * (4 * H + 4) + layer.head_norm_rows * (4 * hd + 4)
