@@ -220,6 +220,9 @@ class TrainConfig:
     """``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes' 8-bit states (paged: spill to CPU under
     GPU memory pressure)."""
     gradient_checkpointing: bool = False
+    compile: bool = False
+    """Compile each decoder layer with ``torch.compile`` (inductor; shapes dynamic, as batches vary in
+    length): fused elementwise work, slower first steps while it compiles (docs/performance.md)."""
     log_every: int = 10
     save_every: int | None = None
     """Write a checkpoint under ``checkpoints/`` every N (>= 1) optimizer steps; unset: none."""

@@ -133,10 +133,23 @@ def apply_method(model: nn.Module, recipe: Recipe, family: ModelFamily) -> nn.Mo
     return model
 
 
+def compile_decoder(model: nn.Module, family: ModelFamily) -> int:
+    """``torch.compile`` each decoder layer in place (``train.compile``), adapters inside; dynamic
+    shapes, since batches vary in length. Returns the layers compiled."""
+    layers = family.decoder_layers(family.unwrap(model))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def prepare_model(model: nn.Module, recipe: Recipe, family: ModelFamily) -> nn.Module:
-    """Everything between loading the base and training it: k-bit prep, checkpointing, the method."""
+    """Everything between loading the base and training it: k-bit prep, checkpointing, the method,
+    and ``train.compile``."""
     if is_quantized(model):
         prepare_for_kbit_training(model)
     if recipe.train.gradient_checkpointing:
         enable_checkpointing(model)
-    return apply_method(model, recipe, family)
+    model = apply_method(model, recipe, family)
+    if recipe.train.compile:
+        compile_decoder(model, family)
+    return model
