@@ -14,9 +14,7 @@ sides' first steps see the same batch and their first losses must agree (``bench
 
 from __future__ import annotations
 
-import time
-
-from pg_tune.measure.bench_setup import base_model, bench_recipe, shape_of, sync
+from pg_tune.measure.bench_setup import base_model, bench_recipe, shape_of, step_mark
 
 
 def run_reference(args, samples, device: str, family) -> tuple[list[float], list, float]:
@@ -46,12 +44,10 @@ def run_reference(args, samples, device: str, family) -> tuple[list[float], list
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *_, **__):
-            sync(device)
-            marks.append(time.perf_counter())
+            marks.append(step_mark(device))
 
         def on_step_end(self, *_, **__):
-            sync(device)
-            marks.append(time.perf_counter())
+            marks.append(step_mark(device))
 
     class CountingTrainer(Trainer):
         def _get_train_sampler(self, *_, **__):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -65,7 +66,13 @@ def bench_recipe(args):
             group_by_length=args.group_by_length,
             feature_cache=args.feature_cache,
         ),
-        train=TrainConfig(batch_size=args.batch_size, lr=1e-4, warmup_ratio=0.0, optimizer=args.optimizer),
+        train=TrainConfig(
+            batch_size=args.batch_size,
+            lr=1e-4,
+            warmup_ratio=0.0,
+            optimizer=args.optimizer,
+            compile=getattr(args, "compile", False),
+        ),
     )
 
 
@@ -105,6 +112,13 @@ def sync(device: str) -> None:
 
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def step_mark(device: str) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds, all threads) at a step boundary. On a machine
+    other jobs share, CPU seconds per step measure the step's work; wall seconds include waiting."""
+    sync(device)
+    return time.perf_counter(), time.process_time()
 
 
 def shape_of(batch) -> tuple[int, int, int, int]:

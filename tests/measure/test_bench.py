@@ -8,6 +8,7 @@ import pytest
 
 from pg_tune.measure import bench
 from pg_tune.models.paligemma.tiny import PRESETS, build_config
+from tests.families import family_of
 
 
 def _args(
@@ -78,3 +79,20 @@ def test_step_flops_of_bench_mini_match_the_hand_count():
     head = 4 * 80 * 256 * 257216
     assert 40e9 < total < 46e9
     assert 0.45 < head / total < 0.52
+
+
+def test_profile_times_every_part_of_the_step(tmp_path):
+    """``bench --profile``: the step taken apart (data, vision, decoder, head, backward, optimizer)
+    and timed whole, each part measured on every timed step; the table names them all."""
+    from pg_tune.measure.bench_profile import PARTS, format_profile, profile_pg_tune
+    from pg_tune.measure.bench_setup import make_samples
+
+    args = _args(tmp_path, "pg_tune", group_by_length=False)
+    args.warmup, args.steps = 1, 2
+    samples = make_samples(tmp_path, 4)
+    times = profile_pg_tune(args, samples, "cpu", family_of("tiny-paligemma"))
+    assert set(times) == {*PARTS, "step"}
+    assert all(len(times[part]) == 2 and all(w > 0 and c >= 0 for w, c in times[part]) for part in times)
+    table = format_profile(times, args.batch_size)
+    assert all(line.split()[0] in (*PARTS, "sum", "step") for line in table.splitlines()[2:])
+    assert len(table.splitlines()) == 2 + len(PARTS) + 2
