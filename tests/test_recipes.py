@@ -63,11 +63,12 @@ def test_accelerate_launch_configs_load(path):
 )
 def test_chat_family_recipes(folder, family, stems):
     """Gemma 3 / SmolVLM2 recipes: one per shipped task, their family resolves offline, QLoRA is a flag."""
-    from pg_tune.models.family import check_recipe_tasks, family_for
+    from pg_tune.data.validate import check_recipe_support
+    from pg_tune.models.family import family_for
 
     for stem in stems:
         path = ROOT / folder / f"{stem}.yaml"
         recipe, _ = load_recipe(path, ["quantization.mode=4bit"])
         assert recipe.quantization.mode == "4bit" and "quantization.mode=4bit" in path.read_text()
         assert family_for(recipe.model.name_or_path).name == family
-        check_recipe_tasks(recipe)  # no task the family cannot render
+        check_recipe_support(recipe, family_for(family))  # no task the family cannot render

@@ -46,6 +46,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from pg_tune.config import load_recipe
     from pg_tune.data.validate import validate_recipe
+    from pg_tune.models.checks import check_recipe_model
     from pg_tune.models.family import load_family
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
@@ -59,6 +60,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             f"length budget NOT checked: cannot load the processor of {model.name_or_path} ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); pass --processor with a local copy"
         )
+    if processor is not None:  # training refuses a text budget past the model's context
+        check_recipe_model(recipe, family)
     report = validate_recipe(recipe, family, processor, note)
     print(report.render(recipe.data.max_text_length, recipe.data.on_bad_row))
     return 1 if report.num_bad else 0

@@ -65,12 +65,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             return 0
         if not args.recipe:
             raise ConfigError("pg-tune eval needs a RECIPE (or --predictions FILE)")
+        from pg_tune.data.validate import check_recipe_support
         from pg_tune.evaluate.run import evaluate_recipe
 
         recipe, _ = load_recipe(args.recipe, args.overrides)
         out_dir = Path(args.out) if args.out else Path(recipe.output_dir) / "eval"
         # The model evaluated (an adapter's family is its base's) renders the prompts and parses its output.
         family = load_family(args.model or recipe.model.name_or_path, args.vae_path or recipe.model.vae_path)
+        check_recipe_support(recipe, family, splits=("eval",))
         outcome = evaluate_recipe(
             recipe, family, args.model, out_dir, args.report_limit,
             trust_remote_code=args.trust_remote_code, base=args.base,

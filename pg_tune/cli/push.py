@@ -14,6 +14,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     from pg_tune.export.hub import PublicRepoError, push
     from pg_tune.export.merged import ExportError
+    from pg_tune.train.lock import FolderInUse
 
     try:
         push(
@@ -29,7 +30,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
             datasets=args.dataset,
             trust_remote_code=args.trust_remote_code,
         )
-    except (ExportError, HfHubHTTPError, PublicRepoError) as e:
+    except (ExportError, FolderInUse, HfHubHTTPError, PublicRepoError) as e:
         print(f"pg-tune push: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -42,6 +43,17 @@ def run_summary(result) -> dict[str, Any]:
     }
 
 
+def _strict(value: Any) -> Any:
+    """NaN and infinities as null: ``summary.json`` is strict JSON (``NaN`` is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_summary(result) -> Path:
     """Write ``summary.json`` beside the adapter (atomically: it is read by scripts)."""
     from pg_tune.train.storage import disk_full_guard
@@ -49,31 +61,37 @@ def write_summary(result) -> Path:
     path = Path(result.output_dir) / "summary.json"
     tmp = path.with_suffix(".json.tmp")
     with disk_full_guard(path):
-        tmp.write_text(json.dumps(run_summary(result), indent=2))
+        tmp.write_text(json.dumps(_strict(run_summary(result)), indent=2, allow_nan=False))
     tmp.replace(path)
     return path
 
 
 def run_training(recipe, resolved_recipe: dict[str, Any], resume: str | None = None, overwrite: bool = False):
     """``train()`` with what the command adds: Hub pushes and ``summary.json`` (main process)."""
+    from pg_tune.data.validate import check_recipe_support
     from pg_tune.export.hub import push_from_training
     from pg_tune.models.family import load_family
     from pg_tune.train.loop import train
     from pg_tune.train.signals import kill_after_checkpoint_callback
+    from pg_tune.train.storage import hold_output_dir
 
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
+    check_recipe_support(recipe, family)  # what pg-tune validate refuses, before anything loads
     output_dir = Path(recipe.output_dir)
     callbacks = [
         lambda step, path, accelerator: push_from_training(output_dir, recipe, accelerator, step=step)
     ]
     if (kill := kill_after_checkpoint_callback()) is not None:
         callbacks.append(kill)
-    result = train(
-        recipe, resolved_recipe, family, resume=resume, overwrite=overwrite, on_checkpoint=callbacks
-    )
-    if result.is_main_process and not result.already_finished:
-        write_summary(result)
-        push_from_training(output_dir, recipe, _MainProcess())
+    # One writer per run folder: held around training, the summary and the push (train() takes it too).
+    command = "pg-tune train" + (f" --resume {resume}" if resume else " --overwrite" if overwrite else "")
+    with hold_output_dir(output_dir, command):
+        result = train(
+            recipe, resolved_recipe, family, resume=resume, overwrite=overwrite, on_checkpoint=callbacks
+        )
+        if result.is_main_process and not result.already_finished:
+            write_summary(result)
+            push_from_training(output_dir, recipe, _MainProcess())
     return result
 
 
@@ -117,6 +135,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe, resolved_recipe = load_recipe(args.recipe, args.overrides)
     recipe.model.trust_remote_code = args.trust_remote_code
+    for warning in recipe.ignored_settings():
+        print(warning, file=sys.stderr)
     try:
         result = run_training(recipe, resolved_recipe, resume=args.resume, overwrite=args.overwrite)
     except TrainingStopped as e:  # a stop signal, a non-finite step, a full disk

@@ -9,6 +9,7 @@ documented for users in ``data_formats/<name>.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pg_tune.config.schema import ConfigError
@@ -105,10 +106,20 @@ class HfOptions:
     and the Hub's dataset info are read automatically). An epoch is sized from it."""
 
     def check(self, path: str) -> None:
+        if self.streaming and is_saved_dataset(Path(self.path)):
+            raise ConfigError(
+                f"{path}.streaming: {self.path} is a save_to_disk folder, memory-mapped already; drop "
+                "streaming: true (streaming is for dataset ids, repository folders and parquet files)"
+            )
         if self.shuffle_buffer < 0:
             raise ConfigError(f"{path}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
         if self.num_rows is not None and self.num_rows < 1:
             raise ConfigError(f"{path}.num_rows: must be >= 1, got {self.num_rows}")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A ``datasets`` ``save_to_disk`` folder (a ``Dataset`` or a ``DatasetDict``)."""
+    return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
 
 
 # ---- jsonl ---------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ carries that format's own keys (see ``data_formats/``).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,13 +18,30 @@ from typing import Any, Literal
 import yaml
 
 from pg_tune.config.datasets import FORMAT_OPTIONS
-from pg_tune.config.schema import ConfigError, from_dict, to_dict
+from pg_tune.config.schema import ConfigError, coerce, from_dict, to_dict
 from pg_tune.tasks import METRIC_NAMES, TASKS
 
 
 def _at_least(path: str, name: str, value: int | None, low: int, hint: str = "") -> None:
     if value is not None and value < low:
         raise ConfigError(f"{path}.{name}: must be >= {low}, got {value}{hint}")
+
+
+def _at_most(path: str, name: str, value: int | None, high: int, hint: str = "") -> None:
+    """Sizes no run can mean (a batch of 1e21, 1e26 steps) fail here, not as a hang or an overflow later."""
+    if value is not None and value > high:
+        raise ConfigError(f"{path}.{name}: must be <= {high}, got {value}{hint}")
+
+
+MAX_STEPS = 10**9
+"""Steps, epochs and step intervals: beyond this a run would take decades (and counters leave int64)."""
+MAX_BATCH = 65536
+"""Micro-batch, accumulation and eval batch sizes, LoRA rank."""
+MAX_TEXT_LENGTH = 2**20
+MAX_WEIGHT = 1000.0
+"""A dataset entry's weight is a repeat factor: each epoch shows every row ``weight`` times."""
+MAX_SEED = 2**32 - 1
+"""numpy's and torch's seeds are 32-bit (``set_seed`` fails past it)."""
 
 
 def _finite_in(path: str, name: str, value: float, low: float, high: float, hint: str = "") -> None:
@@ -179,6 +198,10 @@ class DataConfig:
     is ever truncated; image tokens never are."""
     on_bad_row: Literal["stop", "skip"] = "stop"
     """``stop`` at the first bad row, or ``skip`` it and count it; counts are always printed."""
+    max_bad_row_share: float = 0.5
+    """Under ``skip``: a run fails (no adapter written) when more than this share of its training rows
+    was bad, at build or among the rows read while training; 1 = never for the share. A run that
+    trained nothing always fails."""
     num_workers: int = 0
     """DataLoader worker processes decoding and resizing images."""
     shuffle: bool = True
@@ -192,6 +215,10 @@ class DataConfig:
 
     def check(self, path: str) -> None:
         _at_least(path, "max_text_length", self.max_text_length, 1, " (text tokens after the image tokens)")
+        _at_most(path, "max_text_length", self.max_text_length, MAX_TEXT_LENGTH)
+        _finite_in(
+            path, "max_bad_row_share", self.max_bad_row_share, 0, 1, " (a fraction of the training rows)"
+        )
         _at_least(path, "num_workers", self.num_workers, 0, " (0 = load in the main process)")
         if not self.shuffle and self.group_by_length:
             raise ConfigError(
@@ -240,6 +267,14 @@ class TrainConfig:
             _at_least(path, name, getattr(self, name), 1)
         _at_least(path, "max_steps", self.max_steps, 1, " (leave it unset, or null, to train by epochs)")
         _at_least(path, "save_every", self.save_every, 1, " (leave it unset, or null, for no checkpoints)")
+        _at_most(path, "batch_size", self.batch_size, MAX_BATCH, " (the per-process micro-batch)")
+        _at_most(path, "grad_accum", self.grad_accum, MAX_BATCH)
+        for name in ("epochs", "max_steps", "save_every", "log_every", "keep_last"):
+            _at_most(path, name, getattr(self, name), MAX_STEPS)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(
+                f"{path}.seed: must be in [0, {MAX_SEED}] (numpy and torch seeds are 32-bit), got {self.seed}"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"{path}.lr: must be a finite number > 0, got {self.lr}")
         _finite_in(path, "warmup_ratio", self.warmup_ratio, 0, 1, " (a fraction of the optimizer steps)")
@@ -276,6 +311,8 @@ class EvalConfig:
     def check(self, path: str) -> None:
         for name in ("batch_size", "max_new_tokens", "num_beams"):
             _at_least(path, name, getattr(self, name), 1)
+            _at_most(path, name, getattr(self, name), MAX_BATCH)
+        _at_most(path, "every", self.every, MAX_STEPS)
         _at_least(
             path, "every", self.every, 1, " (leave it unset, or null, to evaluate before and after only)"
         )
@@ -284,8 +321,8 @@ class EvalConfig:
             _at_least(f"{path}.max_new_tokens_per_task", task, budget, 1)
         if self.best_metric is not None:
             _check_metric_name(f"{path}.best_metric", self.best_metric)
-        if self.min_delta < 0:
-            raise ConfigError(f"{path}.min_delta: must be >= 0, got {self.min_delta}")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ConfigError(f"{path}.min_delta: must be a finite number >= 0, got {self.min_delta}")
         if self.patience is not None:
             if self.patience < 1:
                 raise ConfigError(f"{path}.patience: must be >= 1 (or unset), got {self.patience}")
@@ -341,8 +378,35 @@ class HubConfig:
     """Hub dataset ids for the model card."""
 
     def check(self, path: str) -> None:
-        if self.repo_id is not None and (self.repo_id.count("/") != 1 or not all(self.repo_id.split("/"))):
-            raise ConfigError(f"{path}.repo_id: expected OWNER/NAME, got {self.repo_id!r}")
+        if self.repo_id is not None:
+            check_repo_id(self.repo_id, f"{path}.repo_id")
+        if self.revision is not None:
+            check_revision(self.revision, f"{path}.revision")
+
+
+def check_repo_id(repo_id: str, where: str) -> None:
+    """``OWNER/NAME`` as the Hub accepts it (huggingface_hub's own validator); ``where`` names the
+    setting (``hub.repo_id``, ``--repo-id``) in the error."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ConfigError(f"{where}: expected OWNER/NAME, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"{where}: {repo_id!r} is not a valid Hub repo id: {e}") from None
+
+
+_BAD_BRANCH = re.compile(r"(^[-/.])|(/\.)|(\.\.)|([\x00-\x20\x7f~^:?*\[\\])|(//)|(@\{)|([/.]$)|(\.lock(/|$))")
+
+
+def check_revision(revision: str, where: str) -> None:
+    """A branch name git accepts (``git check-ref-format --branch``'s rules): what a push creates."""
+    if not revision or revision == "@" or _BAD_BRANCH.search(revision):
+        raise ConfigError(
+            f"{where}: {revision!r} is not a valid branch name (no spaces, '..', '~^:?*[\\', '@{{', leading "
+            "'-' or '.', or trailing '/', '.' or '.lock'), e.g. main or exp-1"
+        )
 
 
 @dataclass
@@ -368,6 +432,7 @@ class Recipe:
         # The lora section is only read (and only checked) when LoRA is the method.
         if self.method == "lora":
             _at_least("lora", "r", self.lora.r, 1)
+            _at_most("lora", "r", self.lora.r, MAX_BATCH)
         if self.method != "lora" and self.quantization.mode != "none":
             raise ConfigError(
                 f"method: {self.method!r} trains base weights, which cannot be {self.quantization.mode} "
@@ -380,6 +445,77 @@ class Recipe:
                 f"eval.best_metric: {self.eval.best_metric!r} needs an evaluation: add a data.eval dataset "
                 "(or remove best_metric)"
             )
+        self._check_streaming()
+        trains_vision = {
+            "lora": ("lora.vision=true", self.lora.vision),
+            "full": ("method=full (it trains the projector)", True),
+            "partial": (
+                f"partial.groups={self.partial.groups}",
+                bool({"vision", "projector"} & set(self.partial.groups)),
+            ),
+        }[self.method]
+        if self.data.feature_cache and trains_vision[1]:
+            raise ConfigError(
+                f"data.feature_cache: {trains_vision[0]} trains what produces the image features, so cached "
+                "features would go stale while training; remove data.feature_cache or freeze the vision side"
+            )
+
+    def _check_streaming(self) -> None:
+        """What the loader refuses for streamed entries (``pg_tune.data.loader``), refused here first."""
+        streamed = [k for k, e in enumerate(self.data.train) if getattr(e.options, "streaming", False)]
+        if streamed:
+            for name in ("group_by_length", "feature_cache"):
+                if getattr(self.data, name):
+                    raise ConfigError(
+                        f"data.{name}: not available with a streamed training entry (data.train[{streamed[0]}] "
+                        "streams): it needs every row up front; turn it off or drop streaming: true"
+                    )
+        for k, entry in enumerate(self.data.eval):
+            if getattr(entry.options, "streaming", False) and entry.options.limit is None:
+                raise ConfigError(
+                    f"data.eval[{k}].limit: a streamed eval entry needs limit (evaluation reads its first "
+                    "limit rows)"
+                )
+
+    def ignored_settings(self) -> list[str]:
+        """One warning per setting the chosen method (or mode) does not read, e.g.
+        ``lora.use_dora=true is ignored by method=full``: set, and silently without effect."""
+        warnings = []
+        for section, owner in (("lora", "lora"), ("full", "full"), ("partial", "partial")):
+            if self.method != owner:
+                warnings += [
+                    f"{key} is ignored by method={self.method} (only method={owner} reads the {section} section)"
+                    for key in _changed(section, getattr(self, section))
+                ]
+        q = self.quantization
+        ignored = ["bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"]
+        ignored = (
+            ignored + ["quantize_vision_tower"] if q.mode == "none" else ignored if q.mode == "8bit" else []
+        )
+        warnings += [
+            f"{key} is ignored by quantization.mode={q.mode}"
+            for key in _changed("quantization", q, only=ignored)
+        ]
+        if self.eval.best_metric is None:
+            warnings += [
+                f"{key} is ignored without eval.best_metric (it decides which evaluation is the best)"
+                for key in _changed("eval", self.eval, only=["best_mode", "min_delta"])
+            ]
+        return [f"warning: {w}" for w in warnings]
+
+
+def _changed(section: str, value: Any, only: list[str] | None = None) -> list[str]:
+    """``section.key=value`` for each field of ``value`` that differs from its default."""
+    default = type(value)()
+    out = []
+    for f in dataclasses.fields(value):
+        if only is not None and f.name not in only:
+            continue
+        now = getattr(value, f.name)
+        if now != getattr(default, f.name):
+            shown = str(now).lower() if isinstance(now, bool) else repr(now)
+            out.append(f"{section}.{f.name}={shown}")
+    return out
 
 
 def _parse_dataset_entry(raw: Any, path: str) -> DatasetEntry:
@@ -399,11 +535,17 @@ def _parse_dataset_entry(raw: Any, path: str) -> DatasetEntry:
         )
     if "vae_path" in raw:
         raise ConfigError(_VAE_MOVED.format(where=f"{path}.vae_path"))
-    weight = raw.pop("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-        raise ConfigError(f"{path}.weight: expected a positive number, got {weight!r}")
+    # As for every number of a recipe: YAML 1.1 reads `1.0e6` (no sign in the exponent) as a string.
+    weight = coerce(raw.pop("weight", 1.0), float, f"{path}.weight")
+    if not (math.isfinite(weight) and weight > 0):
+        raise ConfigError(f"{path}.weight: must be a finite number > 0 (a repeat factor), got {weight}")
+    if weight > MAX_WEIGHT:
+        raise ConfigError(
+            f"{path}.weight: {weight} is a repeat factor (every row shown that many times an epoch); at most "
+            f"{MAX_WEIGHT:g}. For proportions, set weights to share * total / size (data_formats/README.md)"
+        )
     options = from_dict(FORMAT_OPTIONS[fmt], raw, path)
-    return DatasetEntry(format=fmt, weight=float(weight), options=options)
+    return DatasetEntry(format=fmt, weight=weight, options=options)
 
 
 _VAE_MOVED = (

@@ -40,11 +40,12 @@ class BadRows:
         self.examples: dict[str, list[str]] = {}
         self._examples_per_reason = examples_per_reason
 
-    def bad(self, reason: str, message: str) -> None:
-        """Record a bad row; raise ``DataError`` under the ``stop`` policy."""
+    def bad(self, reason: str, message: str, count: int = 1) -> None:
+        """Record a bad row (``count`` rows: a damaged parquet row group); raise ``DataError`` under the
+        ``stop`` policy."""
         if self.policy == "stop":
             raise DataError(f"{message} (data.on_bad_row=stop; set it to 'skip' to skip and count such rows)")
-        self.counts[reason] += 1
+        self.counts[reason] += count
         examples = self.examples.setdefault(reason, [])
         if len(examples) < self._examples_per_reason:
             examples.append(message)
@@ -64,3 +65,24 @@ class BadRows:
             lines.append(f"  {reason}: {n}")
             lines.extend(f"    e.g. {ex}" for ex in self.examples.get(reason, []))
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The counts on one line, each reason with its first example: ``corrupt_image: 4 (e.g. ...)``."""
+        parts = []
+        for reason, n in self.counts.most_common():
+            example = self.examples.get(reason, [])
+            parts.append(f"{reason}: {n}" + (f" (e.g. {example[0]})" if example else ""))
+        return "; ".join(parts) or "none"
+
+
+def check_bad_share(bad: BadRows, good: int, limit: float, where: str) -> None:
+    """Raise ``DataError`` when more than ``limit`` of the rows a dataset build read (``bad`` + ``good``)
+    were bad (``data.max_bad_row_share``): a run that drops most of its data learns from what is left."""
+    count = sum(bad.counts.values())
+    if not count or count <= limit * (count + good):
+        return
+    raise DataError(
+        f"{where}: {count} of {count + good} training rows were bad at build ({100 * count / (count + good):.0f}%, "
+        f"over data.max_bad_row_share={limit:g}): {bad.summary()}. Fix or remove those rows (pg-tune data "
+        "validate lists them all), or raise data.max_bad_row_share if dropping that many is intended"
+    )

@@ -45,14 +45,15 @@ def build_samples(
     When a training entry streams (``hf`` with ``streaming: true``), the split is a
     ``StreamingSamples``: every entry read as a stream and mixed by weight (``pg_tune.data.stream``).
 
-    With a model ``family``, rows whose text holds one of its control tokens (``<image>``, ``<eos>``,
-    ...) are bad rows (reason ``reserved_token``) now, under ``data.on_bad_row``; lazily read
-    entries are checked by the family's collator when each row is read.
+    With a model ``family``, rows of a task it cannot do (reason ``unsupported_task``) and rows whose
+    text holds one of its control tokens (``<image>``, ``<eos>``, ...: reason ``reserved_token``) are
+    bad rows now, under ``data.on_bad_row``; lazily read entries are checked by the family's collator
+    when each row is read.
     """
     ctx = BuildContext(split=split, bad_rows=bad_rows, seed=seed)
     parts = [FORMATS[entry.format].build(entry.options, ctx) for entry in entries]
     if family is not None:
-        parts = [_drop_reserved(part, family, bad_rows) for part in parts]
+        parts = [_drop_unusable(part, family, bad_rows) for part in parts]
     if any(_is_stream(p) for p in parts):
         streams = as_streams(parts, seed, _is_stream)
         for i, stream in enumerate(streams):
@@ -65,16 +66,17 @@ def _is_stream(part: object) -> bool:
     return hasattr(part, "rows") and hasattr(part, "to_sample")
 
 
-def _drop_reserved(part: Sequence[Sample], family, bad_rows: BadRows) -> Sequence[Sample]:
+def _drop_unusable(part: Sequence[Sample], family, bad_rows: BadRows) -> Sequence[Sample]:
     if not isinstance(part, list):
         return part
     reserved = family.reserved_tokens(None)
     kept = []
     for sample in part:
         try:
+            family.check_task(sample)
             family.check_text(sample, reserved)
         except DataError as e:
-            bad_rows.bad("reserved_token", str(e))
+            bad_rows.bad(e.reason, str(e))  # type: ignore[attr-defined]
             continue
         kept.append(sample)
     return kept

@@ -19,15 +19,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pg_tune.config.recipe import Recipe
+from pg_tune.config.schema import ConfigError
 from pg_tune.data.bad_rows import BadRows
 from pg_tune.data.build import build_samples
+from pg_tune.data.formats import FORMATS
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError
 
 if TYPE_CHECKING:
     from pg_tune.models.family import ModelFamily
 
-REPAIRED = frozenset({"box_clipped"})
+REPAIRED = frozenset({"box_clipped", "box_swapped"})
 """Reasons that mark a repaired row (kept), not a bad one."""
 
 
@@ -55,6 +57,34 @@ class ValidationReport:
                 + ("stop at the first" if policy == "stop" else "skip and count them")
             )
         return "\n".join(lines)
+
+
+def check_recipe_support(
+    recipe: Recipe, family: ModelFamily, splits: tuple[str, ...] = ("train", "eval")
+) -> None:
+    """Refuse, before anything heavy loads, what the model's ``family`` cannot do with the recipe.
+
+    ``ConfigError`` names the entry: a task of its rows the family lacks (declared by the format's
+    ``task`` option or, for JSONL, by a row: ``FILE:LINE``), ``data.feature_cache`` when the family's
+    image features vary in length, ``model.image`` settings its processor does not take
+    (``ModelFamily.check_image_settings``), and remote-code loading without a pinned commit
+    (``ModelFamily.check_model_config``). Each message says which families can.
+    """
+    from pg_tune.models.family import unsupported_feature_cache_message, unsupported_task_message
+
+    try:
+        family.check_model_config(recipe.model, at_load=False)
+        family.check_image_settings(recipe.model.image, feature_cache=bool(recipe.data.feature_cache))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if "train" in splits and recipe.data.feature_cache and not family.cacheable_image_features:
+        raise ConfigError(f"data.feature_cache: {unsupported_feature_cache_message(family)}")
+    for split in splits:
+        for k, entry in enumerate(getattr(recipe.data, split)):
+            for task, where in FORMATS[entry.format].tasks(entry.options).items():
+                if task not in family.tasks:
+                    at = f"{entry.format}, {where}" if where else entry.format
+                    raise ConfigError(f"data.{split}[{k}] ({at}): {unsupported_task_message(family, task)}")
 
 
 def validate_recipe(

@@ -34,6 +34,7 @@ from pg_tune.data.build import build_samples
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.export.model_card import build_model_card
 from pg_tune.export.run import REPORT_NAME, ExportError, Run, read_run, run_family
+from pg_tune.export.staging import StagedExport
 from pg_tune.export.stream import MergeError, stream_export
 from pg_tune.models.family import ModelFamily
 
@@ -167,14 +168,34 @@ def export_run(
     ``export_report.json``) the parity numbers.
     """
     _check_choices(dtype, parity)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ExportError(f"{out_dir}: exists and is not empty; choose a new --out folder")
     if parity == "module" and not run.is_full_model:  # full/partial runs have no adapter to merge
         try:
             return stream_export(run, out_dir, dtype, EXPORT_DTYPES[dtype], family)
         except MergeError as e:
             raise ExportError(str(e)) from None
+    # Written into OUT.partial (marked and locked, pg_tune.export.staging), renamed at the end.
+    staging = StagedExport(out_dir)
+    try:
+        report = _export_whole_model(run, family, staging.path, dtype, num_samples, device, max_shard_size)
+        staging.finish()
+    except BaseException as e:
+        staging.discard(e)
+        raise
+    print(f"exported to {out_dir}")
+    return report
+
+
+def _export_whole_model(
+    run: Run,
+    family: ModelFamily,
+    out_dir: Path,
+    dtype: str,
+    num_samples: int,
+    device: str | None,
+    max_shard_size: str,
+) -> dict[str, Any]:
+    """``--parity full`` (and full / partial runs): the whole model loaded, logits compared, saved
+    into ``out_dir`` (the staging folder)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = family.load_processor(
         dataclasses.replace(run.recipe.model, name_or_path=str(run.adapter_dir))
@@ -235,7 +256,6 @@ def export_run(
         del qmodel
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     (out_dir / "README.md").write_text(build_model_card(run, family, kind="merged", export_report=report))
-    print(f"exported to {out_dir}")
     return report
 
 
@@ -265,5 +285,4 @@ def _export_full_model(
     gc.collect()
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     (out_dir / "README.md").write_text(build_model_card(run, family, kind="merged", export_report=report))
-    print(f"exported to {out_dir}")
     return report

@@ -18,8 +18,8 @@ merged ``W'x`` must equal ``Wx + s·B(Ax)`` (both fp32) within ``MODULE_PARITY_R
 that tolerance cannot be checked this way; the report counts them. ``--parity full`` keeps the
 whole-model logit comparison of ``pg_tune.export.merged`` for models that fit in memory.
 
-The output folder is written as ``OUT.partial`` and renamed at the end: a failed check leaves
-nothing behind.
+The output folder is written as ``OUT.partial`` (marked as pg_tune's and locked:
+``pg_tune.export.staging``) and renamed at the end: a failed check leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from safetensors import safe_open
 
 from pg_tune.export.model_card import build_model_card
 from pg_tune.export.run import REPORT_NAME
+from pg_tune.export.staging import StagedExport
 from pg_tune.models import shards
 from pg_tune.models.shards import ShardReader
 
@@ -174,19 +175,20 @@ def checkpoint_files(folder: Path) -> list[str]:
         ) from None
 
 
-def key_resolver(folder: Path) -> Callable[[str], str]:
+def key_resolver(folder: Path, family) -> Callable[[str], str]:
     """Checkpoint key -> model parameter name, exactly as ``from_pretrained`` renames on load.
 
     PaliGemma checkpoints keep transformers' legacy names (``language_model.model.layers...``)
-    while the model and the adapter say ``model.language_model.layers...``.
+    while the model and the adapter say ``model.language_model.layers...``. The model is the
+    family's own class (built on the meta device), so a family transformers' Auto classes do not
+    know exports alike.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    config = AutoConfig.from_pretrained(folder)
+    config = family.model_class.config_class.from_pretrained(folder)
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
+        model = family.model_class(config)
     transforms = get_model_conversion_mapping(model, add_legacy=True) or []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
@@ -264,16 +266,18 @@ def stream_merge(
     adapter: Adapter,
     out_dir: Path,
     dtype: torch.dtype,
+    family,
     seed: int = 0,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Merge ``adapter`` into ``base_dir``'s shards, writing ``out_dir`` shard by shard.
+    """Merge ``adapter`` into ``base_dir``'s shards (a checkpoint of ``family``), writing ``out_dir``
+    shard by shard.
 
     Returns the per-module parity summary; raises ``MergeError`` before writing a shard that fails.
     Writes weights, the index and ``config.json`` / ``generation_config.json``; the caller adds
     processor files and the model card.
     """
-    resolve = key_resolver(base_dir)
+    resolve = key_resolver(base_dir, family)
     files = checkpoint_files(base_dir)
     generator = torch.Generator().manual_seed(seed)
     pending_updates = dict(adapter.updates)
@@ -370,18 +374,15 @@ def stream_export(run, out_dir: str | Path, dtype_name: str, dtype: torch.dtype,
 
     ``run`` is a ``pg_tune.export.run.Run``. Returns the report written to ``export_report.json``.
     """
-    out_dir = Path(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    staging = StagedExport(out_dir)  # OUT.partial, marked as pg_tune's and locked (pg_tune.export.staging)
+    out_dir, partial = staging.out_dir, staging.path
     try:
         with tempfile.TemporaryDirectory(prefix="pg_tune_merge_") as scratch:
             base_dir = base_checkpoint(
                 family, run.recipe.model.name_or_path, run.recipe.model.revision, Path(scratch)
             )
             adapter = read_adapter(run.adapter_dir)
-            modules = stream_merge(base_dir, adapter, partial, dtype, seed=run.recipe.train.seed)
+            modules = stream_merge(base_dir, adapter, partial, dtype, family, seed=run.recipe.train.seed)
         processor_source = dataclasses.replace(run.recipe.model, name_or_path=str(run.adapter_dir))
         family.load_processor(processor_source).save_pretrained(partial)
         worst = modules["worst"]
@@ -406,9 +407,9 @@ def stream_export(run, out_dir: str | Path, dtype_name: str, dtype: torch.dtype,
             )
         (partial / REPORT_NAME).write_text(json.dumps(report, indent=2))
         (partial / "README.md").write_text(build_model_card(run, family, kind="merged", export_report=report))
-        partial.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        staging.finish()
+    except BaseException as e:
+        staging.discard(e)
         raise
     print(f"exported to {out_dir}")
     return report

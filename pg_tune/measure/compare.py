@@ -12,7 +12,7 @@ same metrics. Each run is its own subprocess, so its peak memory is its own (CUD
       results.json       everything below, one object per model
       table.md           metrics before -> after, samples/s, peak memory, trainable params, adapter size
       index.html         the same table and chart.svg in one page
-      chart.svg          one small bar chart per metric (before / after) and per cost
+      chart.svg          one bar chart per metric (before / after, on a shared labelled axis) and per cost
 
 Throughput is the median of the loop's logged ``samples_per_s`` windows after the first step
 (which includes warm-up). Example::
@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelRun", "compare", "html_page", "markdown_table", "svg_chart"]
+__all__ = ["Interrupted", "ModelRun", "check_models", "compare", "html_page", "markdown_table", "svg_chart"]
 
 
 @dataclass
@@ -64,8 +66,49 @@ def _folder_name(model: str) -> str:
 # ---- one model, in its own process ---------------------------------------------------------------
 
 
-def _measure(recipe_path: str, overrides: list[str], result_path: Path, trust_remote_code: bool) -> None:
-    """The child: train, then write what ``compare`` reports about this model."""
+def check_models(models: list[str]) -> None:
+    """Refuse, before anything trains, a list naming a model twice, two names that map to one run
+    folder (``a/b`` and ``a--b``), or a name no model family answers to (``ConfigError``, one line)."""
+    from pg_tune.config.schema import ConfigError
+    from pg_tune.models.family import family_for, family_names, is_tiny_preset
+
+    folders: dict[str, str] = {}
+    for model in models:
+        if model in folders.values():
+            raise ConfigError(f"--models: {model!r} is given twice; name each model once")
+        folder = _folder_name(model)
+        if folder in folders:
+            raise ConfigError(
+                f"--models: {folders[folder]!r} and {model!r} would share the run folder runs/{folder}; "
+                "name each model once, by one name"
+            )
+        folders[folder] = model
+    for model in models:
+        if is_tiny_preset(model) or Path(model).exists():
+            family_for(model)  # a folder that is no model says why
+            continue
+        if "/" not in model:
+            presets = sorted({p for name in family_names() for p in family_for(name).tiny_presets})
+            raise ConfigError(
+                f"--models: {model!r} is not a tiny preset ({', '.join(presets)}), a local model folder or a "
+                "hub id OWNER/NAME; nothing was trained"
+            )
+        try:
+            family_for(model)
+        except FileNotFoundError:
+            raise ConfigError(f"--models: {model!r}: no such folder (a hub id is OWNER/NAME)") from None
+        except ValueError:
+            raise ConfigError(
+                f"--models: {model!r}: no model family: no cached config names one and the name matches none of "
+                f"the families' hub ids ({', '.join(family_names())}); nothing was trained"
+            ) from None
+
+
+def _measure(
+    recipe_path: str, overrides: list[str], result_path: Path, trust_remote_code: bool, resume: bool = False
+) -> None:
+    """The child: train (``resume``: continue the run an interrupted compare left), then write what
+    ``compare`` reports about this model."""
     import torch
 
     from pg_tune.config import load_recipe
@@ -75,7 +118,7 @@ def _measure(recipe_path: str, overrides: list[str], result_path: Path, trust_re
     recipe, resolved = load_recipe(recipe_path, overrides)
     recipe.model.trust_remote_code = trust_remote_code  # the command-line flag, never the recipe
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
-    result = train(recipe, resolved, family, overwrite=True)
+    result = train(recipe, resolved, family, resume="auto" if resume else None, overwrite=not resume)
     model = result.model
     records = [
         json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()
@@ -108,29 +151,84 @@ def _measure(recipe_path: str, overrides: list[str], result_path: Path, trust_re
     result_path.write_text(json.dumps(asdict(run), indent=2))
 
 
+def _model_args(overrides: list[str], model: str, run_dir: Path) -> list[str]:
+    # compare's own settings come last so the user's overrides cannot point two models at one folder;
+    # each model trains into run_dir/run, a folder compare owns.
+    return [*overrides, f"model.name_or_path={model}", f"output_dir={run_dir / 'run'}"]
+
+
+def _earlier_state(recipe_path: str, model: str, run_dir: Path, overrides: list[str]) -> str:
+    """What an earlier compare left for this model with the same settings: ``finished`` (its result
+    is kept), ``interrupted`` (its run resumes from its newest checkpoint) or ``none`` (train clean)."""
+    import yaml
+
+    from pg_tune.config import load_recipe
+
+    written = run_dir / "run" / "recipe.yaml"
+    if not written.is_file():
+        return "none"
+    _, resolved = load_recipe(recipe_path, _model_args(overrides, model, run_dir))
+    if yaml.safe_load(written.read_text(encoding="utf-8")) != resolved:
+        return "none"  # other settings: a new run
+    if (run_dir / "compare_result.json").is_file():
+        return "finished"
+    checkpoints = run_dir / "run" / "checkpoints"
+    has_checkpoint = checkpoints.is_dir() and any(
+        (p / "complete.json").is_file() for p in checkpoints.iterdir()
+    )
+    finished_run = (run_dir / "run" / "final_state.json").is_file()
+    return "interrupted" if has_checkpoint and not finished_run else "none"
+
+
+class Interrupted(Exception):
+    """Ctrl-C during one model's run: that run has checkpointed (or stopped) and exited."""
+
+    def __init__(self, model: str):
+        super().__init__(model)
+        self.model = model
+
+
 def _run_one(
-    recipe_path: str, model: str, run_dir: Path, overrides: list[str], trust_remote_code: bool
+    recipe_path: str,
+    model: str,
+    run_dir: Path,
+    overrides: list[str],
+    trust_remote_code: bool,
+    resume: bool = False,
 ) -> ModelRun:
     result_path = run_dir / "compare_result.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    # compare's own settings come last so the user's overrides cannot point two models at one folder;
-    # each model trains into run_dir/run, a folder compare owns (started clean on every compare).
-    args = [*overrides, f"model.name_or_path={model}", f"output_dir={run_dir / 'run'}"]
-    trust = ["--trust-remote-code"] if trust_remote_code else []
+    args = _model_args(overrides, model, run_dir)
+    flags = ["--trust-remote-code"] if trust_remote_code else []
+    flags += ["--resume"] if resume else []
     cmd = [
         sys.executable,
         "-m",
         "pg_tune.measure.compare",
         "--child",
         str(result_path),
-        *trust,
+        *flags,
         recipe_path,
         *args,
     ]
     log_path = run_dir / "compare.log"
     with log_path.open("w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False, env=os.environ.copy())
+        # Its own session: a terminal's Ctrl-C reaches compare only, which forwards ONE SIGINT, so the
+        # run finishes its step and checkpoints (a second SIGINT would stop it at once).
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True
+        )
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: stop it now
+                proc.kill()
+                proc.wait()
+            raise Interrupted(model) from None
     if proc.returncode != 0 or not result_path.is_file():
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         return ModelRun(
@@ -150,21 +248,46 @@ def compare(
 ) -> list[ModelRun]:
     """Fine-tune and evaluate each model alike; write the ``compare/`` folder; return the runs."""
     from pg_tune.config import load_recipe
-    from pg_tune.models.family import check_recipe_tasks
+    from pg_tune.data.validate import check_recipe_support
+    from pg_tune.models.family import family_for
 
     overrides = list(overrides or [])
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     recipe, _ = load_recipe(str(recipe_path), overrides)
+    check_models(models)
     for model in models:  # refuse what a family cannot do before training anything
-        check_recipe_tasks(load_recipe(str(recipe_path), [*overrides, f"model.name_or_path={model}"])[0])
+        try:
+            family = family_for(model)
+        except (ValueError, OSError):
+            continue  # an unknown model fails in its own run, shown in the table
+        check_recipe_support(
+            load_recipe(str(recipe_path), [*overrides, f"model.name_or_path={model}"])[0], family
+        )
     out = Path(out_dir) if out_dir is not None else Path(recipe.output_dir) / "compare"
     runs = []
     for k, model in enumerate(models, start=1):
-        say(f"[{k}/{len(models)}] {model}: training ({out / 'runs' / _folder_name(model)})")
-        run = _run_one(
-            str(recipe_path), model, out / "runs" / _folder_name(model), overrides, trust_remote_code
-        )
+        run_dir = out / "runs" / _folder_name(model)
+        earlier = _earlier_state(str(recipe_path), model, run_dir, overrides)
+        if earlier == "finished":
+            run = ModelRun(**json.loads((run_dir / "compare_result.json").read_text()))
+            say(f"[{k}/{len(models)}] {model}: kept from the earlier compare ({run_dir})")
+            runs.append(run)
+            continue
+        what = "resuming its interrupted run" if earlier == "interrupted" else "training"
+        say(f"[{k}/{len(models)}] {model}: {what} ({run_dir})")
+        try:
+            run = _run_one(
+                str(recipe_path),
+                model,
+                run_dir,
+                overrides,
+                trust_remote_code,
+                resume=earlier == "interrupted",
+            )
+        except Interrupted:
+            write_report(runs, out, str(recipe_path), recipe.lora.r, recipe.train.batch_size)
+            raise
         say(
             f"[{k}/{len(models)}] {model}: "
             + (run.error or f"loss {run.first_loss:.3f} -> {run.last_loss:.3f}")
@@ -224,30 +347,70 @@ def markdown_table(runs: list[ModelRun]) -> str:
 _COLOURS = ("#9ecae1", "#08519c")  # before, after
 
 
+def _nice_top(value: float) -> float:
+    """The axis top: ``value`` rounded up to one significant digit (2.7 -> 3, 12 -> 20, 0.75 -> 0.8)."""
+    if not value > 0 or not math.isfinite(value):
+        return 1.0
+    scale = 10 ** math.floor(math.log10(value))
+    return math.ceil(round(value / scale, 9)) * scale
+
+
 def _bar_panel(
-    title: str, labels: list[str], series: list[tuple[str, list[float]]], x0: float, y0: float
+    title: str,
+    labels: list[str],
+    series: list[tuple[str, list[float]]],
+    x0: float,
+    y0: float,
+    top: float,
+    digits: int,
 ) -> str:
-    """One small grouped bar chart at (x0, y0), 260 x 170 px."""
-    width, height, top, bottom = 260.0, 170.0, 24.0, 40.0
-    values = [v for _, vs in series for v in vs if v == v]
-    top_value = max(values, default=0.0) or 1.0
-    group = (width - 20) / max(len(labels), 1)
-    bar = group * 0.8 / max(len(series), 1)
+    """One grouped bar chart at (x0, y0), 260 x 170 px, on a labelled axis from 0 to ``top``.
+
+    Each bar carries its value as the table prints it (``digits`` decimals); a value that prints as
+    zero (or is missing) draws no bar, and a panel whose values all print as zero draws none at all.
+    """
+    width, height, top_pad, bottom, left = 260.0, 170.0, 30.0, 40.0, 34.0
+    plot = height - top_pad - bottom
+    shown = [[_fmt(v, digits) for v in vs] for _, vs in series]
+    zero = _fmt(0.0, digits)
     parts = [
-        f'<g transform="translate({x0:.0f},{y0:.0f})">',
+        f'<g data-title="{html.escape(title)}" transform="translate({x0:.0f},{y0:.0f})">',
         f'<text x="{width / 2:.0f}" y="14" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
-        f'<line x1="10" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}" stroke="#444"/>',
     ]
+    if all(text in (zero, "-") for texts in shown for text in texts):
+        parts.append(
+            f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle" font-size="11" fill="#555">'
+            f"{zero} for every model (nothing to draw)</text></g>"
+        )
+        return "".join(parts)
+    parts.append(
+        f'<line x1="{left}" y1="{top_pad}" x2="{left}" y2="{height - bottom}" stroke="#444"/>'
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - 6}" y2="{height - bottom}" stroke="#444"/>'
+    )
+    for fraction in (0.0, 0.5, 1.0):
+        y = height - bottom - plot * fraction
+        parts.append(
+            f'<line x1="{left - 3}" y1="{y:.1f}" x2="{width - 6}" y2="{y:.1f}" stroke="#ddd"/>'
+            f'<text class="tick" x="{left - 5}" y="{y + 3:.1f}" text-anchor="end" font-size="9">'
+            f"{top * fraction:g}</text>"
+        )
+    group = (width - left - 10) / max(len(labels), 1)
+    bar = group * 0.8 / max(len(series), 1)
     for i, label in enumerate(labels):
-        gx = 10 + i * group + group * 0.1
+        gx = left + 4 + i * group + group * 0.1
         for j, (name, vs) in enumerate(series):
-            v = vs[i]
-            h = 0.0 if v != v else (height - top - bottom) * v / top_value
+            v, text = vs[i], shown[j][i]
+            h = 0.0 if text in (zero, "-") else plot * min(max(v / top, 0.0), 1.0)
             x = gx + j * bar
+            if h > 0:
+                parts.append(
+                    f'<rect class="bar" x="{x:.1f}" y="{height - bottom - h:.1f}" width="{bar:.1f}" '
+                    f'height="{h:.1f}" fill="{_COLOURS[j % 2] if len(series) > 1 else _COLOURS[1]}">'
+                    f"<title>{html.escape(label)} {html.escape(name)}: {text}</title></rect>"
+                )
             parts.append(
-                f'<rect class="bar" x="{x:.1f}" y="{height - bottom - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
-                f'fill="{_COLOURS[j % 2] if len(series) > 1 else _COLOURS[1]}">'
-                f"<title>{html.escape(label)} {html.escape(name)}: {_fmt(v)}</title></rect>"
+                f'<text class="value" x="{x + bar / 2:.1f}" y="{height - bottom - h - 2:.1f}" '
+                f'text-anchor="middle" font-size="8">{text}</text>'
             )
         parts.append(
             f'<text x="{gx + group * 0.4:.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">'
@@ -258,9 +421,14 @@ def _bar_panel(
 
 
 def svg_chart(runs: list[ModelRun]) -> str:
-    """Bar charts: each metric before and after per model, then samples/s, peak memory, trainable params."""
+    """Bar charts: each metric before and after per model, on one shared axis (0 to 1 when every
+    metric is a fraction), then samples/s, peak memory and trainable params on their own axes."""
     ok = [r for r in runs if not r.error]
     labels = [r.model for r in ok]
+    metrics = _metric_names(ok)
+    values = [v for r in ok for m in metrics for v in (r.metrics_before.get(m), r.metrics_after.get(m))]
+    values = [v for v in values if v is not None and v == v]
+    shared_top = 1.0 if all(0 <= v <= 1 for v in values) else _nice_top(max(values, default=1.0))
     panels = [
         (
             m,
@@ -268,19 +436,23 @@ def svg_chart(runs: list[ModelRun]) -> str:
                 ("before", [r.metrics_before.get(m, float("nan")) for r in ok]),
                 ("after", [r.metrics_after.get(m, float("nan")) for r in ok]),
             ],
+            shared_top,
+            3,
         )
-        for m in _metric_names(ok)
+        for m in metrics
     ]
-    panels += [
-        ("samples/s", [("", [r.samples_per_s for r in ok])]),
-        ("peak memory GB", [("", [r.peak_memory_gb for r in ok])]),
-        ("trainable params (M)", [("", [r.trainable_params / 1e6 for r in ok])]),
-    ]
+    for title, numbers, digits in (
+        ("samples/s", [r.samples_per_s for r in ok], 1),
+        ("peak memory GB", [r.peak_memory_gb for r in ok], 2),
+        ("trainable params (M)", [r.trainable_params / 1e6 for r in ok], 3),
+    ):
+        finite = [v for v in numbers if v == v]
+        panels.append((title, [("", numbers)], _nice_top(max(finite, default=1.0)), digits))
     per_row = 3
     rows = (len(panels) + per_row - 1) // per_row
     body = "".join(
-        _bar_panel(title, labels, series, 270 * (k % per_row), 180 * (k // per_row) + 20)
-        for k, (title, series) in enumerate(panels)
+        _bar_panel(title, labels, series, 270 * (k % per_row), 180 * (k // per_row) + 20, top, digits)
+        for k, (title, series, top, digits) in enumerate(panels)
     )
     legend = (
         f'<rect x="10" y="4" width="10" height="10" fill="{_COLOURS[0]}"/><text x="24" y="13" font-size="11">before</text>'
@@ -319,10 +491,24 @@ def write_report(runs: list[ModelRun], out: Path, recipe_path: str, rank: int, b
     (out / "index.html").write_text(html_page(runs, recipe_path, rank, batch_size))
 
 
+def _child(argv: list[str]) -> int:
+    """``python -m pg_tune.measure.compare --child RESULT [--trust-remote-code] [--resume] RECIPE ...``"""
+    from pg_tune.train.signals import TrainingStopped
+
+    result_path, rest = Path(argv[0]), argv[1:]
+    trusted = "--trust-remote-code" in rest[:2]
+    resume = "--resume" in rest[:2]
+    rest = [a for a in rest[:2] if a not in ("--trust-remote-code", "--resume")] + rest[2:]
+    try:
+        _measure(rest[0], rest[1:], result_path, trusted, resume)
+    except TrainingStopped as e:  # Ctrl-C forwarded by compare: the step finished and was checkpointed
+        print(f"pg-tune: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--child":
-        trusted = sys.argv[3] == "--trust-remote-code"
-        rest = sys.argv[4:] if trusted else sys.argv[3:]
-        _measure(rest[0], rest[1:], Path(sys.argv[2]), trusted)
+        sys.exit(_child(sys.argv[2:]))
     else:
         print(__doc__)

@@ -136,7 +136,8 @@ class ModelFamily(abc.ABC):
     model_types: ClassVar[tuple[str, ...]]
     """``config.model_type`` values this family serves."""
     tiny_presets: ClassVar[tuple[str, ...]]
-    """Preset names it builds offline (tests, demo, benchmarks)."""
+    """Preset names it builds offline (tests, demo, benchmarks); the first is the one the family
+    contract (``tests/test_contract.py``) trains: the smallest with every part of the model."""
     tiny_module: ClassVar[Any]
     """The module building the tiny presets (``PRESETS``, ``build_config``, ``build_base``,
     ``build_processor``, ``save_checkpoint``)."""
@@ -156,6 +157,9 @@ class ModelFamily(abc.ABC):
     """Batch keys of the family's attention rule, passed to the decoder (``token_type_ids``)."""
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Batch keys the image encoder reads (the first holds the pixels)."""
+    cacheable_image_features: ClassVar[bool] = True
+    """Whether every image gives features of one shape, so ``data.feature_cache`` can store them
+    (SmolVLM2's tiles make their number vary per image: False)."""
     final_softcap: ClassVar[bool] = True
     """Whether the model class applies ``final_logit_softcapping`` to its logits when the config
     names one (Gemma 3's ``forward`` never does)."""
@@ -253,7 +257,9 @@ class ModelFamily(abc.ABC):
         quantized = quantization is not None and quantization.mode != "none"
         if self.is_tiny(model.name_or_path):
             if quantized:
-                raise ValueError(
+                from pg_tune.config.schema import ConfigError
+
+                raise ConfigError(
                     "quantization needs a checkpoint on disk: save the tiny preset first "
                     f"(python -m pg_tune.models.tiny DIR --preset {model.name_or_path}) and point "
                     "model.name_or_path at it"
@@ -366,8 +372,17 @@ class ModelFamily(abc.ABC):
         return [module for name, module in core.named_modules() if pattern.fullmatch(name)]
 
     def layer_classes(self, core: nn.Module) -> list[str]:
-        """Class names of the repeated blocks FSDP wraps one by one (transformers' ``_no_split_modules``)."""
-        return list(getattr(core, "_no_split_modules", None) or [])
+        """Class names of the repeated blocks FSDP wraps one by one: the modules at ``lm_layers`` and
+        ``vision_layers`` (decoder and vision encoder layers).
+
+        Not transformers' ``_no_split_modules``: it names classes a model may not build (PaliGemma's
+        ``SiglipTextEmbeddings``), which accelerate refuses when named, and sub-blocks instead of
+        layers (SmolVLM2's ``SmolVLMVisionAttention``).
+        """
+        import re
+
+        layers = re.compile(f"({self.lm_layers})|({self.vision_layers})")
+        return sorted({type(m).__name__ for name, m in core.named_modules() if layers.fullmatch(name)})
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Projected image features for the batch's images, as ``decoder_hidden`` consumes them
@@ -397,6 +412,15 @@ class ModelFamily(abc.ABC):
                 )
                 error.reason = "reserved_token"  # type: ignore[attr-defined]
                 raise error
+
+    def check_task(self, sample: Sample) -> None:
+        """Raise ``DataError`` naming the row if the family cannot do its task (reason ``unsupported_task``)."""
+        from pg_tune.data.sample import DataError
+
+        if sample.task not in self.tasks:
+            error = DataError(f"{sample.source}: {unsupported_task_message(self, sample.task)}")
+            error.reason = "unsupported_task"  # type: ignore[attr-defined]
+            raise error
 
     @abc.abstractmethod
     def render_prompt(self, sample: Sample) -> str:
@@ -492,6 +516,50 @@ class ModelFamily(abc.ABC):
                 f"{self.name} models run code from their Hub repo: read that code at the pinned revision, "
                 "then pass --trust-remote-code on the command line (it stays off unless asked)"
             )
+
+    # ---- the context window --------------------------------------------------------------------
+    @abc.abstractmethod
+    def sequence_overhead(self, processor: ProcessorMixin) -> int:
+        """The most positions a sample's sequence holds beyond its ``data.max_text_length`` budget:
+        image tokens of the largest image the processor makes, and the template around them."""
+
+    def context_positions(self, config: Any) -> int | None:
+        """Positions the decoder can attend over (``max_position_embeddings`` of the text config)."""
+        return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+    def check_context(self, config: Any, processor: ProcessorMixin, max_text_length: int) -> None:
+        """Refuse a ``data.max_text_length`` whose longest sequence (image tokens included) would run
+        past the model's context; ``ConfigError`` naming the key and the largest value that fits."""
+        from pg_tune.config.schema import ConfigError
+
+        positions = self.context_positions(config)
+        if positions is None:
+            return
+        overhead = self.sequence_overhead(processor)
+        if overhead + max_text_length > positions:
+            raise ConfigError(
+                f"data.max_text_length={max_text_length}: with up to {overhead} image and template tokens a "
+                f"sequence reaches {overhead + max_text_length} positions, past the model's context of {positions} "
+                f"positions (max_position_embeddings of its text config); set data.max_text_length to at most "
+                f"{positions - overhead}"
+            )
+
+    def offline_config(self, model: ModelConfig) -> Any | None:
+        """The model's config without the network: a tiny preset's, a local folder's, pg_tune's copy of a
+        published one, or the hub cache's; None when none is at hand (``validate`` then cannot check)."""
+        from transformers import AutoConfig
+
+        name = model.name_or_path
+        if self.is_tiny(name):
+            return self.tiny_module.build_config(self.tiny_module.PRESETS[name])
+        if Path(name).is_dir():
+            return AutoConfig.from_pretrained(name, trust_remote_code=False)
+        if (published := self.published_config(name)) is not None:
+            return published
+        try:
+            return AutoConfig.from_pretrained(name, revision=model.revision, local_files_only=True)
+        except (OSError, ValueError):
+            return None
 
     def load_mask_codec(self, vae_path: str | Path | None) -> Any | None:
         """The family's mask tokenizer (PaliGemma: big_vision's VQ-VAE), or None if it has none."""
@@ -609,9 +677,6 @@ def load_family(name_or_path: str, vae_path: str | Path | None = None) -> ModelF
 
 # ---- what each family supports -----------------------------------------------------------------
 
-# Dataset options name tasks in their own words: refcoco's ``task: segment`` is referring segmentation.
-_TASK_ALIASES = {"segment": "refer_segment"}
-
 
 def families_supporting(task: str) -> list[str]:
     """Names of the registered families that can render and parse ``task``."""
@@ -625,33 +690,13 @@ def unsupported_task_message(family: ModelFamily, task: str) -> str:
     return f"model family {family.name!r} cannot do task {task}{why}; families that support it: {others}"
 
 
-def check_recipe_tasks(recipe: Any) -> None:
-    """Refuse, before anything loads, dataset entries whose declared task the model's family lacks
-    (and remote-code loading without a pinned commit: ``ModelFamily.check_model_config``).
-
-    Raises ``ConfigError`` naming the entry (``data.train[0].task``). Per-row tasks of JSONL files
-    are refused when the rows are rendered (``render_target``), with the same message.
-    """
-    from pg_tune.config.schema import ConfigError
-
-    try:
-        family = family_for(recipe.model.name_or_path)
-    except (ValueError, OSError):
-        return  # an unknown model is reported where it is loaded
-    try:
-        family.check_model_config(recipe.model, at_load=False)
-        family.check_image_settings(recipe.model.image, feature_cache=bool(recipe.data.feature_cache))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for split in ("train", "eval"):
-        for k, entry in enumerate(getattr(recipe.data, split)):
-            declared = getattr(entry.options, "task", None)
-            task = _TASK_ALIASES.get(declared, declared)
-            if task is not None and task not in family.tasks:
-                raise ConfigError(
-                    f"data.{split}[{k}].task: {declared!r} ({entry.format}): "
-                    f"{unsupported_task_message(family, task)}"
-                )
+def unsupported_feature_cache_message(family: ModelFamily) -> str:
+    """Why ``family``'s image features cannot be cached, and which families' can."""
+    others = ", ".join(n for n in family_names() if family_for(n).cacheable_image_features) or "none"
+    return (
+        f"model family {family.name!r} cannot use data.feature_cache: the number of its image features "
+        f"varies per image; families that support it: {others}"
+    )
 
 
 def _checkpoint_folder(model: ModelConfig) -> Path | None:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pg_tune.config.recipe import Recipe, TrainConfig
 from pg_tune.config.schema import ConfigError
-from pg_tune.data.bad_rows import BadRows
+from pg_tune.data.bad_rows import BadRows, check_bad_share
 from pg_tune.data.build import build_samples
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
@@ -57,6 +57,7 @@ from pg_tune.train.resume import (
     run_fingerprint,
     truncate_metrics_log,
 )
+from pg_tune.train.sharding import wrap_family_layers
 from pg_tune.train.signals import NonFiniteError, StopSignals, TrainingInterrupted
 from pg_tune.train.state import TrainState
 from pg_tune.train.storage import (
@@ -64,6 +65,7 @@ from pg_tune.train.storage import (
     check_output_dir,
     disk_full_guard,
     final_folder,
+    hold_output_dir,
     remove_entries,
     remove_stale_temporaries,
 )
@@ -104,7 +106,21 @@ def train(
 ) -> TrainResult:
     """Fine-tune as the recipe says, with the recipe model's ``family`` (``load_family``: its mask
     codec bound). ``resume`` (``auto`` or a path) continues a run; ``overwrite`` starts
-    ``output_dir`` clean; a non-empty ``output_dir`` without either is refused."""
+    ``output_dir`` clean; a non-empty ``output_dir`` without either is refused. The main process
+    holds ``output_dir``'s one-writer lock throughout (``pg_tune.train.lock``)."""
+    command = "pg-tune train" + (f" --resume {resume}" if resume else " --overwrite" if overwrite else "")
+    with hold_output_dir(Path(recipe.output_dir), command):
+        return _train(recipe, resolved_recipe, family, resume, overwrite, on_checkpoint)
+
+
+def _train(
+    recipe: Recipe,
+    resolved_recipe: dict[str, Any],
+    family: ModelFamily,
+    resume: str | None,
+    overwrite: bool,
+    on_checkpoint: Sequence[CheckpointCallback],
+) -> TrainResult:
     started = time.time()
     output_dir = Path(recipe.output_dir)
     notes: list[str] = []
@@ -119,6 +135,7 @@ def train(
 
     bad_rows, eval_bad = BadRows(recipe.data.on_bad_row), BadRows(recipe.data.on_bad_row)
     train_samples = build_samples(recipe.data.train, "train", bad_rows, seed=recipe.train.seed, family=family)
+    check_bad_share(bad_rows, len(train_samples), recipe.data.max_bad_row_share, "data.train")
     eval_samples = build_samples(recipe.data.eval, "eval", bad_rows, seed=recipe.train.seed, family=family)
     eval_samples = readable_eval_samples(eval_samples, recipe.eval.limit, eval_bad)
     say(f"data: {len(train_samples)} train samples, {len(eval_samples)} eval samples; {bad_rows.report()}")
@@ -154,6 +171,7 @@ def train(
         disable=not accelerator.is_local_main_process,
     )
     samples_seen, window_start, last_saved = 0, time.time(), -1
+    start = _Progress(state.step, state.nonfinite_skipped, sum(run.train_bad.counts.values()))
     run.loss_module.train()
     with StopSignals() as stop, contextlib.closing(progress):
         for window in _windows(run, state):
@@ -161,6 +179,7 @@ def train(
             if step_result is None:  # every row of the window failed to load (one process): skip it
                 continue
             samples_seen += step_result.rows
+            start.rows_read += step_result.rows
             state.truncated += step_result.truncated
             progress.update(1)
             if step_result.nonfinite:
@@ -197,6 +216,11 @@ def train(
                 say(f"\n{early_stop}")
                 break
     bad = _finish_counts(run, state, bad_rows, eval_bad, recipe)
+    short_of_plan = _check_trained(run, state, start, recipe)
+    if (
+        short_of_plan and stop_reason == f"trained the planned {state.total_steps} steps"
+    ):  # not early stopping
+        stop_reason = short_of_plan
 
     adapter_dir = _save_adapter(run, resolved_recipe, output_dir)
     metrics_after = evaluate("after training") if eval_samples else {}
@@ -421,6 +445,7 @@ def _build_run(
     quantized = recipe.quantization.mode != "none"
     device_map = {"": accelerator.device} if quantized and accelerator.device.type != "cpu" else None
     model = family.load_model(recipe.model, recipe.quantization, device_map=device_map)
+    family.check_context(model.config, processor, recipe.data.max_text_length)  # image tokens included
     set_seed(recipe.train.seed)  # after the base is built, so adapters and shuffling follow the recipe's seed
     model = prepare_model(model, recipe, family)
     accelerator.print(trainable_summary(model))
@@ -437,6 +462,7 @@ def _build_run(
     loader = build_train_loader(train_samples, processor, recipe, family, feature_cache)
     # Rows whose image fails to load mid-training are dropped and counted (skip) or named (stop).
     loader.collate_fn = SafeCollator(loader.collate_fn, recipe.data.on_bad_row)
+    wrap_family_layers(accelerator, model, family)  # FSDP: each decoder / vision layer its own unit
     loss_module, optimizer, loader = accelerator.prepare(
         SuffixLoss(model, family, label_smoothing=recipe.train.label_smoothing),
         build_optimizer(model.parameters(), recipe.train),
@@ -561,6 +587,53 @@ def _checkpoint(
     for callback in on_checkpoint:
         callback(state.step, path, acc)
     return path
+
+
+@dataclass
+class _Progress:
+    """Where this process's training started, to tell what it did itself."""
+
+    step: int
+    nonfinite_skipped: int
+    bad_rows: int
+    rows_read: int = 0
+    """Rows of the windows that reached a forward pass (this rank)."""
+
+
+def _check_trained(run: _Run, state: TrainState, start: _Progress, recipe: Recipe) -> str | None:
+    """Refuse to save a run that trained nothing, or that read more bad rows than
+    ``data.max_bad_row_share`` allows (a ``DataError`` on every rank: no adapter is written).
+    Returns the stop reason of a run that took fewer steps than planned (windows with no readable row)."""
+    acc = run.accelerator
+    good = int(acc.reduce(torch.tensor(start.rows_read, device=acc.device), "sum"))
+    bad = sum(run.train_bad.counts.values()) - start.bad_rows  # gathered over ranks by _finish_counts
+    steps = state.step - start.step
+    updates = steps - (state.nonfinite_skipped - start.nonfinite_skipped)
+    if steps and not updates:
+        raise DataError(
+            f"trained nothing: every one of the {steps} optimizer steps was non-finite and skipped "
+            "(train.on_nonfinite=skip); no adapter was written. Lower train.lr, or find the rows with "
+            "train.on_nonfinite=stop (it names them)"
+        )
+    if not steps and state.step < state.total_steps:  # (a resume at the last step has nothing to do)
+        raise DataError(
+            f"trained nothing: all {bad} training rows read were bad ({run.train_bad.summary()}); no adapter "
+            "was written. Fix or remove those rows (pg-tune data validate lists them all)"
+        )
+    limit = recipe.data.max_bad_row_share
+    if bad > limit * (bad + good):
+        raise DataError(
+            f"training: {bad} of {bad + good} ({100 * bad / (bad + good):.0f}%) of the training rows read were "
+            f"bad (over data.max_bad_row_share={limit:g}): {run.train_bad.summary()}; no adapter was written. "
+            "Fix or remove those rows (pg-tune data validate lists them all), or raise data.max_bad_row_share "
+            "if dropping that many is intended"
+        )
+    if state.step < state.total_steps:
+        return (
+            f"trained {state.step} of the planned {state.total_steps} steps: windows without a readable row "
+            f"were skipped ({run.train_bad.summary()})"
+        )
+    return None
 
 
 def _finish_counts(

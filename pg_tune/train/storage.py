@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pg_tune.train.lock import LOCK_FILE, FolderInUse, hold
 from pg_tune.train.signals import TrainingStopped
 
 TMP_PREFIX = ".tmp-"
@@ -64,7 +65,7 @@ def run_entries(output_dir: Path, extra: tuple[str, ...] = ()) -> tuple[list[Pat
     names = set(RUN_ENTRIES) | set(extra)
     ours, others = [], []
     for entry in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
-        if entry.name.startswith(_PROBE):  # another rank checking the folder at the same moment
+        if entry.name.startswith(_PROBE) or entry.name == LOCK_FILE:  # another rank's probe; the lock
             continue
         (ours if entry.name in names or entry.name.startswith(TMP_PREFIX) else others).append(entry)
     return ours, others
@@ -82,17 +83,7 @@ def check_output_dir(
         raise OutputDirError(
             "--resume and --overwrite contradict each other: continue the run, or start it clean"
         )
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputDirError(f"output_dir {output_dir}: is a file, not a folder; choose another output_dir")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f"{_PROBE}{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputDirError(
-            f"output_dir {output_dir}: cannot write there ({e.strerror or e}); choose a writable output_dir"
-        ) from None
+    ensure_writable_dir(output_dir)
     ours, others = run_entries(output_dir, extra)
     if not ours and not others:
         return []
@@ -111,6 +102,48 @@ def check_output_dir(
         f"output_dir {output_dir} is not empty ({held}): another run's files would be mixed with this one's. "
         "Continue that run with --resume auto, start it clean with --overwrite, or choose another output_dir"
     )
+
+
+def ensure_writable_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` if needed; ``OutputDirError`` if it is a file or cannot be written."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"output_dir {output_dir}: is a file, not a folder; choose another output_dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f"{_PROBE}{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(
+            f"output_dir {output_dir}: cannot write there ({e.strerror or e}); choose a writable output_dir"
+        ) from None
+
+
+def is_main_launch_process() -> bool:
+    """Rank 0 of a launch, read from the launcher's environment (torchrun, accelerate, deepspeed,
+    MPI) before any Accelerator exists (a ``PartialState`` made early would fix the wrong backend)."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: Path, command: str) -> Iterator[None]:
+    """The run folder's one-writer lock (``pg_tune.train.lock``), taken by the launch's rank 0 only,
+    after checking that the folder can be written; ``OutputDirError`` when another process holds it."""
+    if not is_main_launch_process():
+        yield
+        return
+    ensure_writable_dir(output_dir)
+    try:
+        lock = hold(output_dir, command, what="output_dir")
+        lock.__enter__()
+    except FolderInUse as e:
+        raise OutputDirError(str(e)) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def remove_entries(paths: list[Path]) -> None:

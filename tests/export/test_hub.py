@@ -341,3 +341,102 @@ def test_train_command_pushes_checkpoints_then_the_adapter_with_its_summary(
     assert "checkpoints/step-0000001/trainable.safetensors" in pushed[0]
     assert "checkpoints/step-0000002/trainable.safetensors" in pushed[1]
     assert {"adapter_model.safetensors", "summary.json"} <= pushed[2]
+
+
+# --- issue 22.15: push's dry run checks what the real push checks, and publishes no local path -------------
+
+
+@pytest.mark.parametrize(
+    "args, where",
+    [
+        (["--repo-id", "../../etc"], "--repo-id: expected OWNER/NAME"),
+        (["--repo-id", "me/bad..name"], "--repo-id: 'me/bad..name' is not a valid Hub repo id"),
+        (["--repo-id", "me/ok", "--revision", "../main"], "--revision: '../main' is not a valid branch name"),
+        (["--repo-id", "me/ok", "--revision=-rf"], "--revision: '-rf' is not a valid branch name"),
+    ],
+)
+def test_push_dry_run_validates_repo_id_and_revision_like_the_recipe(
+    fake_hub, quick_run, capsys, args, where
+):
+    assert cli_main(["push", str(quick_run), *args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert where in err and "Traceback" not in err and fake_hub["calls"] == []
+    recipe = {"output_dir": "x", "data": {"train": [{"format": "shapes"}]}}
+    with pytest.raises(ConfigError, match="hub.revision: '../main' is not a valid branch name"):
+        parse_recipe({**recipe, "hub": {"repo_id": "me/ok", "revision": "../main"}})
+    with pytest.raises(ConfigError, match="hub.repo_id: 'me/bad..name' is not a valid Hub repo id"):
+        parse_recipe({**recipe, "hub": {"repo_id": "me/bad..name"}})
+
+
+def test_push_merged_dry_run_lists_the_export_without_running_it(fake_hub, quick_run, capsys, monkeypatch):
+    import pg_tune.export.hub as hub
+
+    monkeypatch.setattr(hub, "export_run", lambda *a, **k: pytest.fail("a dry run must not export"))
+    assert cli_main(["push", str(quick_run), "--repo-id", "me/m", "--merged", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not (quick_run / "merged-bf16").exists() and fake_hub["calls"] == []
+    for name in ("config.json", "generation_config.json", "export_report.json", "README.md"):
+        assert name in out, name
+    assert "model*.safetensors" in out and "(written by the export; not run in a dry run)" in out
+    assert "does not exist yet: a push without --dry-run writes it first" in out
+
+
+@pytest.fixture(scope="module")
+def local_base_run(tmp_path_factory, tiny_checkpoint):
+    """A run folder (adapter + recipe.yaml) whose base is a folder on this machine."""
+    from pg_tune.config.recipe import LoraConfig, resolved
+    from pg_tune.models.paligemma.tiny import build_base
+    from pg_tune.train.adapters import apply_lora
+
+    root = tmp_path_factory.mktemp("local-base-run")
+    base = build_base("tiny-paligemma2")
+    apply_lora(base, LoraConfig(r=2, alpha=4), str(tiny_checkpoint), family_of(base)).save_pretrained(
+        root / "adapter"
+    )
+    recipe = parse_recipe(
+        {
+            "output_dir": str(root),
+            "model": {"name_or_path": str(tiny_checkpoint)},
+            "data": {"train": [{"format": "shapes"}]},
+        }
+    )
+    (root / "recipe.yaml").write_text(yaml.safe_dump(resolved(recipe)))
+    (root / "adapter" / "recipe.yaml").write_text(yaml.safe_dump(resolved(recipe)))
+    best = root / "checkpoints" / "step-0000002"
+    (root / "summary.json").write_text(json.dumps({"steps": 2, "best_checkpoint": str(best)}))
+    return root
+
+
+def _uploaded_text(plan) -> dict[str, str]:
+    texts = {}
+    for item in plan:
+        data = item.source if isinstance(item.source, bytes) else item.source.read_bytes()
+        if not item.path_in_repo.endswith(".safetensors"):
+            texts[item.path_in_repo] = data.decode("utf-8", errors="replace")
+    return texts
+
+
+def test_a_local_base_path_is_never_uploaded(fake_hub, local_base_run, tiny_checkpoint, capsys):
+    path = str(tiny_checkpoint)
+    # --base-model: the card, recipe.yaml and adapter_config.json name the hub id.
+    texts = _uploaded_text(upload_plan(local_base_run, "me/x", base_model="google/paligemma2-3b-pt-224"))
+    assert not [name for name, text in texts.items() if path in text]
+    assert yaml.safe_load(texts["recipe.yaml"])["model"]["name_or_path"] == "google/paligemma2-3b-pt-224"
+    assert (
+        json.loads(texts["adapter_config.json"])["base_model_name_or_path"] == "google/paligemma2-3b-pt-224"
+    )
+    assert yaml.safe_load(texts["README.md"].split("---")[1])["base_model"] == "google/paligemma2-3b-pt-224"
+    assert json.loads(texts["summary.json"])["best_checkpoint"] == "checkpoints/step-0000002"
+    # Without it: the folder's name only, and the dry run says so.
+    texts = _uploaded_text(upload_plan(local_base_run, "me/x"))
+    assert not [name for name, text in texts.items() if path in text]
+    assert yaml.safe_load(texts["recipe.yaml"])["model"]["name_or_path"] == tiny_checkpoint.name
+    assert cli_main(["push", str(local_base_run), "--repo-id", "me/x", "--dry-run"]) == 0
+    assert f"name it by its folder name {tiny_checkpoint.name!r}, not its path" in capsys.readouterr().out
+    # The local run folder itself is untouched: the adapter still loads on the path it was trained on.
+    assert (
+        json.loads((local_base_run / "adapter" / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+        == path
+    )

@@ -3,6 +3,8 @@
 Golden: the family collator's ids, attention-rule inputs, pixel tensors and labels equal what
 ``Gemma3Processor`` / ``SmolVLMProcessor`` produce from the chat template's rendering of the same
 conversation. Loss: the fused suffix-only loss over the family's pieces equals the model's own.
+What every family does end to end (training, evaluation, QLoRA, export, resume, batched generation,
+the feature cache) is the family contract's: ``tests/test_contract.py``.
 """
 
 from __future__ import annotations
@@ -127,7 +129,15 @@ def test_collator_matches_the_processor(family_setup):
     batch = family.collator(processor, 256, train=True)(list(enumerate(samples)))
     images = [[s.image] for s in samples]
     full = [processor.apply_chat_template(_conversation(family, s, True), tokenize=False) for s in samples]
-    reference = processor(images=images, text=full, return_tensors="pt", padding=True, padding_side="right")
+    # As TRL calls it: the template already wrote <bos> (Gemma 3's tokenizer would add a second one).
+    reference = processor(
+        images=images,
+        text=full,
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+        add_special_tokens=False,
+    )
     for key in ("input_ids", "attention_mask", "pixel_values", "token_type_ids", "pixel_attention_mask"):
         if key in reference or key in batch:
             assert torch.equal(batch[key], reference[key]), key
@@ -136,7 +146,9 @@ def test_collator_matches_the_processor(family_setup):
         prompt = processor.apply_chat_template(
             _conversation(family, sample, False), tokenize=False, add_generation_prompt=True
         )
-        n_prompt = len(processor(images=[[sample.image]], text=[prompt])["input_ids"][0])
+        n_prompt = len(
+            processor(images=[[sample.image]], text=[prompt], add_special_tokens=False)["input_ids"][0]
+        )
         n_full = int(reference["attention_mask"][i].sum())
         expected = torch.full_like(batch["labels"][i], -100)
         expected[n_prompt : n_full - 1] = reference["input_ids"][i, n_prompt : n_full - 1]
@@ -168,8 +180,14 @@ def test_smolvlm_image_tokens_vary_with_the_aspect_ratio():
     assert batch["pixel_attention_mask"][2].all()
 
 
-def test_fused_loss_equals_the_models_own(family_setup):
+@pytest.mark.parametrize("config_softcap", [None, 30.0])
+def test_fused_loss_equals_the_models_own(family_setup, config_softcap, monkeypatch):
+    """Also with a ``final_logit_softcapping`` in the config, which neither model class applies: the
+    fused loss must not apply it either (``ModelFamily.final_softcap``)."""
     family, processor, model = family_setup
+    monkeypatch.setattr(
+        model.config.get_text_config(), "final_logit_softcapping", config_softcap, raising=False
+    )
     batch = family.collator(processor, 256, train=True)(list(enumerate(_samples())))
     model_inputs = {k: v for k, v in batch.items() if k not in ("sample_index", "truncated")}
     model.zero_grad()
@@ -177,6 +195,7 @@ def test_fused_loss_equals_the_models_own(family_setup):
     features = family.image_features(model, batch)
     hidden = family.decoder_hidden(model, batch, features)
     weight, softcap = family.head(model)
+    assert softcap is None
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     loss = head_cross_entropy_sum(hidden[:, :-1][mask], weight, targets[mask], softcap) / mask.sum()
@@ -262,33 +281,3 @@ def test_frozen_vision_runs_without_autograd_and_lora_vision_with_it(family_setu
         features = family.image_features(family.unwrap(wrapped), batch)
         assert features.requires_grad == vision  # frozen encoder: no graph is built
         wrapped.unload()
-
-
-def test_feature_cache_gives_the_same_loss_for_gemma3(tmp_path):
-    """Gemma 3's fixed 256 features per image are cacheable; SmolVLM2's variable ones are refused."""
-    from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
-    from pg_tune.train.loss import SuffixLoss
-
-    family = Gemma3Family()
-    processor = gemma3_tiny.build_processor(gemma3_tiny.PRESETS["tiny-gemma3"])
-    model = gemma3_tiny.build_base("tiny-gemma3")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    samples = _samples()
-    cache = FeatureCache.build(tmp_path / "cache", samples, model, processor.image_processor, family=family)
-    collator = family.collator(processor, 256, train=True)
-    rows = list(enumerate(samples))
-    cached = CachedFeatureCollator(collator, cache)(rows)
-    assert "pixel_values" not in cached and cached["image_features"].shape[:2] == (3, 16)
-    loss = SuffixLoss(model, family)
-    with torch.no_grad():
-        from_cache, n = loss(cached)
-        from_pixels, m = loss(collator(rows))
-    assert n == m
-    assert_close_to_scale(from_cache, from_pixels)
-
-    smol = SmolVLMFamily()
-    with pytest.raises(ValueError, match="feature_cache"):
-        smol.image_features(
-            smolvlm_tiny.build_base("tiny-smolvlm2"), {"pixel_values": torch.zeros(1, 1, 3, 32, 32)}
-        )

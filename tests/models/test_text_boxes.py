@@ -26,8 +26,13 @@ def test_render_is_ymin_xmin_ymax_xmax_normalised_to_1000():
 
 
 def test_render_refuses_segmentation_and_missing_size():
-    with pytest.raises(DataError, match=r"rows.jsonl:7: task refer_segment needs mask tokens"):
-        render_text_boxes(_sample("refer_segment", [ObjectTarget("", (0, 0, 5, 5))]))
+    from pg_tune.models.chat.gemma3 import Gemma3Family
+
+    with pytest.raises(
+        DataError, match=r"rows.jsonl:7: model family 'gemma3' cannot do task refer_segment"
+    ) as e:
+        Gemma3Family().render_target(_sample("refer_segment", [ObjectTarget("", (0, 0, 5, 5))]))
+    assert e.value.reason == "unsupported_task" and "families that support it: paligemma" in str(e.value)
     with pytest.raises(DataError, match="image size"):
         render_text_boxes(_sample("detect", [ObjectTarget("a", (0, 0, 5, 5))], size=None))
 
@@ -108,26 +113,3 @@ def test_each_object_is_scored_by_the_tokens_that_wrote_it():
 )
 def test_chat_prompts(prefix, task, prompt):
     assert chat_prompt(Sample("x.png", prefix, "s", "src", task=task)) == prompt
-
-
-def test_validate_refuses_segmentation_for_families_without_mask_tokens(tmp_path, capsys):
-    from pg_tune.cli import main
-
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        "output_dir: x\nmodel: {name_or_path: tiny-smolvlm2}\n"
-        "data:\n  train: [{format: shapes}]\n"
-        "  eval: [{format: refcoco, parquet: refs.parquet, images: imgs, split: val, task: segment}]\n"
-    )
-    assert main(["validate", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    assert "data.eval[0].task: 'segment' (refcoco)" in err and "'smolvlm' cannot do task refer_segment" in err
-    assert "families that support it: paligemma" in err
-    assert main(["validate", str(recipe), "model.name_or_path=tiny-paligemma2"]) == 0
-    assert main(["validate", str(recipe), "data.eval.0.task=detect"]) == 0
-
-
-def test_rendering_a_segment_row_names_the_families_that_can():
-    sample = _sample("refer_segment", [ObjectTarget("", (0, 0, 5, 5))])
-    with pytest.raises(DataError, match="families that support it: paligemma"):
-        render_text_boxes(sample)

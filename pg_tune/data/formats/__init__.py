@@ -20,6 +20,10 @@ from pg_tune.data.sample import Sample
 class Format:
     options: type
     build: Callable[[Any, BuildContext], Sequence[Sample]]
+    tasks: Callable[[Any], dict[str, str]]
+    """The tasks its rows will have, found without reading an image (``pg-tune validate`` checks them
+    against the model family): task -> where it is declared (``task: segment``, ``FILE:LINE``), or
+    ``""`` when the format itself implies it."""
 
 
 def _registry() -> dict[str, Format]:
@@ -34,8 +38,19 @@ def _registry() -> dict[str, Format]:
         "refcoco": refcoco.build,
         "shapes": shapes.build,
     }
-    assert builders.keys() == FORMAT_OPTIONS.keys(), "a format needs its options in config/datasets.py"
-    return {name: Format(FORMAT_OPTIONS[name], build) for name, build in builders.items()}
+    tasks = {
+        "coco_captions": lambda options: {"caption": ""},
+        "coco_detection": lambda options: {"detect": ""},
+        "docvqa": lambda options: {"docvqa": ""},
+        "hf": lambda options: {options.task: f"task: {options.task}"},
+        "jsonl": jsonl.row_tasks,  # each row may name its own
+        "refcoco": lambda options: {refcoco.TASKS[options.task]: f"task: {options.task}"},
+        "shapes": lambda options: {"caption": ""},
+    }
+    assert builders.keys() == FORMAT_OPTIONS.keys() == tasks.keys(), (
+        "a format needs options (config/datasets.py)"
+    )
+    return {name: Format(FORMAT_OPTIONS[name], build, tasks[name]) for name, build in builders.items()}
 
 
 FORMATS: dict[str, Format] = _registry()

@@ -45,6 +45,9 @@ def check_box(
 ) -> tuple[float, float, float, float] | None:
     """Clip a pixel box to the image (counted as ``box_clipped``); ``None`` if it is degenerate.
 
+    Corners given in the wrong order (``x0 > x1`` or ``y0 > y1``) are swapped and counted as
+    ``box_swapped`` (a repair, like clipping: the row is kept, the note names it).
+
     Degenerate means non-finite, or zero width/height after clipping: such a box encodes to equal
     loc tokens and teaches the model nothing.
     """
@@ -57,8 +60,14 @@ def check_box(
         bad_rows.bad("bad_box", f"{where}: box has a non-finite value: {list(box_xyxy)!r}")
         return None
     width, height = image_size
+    swapped = [name for name, (a, b) in (("x0 > x1", (x0, x1)), ("y0 > y1", (y0, y1))) if a > b]
     x0, x1 = sorted((x0, x1))
     y0, y1 = sorted((y0, y1))
+    if swapped:
+        bad_rows.note(
+            "box_swapped",
+            f"{where}: box {list(box_xyxy)!r} has {' and '.join(swapped)}; read as {[x0, y0, x1, y1]}",
+        )
     clipped = (
         min(max(x0, 0.0), width),
         min(max(y0, 0.0), height),

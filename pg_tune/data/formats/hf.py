@@ -37,7 +37,7 @@ from typing import Any
 
 from PIL import Image
 
-from pg_tune.config.datasets import HfOptions
+from pg_tune.config.datasets import HfOptions, is_saved_dataset
 from pg_tune.data.bad_rows import data_error, reason_of
 from pg_tune.data.formats._common import BuildContext, format_prompt
 from pg_tune.data.sample import DataError, LazySamples, Sample
@@ -45,15 +45,11 @@ from pg_tune.data.sample import DataError, LazySamples, Sample
 _CONTRACT = ("image", "prefix", "suffix")
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
-
-
-def _load(options: HfOptions):
+def _load(options: HfOptions, ctx: BuildContext | None = None):
     import datasets
 
     path = Path(options.path)
-    if _is_saved_dataset(path):
+    if is_saved_dataset(path):
         if options.streaming:
             raise DataError(
                 f"{path}: a save_to_disk folder is memory-mapped already; drop streaming: true "
@@ -69,9 +65,21 @@ def _load(options: HfOptions):
         files = sorted(glob.glob(options.path))
         if not files:
             raise DataError(f"{options.path}: no such parquet file")
+        for file in files:
+            parquet_file(file)  # a truncated file (no footer) is named now, whatever the policy
         if options.streaming:
             return datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
-        return datasets.Dataset.from_parquet(files)  # memory-mapped Arrow cache, not a RAM copy
+        try:
+            return datasets.Dataset.from_parquet(files)  # memory-mapped Arrow cache, not a RAM copy
+        except Exception as e:  # noqa: BLE001 - datasets wraps pyarrow's error: find the row group ourselves
+            readable = _readable_parquet(files, ctx)
+            if readable == files:  # no damaged row group: some other failure, named in one line
+                cause = e.__cause__ or e
+                raise DataError(
+                    f"{options.path}: cannot convert the parquet files ({type(cause).__name__}: "
+                    f"{str(cause).splitlines()[0] if str(cause) else ''})"
+                ) from None
+            return datasets.Dataset.from_parquet(readable)
     # A Hub id or a local dataset repository folder: whatever datasets.load_dataset takes.
     try:
         return datasets.load_dataset(
@@ -86,6 +94,109 @@ def _load(options: HfOptions):
             f"{options.path}: not a save_to_disk folder, parquet file, dataset repository folder or "
             f"reachable dataset id ({type(e).__name__}: {e})"
         ) from None
+
+
+# ---- damaged parquet files ---------------------------------------------------------------------
+
+
+def parquet_file(path: str | Path):
+    """``pyarrow.parquet.ParquetFile`` of ``path``; a file cut short (no footer) or not parquet at all
+    is a ``DataError`` naming it (its rows cannot even be counted)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise data_error(
+            "corrupt_parquet",
+            f"{path}: not a readable parquet file (truncated, or not parquet: {str(e).splitlines()[0]})",
+        ) from None
+
+
+def _row_groups(path: str | Path):
+    """``(index, first row, rows, error or None)`` of each row group of a parquet file, each read once."""
+    pf = parquet_file(path)
+    first = 0
+    for group in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        try:
+            pf.read_row_group(group)
+            error = None
+        except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ArrowIOError...
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        yield group, first, rows, error
+        first += rows
+
+
+def _unreadable_group(path, group: int, first: int, rows: int, error: str) -> str:
+    return f"{path}: row group {group} (rows {first}-{first + rows - 1}) is unreadable: {error}"
+
+
+def _readable_parquet(files: list[str], ctx: BuildContext | None) -> list[str]:
+    """Files ``datasets`` could not convert: their damaged row groups named (``stop``) or counted,
+    row by row, as ``corrupt_parquet`` (``skip``), the readable ones copied into a repaired file."""
+    import hashlib
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    out = []
+    bad_rows = ctx.bad_rows if ctx is not None else None
+    for file in files:
+        groups = list(_row_groups(file))
+        damaged = [g for g in groups if g[3] is not None]
+        if not damaged:
+            out.append(file)
+            continue
+        for group, first, rows, error in damaged:
+            message = _unreadable_group(file, group, first, rows, error)
+            if bad_rows is None:
+                raise DataError(message)
+            bad_rows.bad("corrupt_parquet", message, count=rows)
+        pf = parquet_file(file)
+        digest = hashlib.sha256(
+            f"{Path(file).resolve()}:{Path(file).stat().st_mtime_ns}".encode()
+        ).hexdigest()[:16]
+        repaired = (
+            Path(tempfile.gettempdir()) / "pg_tune_repaired_parquet" / f"{Path(file).stem}-{digest}.parquet"
+        )
+        repaired.parent.mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(repaired, pf.schema_arrow) as writer:
+            for group, _, _, error in groups:
+                if error is None:
+                    writer.write_table(pf.read_row_group(group))
+        out.append(str(repaired))
+    return out
+
+
+class _Unreadable:
+    """A streamed row inside a parquet row group that cannot be read; ``to_sample`` raises its error."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _parquet_shard_rows(path: str, index: int, batch_rows: int = 64):
+    """Every row of one local parquet file, as ``_shard_rows`` gives them, read row group by row group
+    with pyarrow: a damaged group stands as ``_Unreadable`` rows (as many as it holds), so positions
+    in the stream stay the same and each row is counted (``skip``) or named (``stop``)."""
+    pf = parquet_file(path)
+    row_no = 0
+    for group in range(pf.num_row_groups):
+        rows, done = pf.metadata.row_group(group).num_rows, 0
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group]):
+                for values in batch.to_pylist():
+                    yield f"shard {index} row {row_no}", values
+                    row_no, done = row_no + 1, done + 1
+        except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ArrowIOError...
+            message = _unreadable_group(
+                path, group, row_no - done, rows, str(e).splitlines()[0] if str(e) else type(e).__name__
+            )
+            for _ in range(rows - done):
+                yield f"shard {index} row {row_no}", _Unreadable(message)
+                row_no += 1
 
 
 class HfSamples(LazySamples):
@@ -237,7 +348,11 @@ class HfStream:
         # A limit takes the first rows in file order, so only the buffer shuffles them.
         if shuffle and self.options.limit is None:
             random.Random(f"{self.seed}:{self.entry}:shards:{pass_no}").shuffle(shards)
-        rows = itertools.chain.from_iterable(_shard_rows(self.ds, len(shards), i) for i in shards)
+        files = _data_files(self.options) if _is_parquet_path(self.options.path) else []
+        if files and len(files) == len(shards):  # local parquet files: row groups read one by one
+            rows = itertools.chain.from_iterable(_parquet_shard_rows(files[i], i) for i in shards)
+        else:
+            rows = itertools.chain.from_iterable(_shard_rows(self.ds, len(shards), i) for i in shards)
         rows = itertools.islice(rows, self._num_rows)
         if not shuffle:
             return rows
@@ -248,6 +363,8 @@ class HfStream:
 
     def to_sample(self, row: tuple[str, dict[str, Any]], position: int) -> Sample:
         where, values = row  # named by shard and row, wherever the shuffle put it
+        if isinstance(values, _Unreadable):
+            raise data_error("corrupt_parquet", f"{self.where}[{where}]: {values.message}")
         return self.reader.row_to_sample(values, where)
 
 
@@ -256,7 +373,16 @@ def _shard_rows(ds, num_shards: int, index: int, batch_rows: int = 64):
     than ``iter(ds)``: inside a DataLoader worker the latter yields only that worker's share of the
     shards, and every worker here must read the whole stream (it skips the rows others decode)."""
     row_no = 0
-    for batch in ds.shard(num_shards=num_shards, index=index, contiguous=True).iter(batch_size=batch_rows):
+    batches = ds.shard(num_shards=num_shards, index=index, contiguous=True).iter(batch_size=batch_rows)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a remote shard that breaks mid-way: named, not a traceback
+            raise data_error(
+                "corrupt_shard", f"shard {index}: unreadable after row {row_no}: {str(e).splitlines()[0]}"
+            ) from None
         columns = list(batch)
         for values in zip(*batch.values(), strict=True):
             yield f"shard {index} row {row_no}", dict(zip(columns, values, strict=True))
@@ -271,12 +397,11 @@ def _stream_rows(ds, options: HfOptions) -> int | None:
     files = _data_files(options)
     if files and all(str(f).endswith(".parquet") for f in files):
         import fsspec
-        import pyarrow.parquet as pq
 
         total = 0
         for f in files:
             with fsspec.open(str(f), "rb") as handle:
-                total += pq.ParquetFile(handle).metadata.num_rows
+                total += parquet_file(handle if "://" in str(f) else f).metadata.num_rows
     elif ds.info.splits and (split := ds.info.splits.get(options.split or "train")) is not None:
         total = split.num_examples or None
     if total is None:
@@ -284,11 +409,16 @@ def _stream_rows(ds, options: HfOptions) -> int | None:
     return total if options.limit is None else min(total, options.limit)
 
 
+def _is_parquet_path(path: str) -> bool:
+    """A local parquet file or glob (what ``_load`` reads with the parquet builder)."""
+    return (not Path(path).is_dir() and glob.has_magic(path)) or path.endswith(".parquet")
+
+
 def _data_files(options: HfOptions) -> list[str]:
     """The files a streamed split reads, as ``datasets`` resolves them (local paths or hf:// URLs)."""
     import datasets
 
-    if glob.has_magic(options.path) or options.path.endswith(".parquet"):
+    if _is_parquet_path(options.path):
         return sorted(glob.glob(options.path))
     builder = datasets.load_dataset_builder(options.path, options.name, revision=options.revision)
     files = (builder.config.data_files or {}).get(options.split or "train")
@@ -297,7 +427,7 @@ def _data_files(options: HfOptions) -> list[str]:
 
 def build(options: HfOptions, ctx: BuildContext) -> HfSamples | HfStream | list[Sample]:
     where = f"{options.path}" + (f"[{options.split}]" if options.split else "")
-    ds = _load(options)
+    ds = _load(options, ctx)
     reader = HfSamples(ds, options, where, None if options.streaming else ctx)
     if not options.streaming:
         return reader

@@ -122,6 +122,31 @@ def _row_to_sample(
 _STRUCTURED_TASKS = {"detect": "detect", "segment": "refer_segment"}
 
 
+def row_tasks(options: JsonlOptions) -> dict[str, str]:
+    """Each task the file's rows have, with the first ``FILE:LINE`` that has it; no image is read.
+
+    Unreadable lines are left to the build (``pg-tune data validate`` names them); a missing file
+    gives nothing here.
+    """
+    path = Path(options.path)
+    found: dict[str, str] = {}
+    if not path.is_file():
+        return found
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                row = json.loads(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if not isinstance(row, dict):
+                continue
+            structured = "objects" in row
+            task = _STRUCTURED_TASKS.get(row.get("task")) if structured else row.get("task", options.task)
+            if isinstance(task, str) and task in TASKS:
+                found.setdefault(task, f"{path}:{line_no}")
+    return found
+
+
 def _structured_row(
     row: dict, where: str, root: Path, options: JsonlOptions, ctx: BuildContext
 ) -> Sample | None:

@@ -67,6 +67,8 @@ from pg_tune.data.masks import segmentation_to_mask
 from pg_tune.data.sample import DataError, ObjectTarget, Sample
 
 _DEFAULT_PROMPTS = {"detect": "detect {expression}", "segment": "segment {expression}"}
+TASKS = {"detect": "refer_detect", "segment": "refer_segment"}
+"""The recipe's ``task`` option -> the samples' task."""
 
 
 # -- safe pickle ---------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def build(options: RefcocoOptions, ctx: BuildContext) -> list[Sample]:
         rows = _refer_rows(options, ctx)
     else:
         raise DataError("refcoco: set refs, instances and images (the refer toolkit's files), or parquet")
-    task = "refer_detect" if options.task == "detect" else "refer_segment"
+    task = TASKS[options.task]
     samples: list[Sample] = []
     for row in rows:
         if limit_reached(samples, options.limit):

@@ -102,14 +102,6 @@ def render_text_boxes(sample: Sample) -> str:
     """A box task's target text: ``[..] label`` per object joined by `` ; `` (referring: the box)."""
     if sample.image_size is None:
         raise DataError(f"{sample.source}: structured targets need the image size")
-    if sample.task not in TEXT_BOX_TASKS:
-        from pg_tune.models.family import families_supporting
-
-        families = ", ".join(families_supporting(sample.task)) or "none"
-        raise DataError(
-            f"{sample.source}: task {sample.task} needs mask tokens, which this model family does not have; "
-            f"families that support it: {families}"
-        )
     parts = []
     for obj in sample.targets:
         box = text_box(obj.box, sample.image_size)
@@ -213,6 +205,7 @@ class ChatCollator(abc.ABC):
 
     def _parts(self, sample: Sample) -> tuple[str, list[int], list[int], list[int]]:
         """The prompt, its own tokens, the supervised target tokens (+ end of turn) and the trailer."""
+        self.family.check_task(sample)
         self.family.check_text(sample, self.reserved)
         prompt = self.family.render_prompt(sample)
         prompt_tokens = self._tokens(prompt)
@@ -356,6 +349,18 @@ class ChatFamily(ModelFamily):
         text, passes = self.image_text(processor, sample)
         return ImageBudget(len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]), passes)
 
+    def largest_image_text(self, processor: Any) -> str:
+        """The text that stands for the largest image the processor's settings allow."""
+        return self.image_text(processor, None)[0]
+
+    def sequence_overhead(self, processor: Any) -> int:
+        """The largest image block plus the chat template's turns: what ``encode`` does not budget."""
+        tokens = processor.tokenizer(
+            self.user_turn(self.largest_image_text(processor), "") + "".join(self.assistant_turn("")),
+            add_special_tokens=False,
+        )["input_ids"]
+        return len(tokens)
+
     # sequences
     fixed_reserved: ClassVar[frozenset[str]]
     """The family's control strings, refused in sample text even before a processor is loaded."""
@@ -375,6 +380,7 @@ class ChatFamily(ModelFamily):
 
     def render_target(self, sample: Sample) -> str:
         """``sample.suffix`` for text tasks, else the text boxes (module docstring)."""
+        self.check_task(sample)
         if not sample.targets:
             return sample.suffix
         return render_text_boxes(sample)
@@ -478,7 +484,8 @@ class ChatFamily(ModelFamily):
             + f'processor = {processor_cls}.from_pretrained("{repo_or_dir}")\n'
             + 'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]\n'
             + "text = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
-            + 'inputs = processor(images=[[image]], text=[text], return_tensors="pt")\n'
+            + "# the template already wrote the special tokens (Gemma 3's <bos>): add none twice\n"
+            + 'inputs = processor(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=False)\n'
         )
         return (
             f"```python\n{code}```\n\n"

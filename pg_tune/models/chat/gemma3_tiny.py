@@ -170,6 +170,10 @@ def build_tokenizer() -> GemmaTokenizer:
     tokenizer = GemmaTokenizer(
         vocab=dict(vocab),
         merges=list(merges),
+        # As the released Gemma 3 tokenizer: text tokenized on its own starts with <bos>, so a string the
+        # chat template already began with <bos> needs add_special_tokens=False (pg_tune's collator,
+        # the reference batch and the model card's snippet all pass it).
+        add_bos_token=True,
         # The names Gemma3Processor reads (tokenizer.boi_token, .eoi_token, .image_token and ids).
         extra_special_tokens={
             "image_token": IMAGE_SOFT_TOKEN,

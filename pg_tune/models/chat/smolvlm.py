@@ -104,6 +104,8 @@ class SmolVLMFamily(ChatFamily):
     vision_layers = r"model\.vision_model\.encoder\.layers\.\d+"
     projector_linears = r"model\.connector\.modality_projection\.proj"
     image_inputs = ("pixel_values", "pixel_attention_mask")  # tiles, and the real pixels of each
+    cacheable_image_features = False  # tiles: the number of features varies per image
+    final_softcap = False  # SmolVLMForConditionalGeneration applies no final_logit_softcapping
     collator_class = SmolVLMCollator
 
     def published_config(self, name_or_path: str):

@@ -44,7 +44,9 @@ class PaliGemmaCollator:
         self.max_text_length = max_text_length
         self.train = train
         self.reserved = self.family.reserved_tokens(processor)
-        self._targets: dict[str, str] = {}  # source -> rendered target (a <seg> encode runs the VQ-VAE)
+        # Rendered targets (a <seg> encode runs the VQ-VAE), by what they are rendered from: rows may share
+        # a source (RefCOCO's detect and segment entries read the same refs).
+        self._targets: dict[tuple, str] = {}
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -52,12 +54,14 @@ class PaliGemmaCollator:
     def _target(self, sample: Sample) -> str:
         if not sample.targets:
             return sample.suffix
-        if sample.source not in self._targets:
-            self._targets[sample.source] = self.family.render_target(sample)
-        return self._targets[sample.source]
+        key = (sample.source, sample.task, sample.image_size, tuple((t.label, t.box) for t in sample.targets))
+        if key not in self._targets:
+            self._targets[key] = self.family.render_target(sample)
+        return self._targets[key]
 
     def encode(self, sample: Sample) -> EncodedRow:
         """Token ids, token types and labels of one sample (no padding)."""
+        self.family.check_task(sample)
         self.family.check_text(sample, reserved=self.reserved)
         prompt = self.family.render_prompt(sample)
         prefix_ids = [IMAGE_TOKEN_ID] * self.num_image_tokens + [BOS_ID] + self._tokens(prompt + "\n")

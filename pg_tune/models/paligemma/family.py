@@ -136,6 +136,10 @@ class PaliGemmaFamily(ModelFamily):
         patch = _SIGLIP_SO400M["patch_size"]
         return tiny.build_processor(tiny.TinyPreset(image_size=SHAPES[shape].image_size, patch_size=patch))
 
+    def sequence_overhead(self, processor) -> int:
+        """``<image>`` x N before the text; bos, prompt, newline, target and eos are the text budget."""
+        return int(processor.image_seq_length)
+
     # sequences
     def reserved_tokens(self, processor) -> frozenset[str]:
         """Gemma's ``<bos>``/``<eos>``/``<pad>``/``<unk>`` and ``<image>``, plus the tokenizer's specials."""
@@ -235,19 +239,20 @@ class PaliGemmaFamily(ModelFamily):
 
     # export and hub
     def usage_snippet(self, base_id: str | None, repo_or_dir: str, merged: bool) -> str:
+        model_cls, processor_cls = self.model_class.__name__, self.processor_class.__name__
         if merged:
             code = (
-                "from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor\n\n"
-                f'model = PaliGemmaForConditionalGeneration.from_pretrained("{repo_or_dir}")\n'
-                f'processor = PaliGemmaProcessor.from_pretrained("{repo_or_dir}")\n'
+                f"from transformers import {model_cls}, {processor_cls}\n\n"
+                f'model = {model_cls}.from_pretrained("{repo_or_dir}")\n'
+                f'processor = {processor_cls}.from_pretrained("{repo_or_dir}")\n'
             )
         else:
             code = (
                 "import torch\nfrom peft import PeftModel\n"
-                "from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor\n\n"
-                f'base = PaliGemmaForConditionalGeneration.from_pretrained("{base_id or "BASE"}", dtype=torch.bfloat16)\n'
+                f"from transformers import {model_cls}, {processor_cls}\n\n"
+                f'base = {model_cls}.from_pretrained("{base_id or "BASE"}", dtype=torch.bfloat16)\n'
                 f'model = PeftModel.from_pretrained(base, "{repo_or_dir}")\n'
-                f'processor = PaliGemmaProcessor.from_pretrained("{repo_or_dir}")\n'
+                f'processor = {processor_cls}.from_pretrained("{repo_or_dir}")\n'
             )
         return (
             f"```python\n{code}```\n\n"

@@ -76,8 +76,9 @@ PRESETS: dict[str, TinyPreset] = {
     # A wider initialisation than real checkpoints (0.02): with a random, tied 257,216-row
     # embedding table at 0.02 the logits stay near zero and LoRA has nothing to sharpen; at 0.3 the
     # demo learns its task in about a minute (README, "The demo").
-    "tiny-paligemma": TinyPreset(text_model_type="gemma", initializer_range=0.3),
+    # PaliGemma 2 first: a family's first preset is the one the family contract trains.
     "tiny-paligemma2": TinyPreset(text_model_type="gemma2", initializer_range=0.3),
+    "tiny-paligemma": TinyPreset(text_model_type="gemma", initializer_range=0.3),
     # The benchmark shape named in the performance issue: real vocabulary, 224 px, small widths.
     "bench-mini": TinyPreset(
         text_model_type="gemma",

@@ -143,3 +143,34 @@ def test_loss_is_on_suffix_and_eos_only(tiny_preset):
     assert_close_to_scale(loss_sum / n_tokens, reference)
     # Changing a prompt token's label would not matter: only suffix positions carry labels.
     assert (batch["labels"][batch["token_type_ids"] == 0] == IGNORE_INDEX).all()
+
+
+def test_rows_sharing_a_source_keep_their_own_targets(processor):
+    """RefCOCO's detect and segment entries read the same refs: their rows share a ``source``. Each
+    renders its own target whatever the order the sampler visits them in (found by the contract's
+    resume row: the first visit's rendering was reused for the other)."""
+    from pg_tune.data.sample import ObjectTarget
+    from pg_tune.models.paligemma.masks import MaskCodec, make_random_vae_weights
+
+    family = PaliGemmaFamily(mask_codec=MaskCodec(make_random_vae_weights(0)))
+    target = (ObjectTarget("", (4, 6, 30, 24), [[4, 6, 30, 6, 30, 24, 4, 24]]),)
+    detect = Sample(
+        _image(),
+        "detect the cat",
+        "",
+        "refs(unc).p:ref 7[sentence 0]",
+        "refer_detect",
+        (),
+        {},
+        target,
+        (40, 30),
+    )
+    segment = Sample(
+        _image(), "segment the cat", "", detect.source, "refer_segment", (), {}, target, (40, 30)
+    )
+    supervised = {}
+    for order in ((detect, segment), (segment, detect)):
+        batch = family.collator(processor, 64)(list(enumerate(order)))
+        for sample, labels in zip(order, batch["labels"], strict=True):
+            supervised.setdefault(sample.task, set()).add(int((labels != IGNORE_INDEX).sum()))
+    assert supervised == {"refer_detect": {4 + 1}, "refer_segment": {4 + 16 + 1}}  # + <eos>
