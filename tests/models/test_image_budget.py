@@ -100,10 +100,11 @@ def test_gemma3_pan_and_scan_crops_match_the_image_processor():
 
 
 def test_validate_refuses_what_a_family_does_not_take():
-    from pg_tune.models.family import check_recipe_tasks
+    from pg_tune.data.validate import check_recipe_support
+    from tests.families import family_of
 
     def check(preset, image, **data):
-        check_recipe_tasks(parse_recipe(_recipe(preset, image, **data)))
+        check_recipe_support(parse_recipe(_recipe(preset, image, **data)), family_of(preset))
 
     check("tiny-smolvlm2", {"longest_edge": 1024, "splitting": True})
     check("tiny-gemma3", {"pan_and_scan": True, "max_crops": 4})
