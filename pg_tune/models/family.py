@@ -301,11 +301,15 @@ class ModelFamily(abc.ABC):
         kwargs: dict[str, Any],
     ) -> PreTrainedModel:
         """``from_pretrained`` fed with the checkpoint's tensors read one by one (``shards``)."""
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import GenerationConfig
 
         from pg_tune.models.shards import lazy_state_dict
 
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
+        # The family's own config class, as from_pretrained reads it (not AutoConfig: a family's
+        # model type need not be registered with transformers' auto classes).
+        config = self.model_class.config_class.from_pretrained(
+            folder, trust_remote_code=model.trust_remote_code
+        )
         loaded = self.model_class.from_pretrained(
             None,
             config=config,
