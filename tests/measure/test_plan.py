@@ -187,13 +187,17 @@ def test_cli_names_an_unknown_model_in_one_line(capsys):
 
 
 def test_an_absurd_global_batch_is_refused_or_split_without_walking_it():
-    recipe = _recipe("tiny-paligemma2", batch_size=10**21)
+    from pg_tune.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.batch_size: must be <= 65536"):
+        _recipe("tiny-paligemma2", batch_size=10**21)  # the recipe refuses it before plan
+    recipe = _recipe("tiny-paligemma2", batch_size=65536, grad_accum=65536)  # 2**32 in range per key
     with pytest.raises(ValueError, match="too large to split"):
         suggest_micro_batch(recipe, family_of(recipe), memory=2**40, device="cuda")
-    # A large prime: only 1 and itself divide it; found by bisection over two divisors.
-    recipe = _recipe("tiny-paligemma2", batch_size=2_147_483_647)
+    # A prime: only 1 and itself divide it; found by bisection over two divisors.
+    recipe = _recipe("tiny-paligemma2", batch_size=65521)
     micro, accum, _ = suggest_micro_batch(recipe, family_of(recipe), memory=2**35, device="cuda")
-    assert (micro, accum) == (1, 2_147_483_647)
+    assert (micro, accum) == (1, 65521)
 
 
 def test_cli_prints_parts_and_the_fit(capsys):
