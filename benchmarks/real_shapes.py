@@ -14,11 +14,14 @@ alternating which goes first:
   bf16 compute), the rest in bf16; LoRA r=8 on attention + MLP.
 - ``lora``: the whole base in bf16; LoRA r=8 on attention + MLP.
 
-``pg_tune`` runs its real training loop (``pg_tune.train.loop.train``) on a recipe written next to
-the run; ``reference`` is the Hugging Face recipe (``PaliGemmaProcessor(text, images, suffix=...)``
-in a collate function, peft LoRA on the same modules, ``transformers.Trainer``, the model's own
-loss). Same checkpoint, same quantization config, same JSONL rows, batch 1, AdamW, no autocast.
-Each worker samples its RSS every 0.2 s and reports the peak while loading and while training.
+``pg_tune`` runs its real training loop (``pg_tune.train.loop.train``, the base loaded by
+``ModelFamily.load_model``); ``reference`` is the Hugging Face recipe (``from_pretrained``, the
+family's ``reference_batch`` in a collate function, i.e. ``PaliGemmaProcessor(text, images,
+suffix=...)`` for PaliGemma, peft LoRA on the same modules, ``transformers.Trainer``, the model's
+own loss). Same checkpoint, same quantization config, same rows in the same order (no shuffling on
+either side, so both first losses are the loss of the same row), batch 1, AdamW, no autocast. Each
+worker samples its RSS (and its anonymous / file-backed parts) every 0.2 s and reports the peak
+while loading and while training.
 
 Then the LoRA run is exported twice, each in its own process: streaming (``pg-tune export``,
 ``--parity module``) and whole-model (``--parity full``: fp32 base + adapter in memory), and the
@@ -40,38 +43,48 @@ import threading
 import time
 from pathlib import Path
 
-from pg_tune.models.family import family_for
-from pg_tune.models.paligemma import PaliGemmaFamily
+from pg_tune.models.family import load_family
 
 CASES = ("qlora", "lora")
 SIDES = ("pg_tune", "reference")
 
 
+def rss_parts() -> dict[str, int]:
+    """This process's resident memory in bytes: ``VmRSS`` and its ``RssAnon`` / ``RssFile`` parts
+    (file-backed pages: memory-mapped checkpoint files, shared libraries)."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                parts[key] = int(value.split()[0]) * 1024
+    return parts
+
+
 class RssSampler:
-    """Background sampler of this process's RSS (``/proc/self/statm``) with phase marks."""
+    """Background sampler of this process's RSS (``/proc/self/status``) with phase marks."""
 
     def __init__(self, period: float = 0.2):
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, dict[str, int]]] = []
         self.marks: dict[str, float] = {}
+        self._period = period
         self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * self._page
-            self.samples.append((time.perf_counter(), rss))
-            self._stop.wait(0.2)
+            self.samples.append((time.perf_counter(), rss_parts()))
+            self._stop.wait(self._period)
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.perf_counter()
 
-    def peak_between(self, start: str | None, stop: str | None) -> float:
+    def peak_between(self, start: str | None, stop: str | None, part: str = "VmRSS") -> float:
+        """Peak GB of ``part`` between two marks (None: the start / end of the process)."""
         lo = self.marks.get(start, 0.0) if start else 0.0
         hi = self.marks.get(stop, float("inf")) if stop else float("inf")
-        return max((r for t, r in self.samples if lo <= t <= hi), default=0) / 1e9
+        return max((r[part] for t, r in self.samples if lo <= t <= hi), default=0) / 1e9
 
     def stop(self) -> None:
         self._stop.set()
@@ -88,7 +101,7 @@ def _ru_peak_gb() -> float:
 
 def write_data(root: Path, count: int = 8) -> Path:
     """JSONL rows with JPEGs on disk (bench's texts: prompt ~10 tokens, suffix 15-23 words)."""
-    from pg_tune.measure.bench import make_samples
+    from pg_tune.measure.bench_setup import make_samples
 
     root.mkdir(parents=True, exist_ok=True)
     path = root / "train.jsonl"
@@ -107,7 +120,8 @@ def recipe_data(case: str, checkpoint: str, data: Path, run_dir: Path, steps: in
         "model": {"name_or_path": checkpoint, "dtype": "bfloat16"},
         "quantization": {"mode": "4bit" if case == "qlora" else "none", "bnb_4bit_compute_dtype": "bfloat16"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attention_mlp"},
-        "data": {"train": [{"format": "jsonl", "path": str(data)}], "max_text_length": 64},
+        # In file order on both sides: each side's first loss is the loss of the same first row.
+        "data": {"train": [{"format": "jsonl", "path": str(data)}], "max_text_length": 64, "shuffle": False},
         "train": {"max_steps": steps, "batch_size": 1, "lr": 1e-4, "warmup_ratio": 0.0, "log_every": 1},
         "eval": {"before_training": False},
     }
@@ -118,60 +132,54 @@ def recipe_data(case: str, checkpoint: str, data: Path, run_dir: Path, steps: in
 
 
 def worker_pg_tune(args, sampler: RssSampler) -> dict:
-    import yaml
-
-    import pg_tune.train.loop as loop
+    import pg_tune.train.loss as loss
     from pg_tune.config.recipe import parse_recipe, resolved
+    from pg_tune.train.loop import train
 
     data = recipe_data(args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps)
     recipe = parse_recipe(data)
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.run_dir) / "bench_recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    original_load = loop.load_model
+    family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
+    load_model = family.load_model
 
     def timed_load(*a, **kw):
-        model = original_load(*a, **kw)
+        model = load_model(*a, **kw)
         sampler.mark("loaded")
         return model
 
-    loop.load_model = timed_load
-    step_marks: list[float] = []
-    original_forward = loop.SuffixLoss.forward
+    family.load_model = timed_load  # this instance only: the loop loads through the family it is given
+    step_marks: list[tuple[float, float]] = []
+    original_forward = loss.SuffixLoss.forward
 
     def marked_forward(self, batch):
         step_marks.append((time.perf_counter(), time.process_time()))
         return original_forward(self, batch)
 
-    loop.SuffixLoss.forward = marked_forward
-    result = loop.train(recipe, resolved(recipe), family_for(recipe.model.name_or_path))
+    loss.SuffixLoss.forward = marked_forward
+    result = train(recipe, resolved(recipe), family, overwrite=True)
     sampler.mark("trained")
     step_marks.append((sampler.marks["trained"], time.process_time()))
-    return {"first_loss": result.first_loss, "step_marks": step_marks}
+    trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+    return {"first_loss": result.first_loss, "step_marks": step_marks, "trainable_params": trainable}
 
 
 def worker_reference(args, sampler: RssSampler) -> dict:
     import peft
     import torch
-    from PIL import Image
-    from transformers import (
-        PaliGemmaForConditionalGeneration,
-        PaliGemmaProcessor,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from pg_tune.config.recipe import parse_recipe
-    from pg_tune.models.family import family_for
+    from pg_tune.measure.bench_setup import make_samples
     from pg_tune.models.quantize import bnb_config
 
     recipe = parse_recipe(
         recipe_data(args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps)
     )
-    family = family_for(args.checkpoint)
+    family = load_family(args.checkpoint)
     kwargs = {"quantization_config": bnb_config(recipe.quantization, family)} if args.case == "qlora" else {}
-    model = PaliGemmaForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16, **kwargs)
-    processor = PaliGemmaProcessor.from_pretrained(args.checkpoint)
+    # What the HF posts do: from_pretrained (memory-mapped safetensors), the family's processor.
+    model = family.model_class.from_pretrained(args.checkpoint, dtype=torch.bfloat16, **kwargs)
+    processor = family.load_processor(recipe.model)
     sampler.mark("loaded")
     config = peft.LoraConfig(
         r=8,
@@ -181,26 +189,25 @@ def worker_reference(args, sampler: RssSampler) -> dict:
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, config)
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
-    root = Path(args.data).parent
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    samples = make_samples(Path(args.data).parent, len(Path(args.data).read_text().splitlines()))
 
     def collate_fn(examples):
-        return processor(
-            text=["<image>" + r["prefix"] for r in examples],
-            images=[Image.open(root / r["image"]).convert("RGB") for r in examples],
-            suffix=[r["suffix"] for r in examples],
-            return_tensors="pt",
-            padding="longest",
-        )
+        return family.reference_batch(processor, examples)
 
-    step_marks: list[float] = []
+    step_marks: list[tuple[float, float]] = []
     losses: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_, **__):
             step_marks.append((time.perf_counter(), time.process_time()))
 
-    class LossTrainer(Trainer):
+    class InOrderTrainer(Trainer):
+        """The rows in file order, as the pg_tune side reads them (``data.shuffle: false``)."""
+
+        def _get_train_sampler(self, *_, **__):
+            return SequentialSampler(self.train_dataset)
+
         def compute_loss(self, model, inputs, *a, **kw):
             out = super().compute_loss(model, inputs, *a, **kw)
             losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
@@ -222,12 +229,13 @@ def worker_reference(args, sampler: RssSampler) -> dict:
         seed=0,
         disable_tqdm=True,
     )
-    LossTrainer(
-        model=model, args=training_args, train_dataset=rows, data_collator=collate_fn, callbacks=[Clock()]
+    InOrderTrainer(
+        model=model, args=training_args, train_dataset=samples, data_collator=collate_fn, callbacks=[Clock()]
     ).train()
     sampler.mark("trained")
     step_marks.append((sampler.marks["trained"], time.process_time()))
-    return {"first_loss": losses[0] if losses else float("nan"), "step_marks": step_marks}
+    first = losses[0] if losses else float("nan")
+    return {"first_loss": first, "step_marks": step_marks, "trainable_params": trainable}
 
 
 def worker_export(args, sampler: RssSampler) -> dict:
@@ -245,24 +253,24 @@ def worker_logits(args, sampler: RssSampler) -> dict:
     """Logits on 2 rows of the run's data: exported model alone, or base + adapter (peft)."""
     import peft
     import torch
-    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    from pg_tune.export.merged import read_run, text_logits
-
-    run = read_run(args.run_dir)
-    if args.mode == "exported":
-        model = PaliGemmaForConditionalGeneration.from_pretrained(args.out, dtype=torch.bfloat16)
-    else:
-        base = PaliGemmaForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
-        model = peft.PeftModel.from_pretrained(base, run.adapter_dir)
-    sampler.mark("loaded")
     from pg_tune.data.bad_rows import BadRows
     from pg_tune.data.build import build_samples
+    from pg_tune.export.merged import text_logits
+    from pg_tune.export.run import read_run, run_family
 
-    samples = build_samples(run.recipe.data.train, "eval", BadRows("stop"), seed=0)[:2]
-    processor = PaliGemmaProcessor.from_pretrained(run.adapter_dir)
-    collator = PaliGemmaFamily().collator(processor, run.recipe.data.max_text_length, train=True)
-    logits = text_logits(model, [collator([(i, s)]) for i, s in enumerate(samples)], family_for(model))
+    run = read_run(args.run_dir)
+    family = run_family(run)
+    if args.mode == "exported":
+        model = family.model_class.from_pretrained(args.out, dtype=torch.bfloat16)
+    else:
+        base = family.model_class.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
+        model = peft.PeftModel.from_pretrained(base, run.adapter_dir)
+    sampler.mark("loaded")
+    samples = build_samples(run.recipe.data.train, "eval", BadRows("stop"), seed=0, family=family)[:2]
+    processor = family.processor_class.from_pretrained(run.adapter_dir)
+    collator = family.collator(processor, run.recipe.data.max_text_length, train=True)
+    logits = text_logits(model, [collator([(i, s)]) for i, s in enumerate(samples)], family)
     torch.save(logits, args.logits_out)
     sampler.mark("trained")
     return {}
@@ -291,6 +299,8 @@ def run_worker(args) -> None:
         "peak_rss_gb": _ru_peak_gb(),
         "load_peak_gb": sampler.peak_between("start", "loaded"),
         "train_peak_gb": sampler.peak_between("loaded", "trained"),
+        "train_peak_anon_gb": sampler.peak_between("loaded", "trained", "RssAnon"),
+        "train_peak_file_gb": sampler.peak_between("loaded", "trained", "RssFile"),
         "load_seconds": sampler.marks.get("loaded", 0) - sampler.marks["start"],
         "step_seconds": steps,
         "step_cpu_seconds": cpu_steps,
@@ -350,14 +360,20 @@ def plan_for(case: str, checkpoint: str, data: Path) -> dict | None:
     except ImportError:
         return None
     recipe = parse_recipe(recipe_data(case, checkpoint, data, Path("/tmp/unused"), 3))
-    return estimate(recipe, family_for(recipe.model.name_or_path), device="cpu").as_dict()
+    return estimate(recipe, load_family(recipe.model.name_or_path), device="cpu").as_dict()
+
+
+def _median_step(r: dict, key: str) -> float:
+    later = r.get(key, [])[1:] or r.get(key, [])  # the first step pays one-time costs
+    return statistics.median(later) if later else float("nan")
 
 
 def report(results: dict) -> str:
     lines = [f"checkpoint {results['checkpoint']}; {results['threads']} threads; {results['machine']}"]
     head = (
-        f"{'case':<7} {'side':<10} {'peak RSS GB':>11} {'load peak':>10} {'train peak':>10} "
-        f"{'s/step (steps 2+)':>18} {'CPU s/step':>10} {'plan GB':>8} {'plan/measured':>13}"
+        f"{'case':<7} {'side':<10} {'peak RSS GB':>11} {'load peak':>10} {'train peak':>10} {'anon':>6} "
+        f"{'file':>6} {'s/step':>8} {'CPU s/step':>10} {'load avg':>8} {'first loss':>10} {'trainable':>11} "
+        f"{'plan GB':>8} {'plan/meas':>9}"
     )
     lines += [head, "-" * len(head)]
     for case in CASES:
@@ -367,24 +383,26 @@ def report(results: dict) -> str:
             if not r or r.get("failed"):
                 lines.append(f"{case:<7} {side:<10} {'failed' if r else 'not run':>11}")
                 continue
-            later = r["step_seconds"][1:] or r["step_seconds"]
-            step = statistics.median(later) if later else float("nan")
-            cpu_later = r.get("step_cpu_seconds", [])[1:] or r.get("step_cpu_seconds", [])
-            cpu_step = statistics.median(cpu_later) if cpu_later else float("nan")
             plan_gb = plan["total_gb"] if plan and side == "pg_tune" else None
             ratio = f"{plan_gb / r['peak_rss_gb']:.2f}" if plan_gb else ""
             lines.append(
                 f"{case:<7} {side:<10} {r['peak_rss_gb']:11.2f} {r['load_peak_gb']:10.2f} {r['train_peak_gb']:10.2f} "
-                f"{step:18.1f} {cpu_step:10.1f} {f'{plan_gb:.2f}' if plan_gb is not None else '':>8} "
-                f"{ratio:>13}"
+                f"{r.get('train_peak_anon_gb', float('nan')):6.2f} {r.get('train_peak_file_gb', float('nan')):6.2f} "
+                f"{_median_step(r, 'step_seconds'):8.1f} {_median_step(r, 'step_cpu_seconds'):10.1f} "
+                f"{r.get('load_average', float('nan')):8.1f} {r.get('first_loss', float('nan')):10.4f} "
+                f"{r.get('trainable_params', 0):11,} {f'{plan_gb:.2f}' if plan_gb is not None else '':>8} {ratio:>9}"
             )
         pg, ref = (results.get("train", {}).get(case, {}).get(s) for s in SIDES)
         if pg and ref and not pg.get("failed") and not ref.get("failed"):
-            sp = statistics.median(pg["step_cpu_seconds"][1:] or pg["step_cpu_seconds"])
-            sr = statistics.median(ref["step_cpu_seconds"][1:] or ref["step_cpu_seconds"])
+            cpu = _median_step(pg, "step_cpu_seconds") / _median_step(ref, "step_cpu_seconds")
             lines.append(
-                f"{case:<7} {'ratio':<10} {pg['peak_rss_gb'] / ref['peak_rss_gb']:11.2f} {'':>10} {'':>10} "
-                f"{'':>18} {sp / sr:10.2f}   (pg_tune / reference; CPU seconds per step)"
+                f"{case:<7} {'ratio':<10} {pg['peak_rss_gb'] / ref['peak_rss_gb']:11.2f} {'':>10} {'':>10} {'':>6} "
+                f"{'':>6} {'':>8} {cpu:10.2f}   (pg_tune / reference; CPU seconds per step, steps 2+)"
+            )
+            lines.append(
+                f"{case:<7} first loss pg_tune {pg['first_loss']:.4f} vs reference {ref['first_loss']:.4f} "
+                f"(the same first row on both sides); trainable {pg.get('trainable_params', 0):,} vs "
+                f"{ref.get('trainable_params', 0):,}"
             )
     for mode, r in results.get("export", {}).items():
         if r and not r.get("failed"):

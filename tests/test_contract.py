@@ -28,8 +28,7 @@ die or its peak memory is measured.
 | a task the family cannot do: refused by ``pg-tune validate``, ``data validate`` and ``predict`` | ``test_unsupported_task_is_refused`` |
 
 A new family gets all of this by registering (one line in ``pg_tune/models/family.py``'s ``_REGISTRY``):
-nothing here names a family except the skip of the ``plan`` row below, which ``plan`` itself still
-refuses for every family but PaliGemma (issue 24). What a family cannot do is either refused by name (a task
+nothing here names a family. What a family cannot do is either refused by name (a task
 outside ``family.tasks``, a feature cache of variable-length image features) or skipped with the
 reason shown.
 
@@ -841,8 +840,6 @@ def test_feature_cache_or_refusal(workspace, runs, capsys):
 def test_plan_within_20_percent_of_the_peak(workspace, runs, tmp_path):
     """``pg-tune plan --device cpu`` (in its own process: its runtime part is that process's RSS after
     the imports) against the peak RSS of the process that trained the recipe (the SIGKILLed one)."""
-    if workspace.family.name != "paligemma":
-        pytest.skip("plan models PaliGemma's layers only until issue 24 lands")
     if runs["peak_rss"] is None:
         pytest.skip("the peak RSS of a process is read from /proc (Linux)")
     planned, status, _ = wait(

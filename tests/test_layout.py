@@ -19,7 +19,6 @@ FAMILY_FOLDERS = ("pg_tune.models.paligemma", "pg_tune.models.chat")
 BRANCH_EXEMPT = {
     "pg_tune.models.family",  # the door itself: the registry maps model types and names to families
     # Visible, named exemptions: a generic module that still branches on the model until its issue lands.
-    "pg_tune.measure.plan",  # issue 23 item 5 / issue 24 item 4: the activation model is Gemma's
 }
 
 

@@ -11,13 +11,20 @@ import json
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from pg_tune.config import load_recipe
+    from pg_tune.config import ConfigError, load_recipe
     from pg_tune.data.preview import write_preview
     from pg_tune.models.family import load_family
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
-    records, bad_rows = write_preview(recipe, family, args.split, args.limit, args.out, args.draw)
+    try:  # with the processor (the recipe's model.image applied), each row's image tokens are shown
+        processor = family.load_processor(recipe.model)
+    except ValueError as e:  # a model.image key the family does not take
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        print(f"note: image tokens not shown: cannot load the processor of {recipe.model.name_or_path} ({e})")
+        processor = None
+    records, bad_rows = write_preview(recipe, family, args.split, args.limit, args.out, args.draw, processor)
     if args.out is None:
         for record in records:
             print(json.dumps(record, ensure_ascii=False))
@@ -25,6 +32,11 @@ def _cmd_preview(args: argparse.Namespace) -> int:
         print(f"wrote {len(records)} {args.split} rows to {args.out}")
     if args.draw:
         print(f"drew {len(records)} images into {args.draw}")
+    tokens = [r["image_tokens"] for r in records if "image_tokens" in r]
+    if tokens:
+        print(
+            f"image tokens per row: {min(tokens)} to {max(tokens)} (mean {sum(tokens) / len(tokens):.0f}; model.image sets the budget)"
+        )
     print(bad_rows.report())
     return 0
 

@@ -51,6 +51,45 @@ def _finite_in(path: str, name: str, value: float, low: float, high: float, hint
 
 
 @dataclass
+class ImageConfig:
+    """The image-token budget: how many sequence positions each picture takes. Which keys apply
+    depends on how the model family's processor makes image tokens; ``pg-tune validate`` refuses the
+    others, ``pg-tune data preview`` shows the tokens of each row, ``pg-tune plan`` budgets the
+    largest. Unset keys keep the checkpoint's processor settings. (PaliGemma takes none: its count
+    is fixed by the checkpoint's resolution, 256 / 1,024 / 4,096 tokens at 224 / 448 / 896 px.)"""
+
+    longest_edge: int | None = None
+    """SmolVLM2: resize each image so its longest edge is this many pixels, then cut it into tiles of
+    the encoder's size (512 px on 256M/500M) plus a global view; 64 tokens a tile. The released
+    2,048 gives up to 4 x 4 tiles + 1 (1,088 tokens); 1,024 at most 2 x 2 + 1 (320)."""
+    splitting: bool | None = None
+    """SmolVLM2: ``false`` feeds the global view alone (64 tokens a picture, no tiles)."""
+    pan_and_scan: bool | None = None
+    """Gemma 3: beside the whole image, up to ``max_crops`` crops along the long side of a wide or
+    tall picture (documents, OCR), 256 tokens each."""
+    max_crops: int | None = None
+    """Gemma 3 pan and scan: at most this many crops a picture (the processor's default 4)."""
+    min_crop_size: int | None = None
+    """Gemma 3 pan and scan: no crop narrower than this many pixels (default 256)."""
+
+    def check(self, path: str) -> None:
+        _at_least(path, "longest_edge", self.longest_edge, 1)
+        if self.longest_edge is not None and self.longest_edge > 4096:
+            raise ConfigError(
+                f"{path}.longest_edge: at most 4096 (the processor's bound), got {self.longest_edge}"
+            )
+        _at_least(path, "max_crops", self.max_crops, 2, " (pan and scan makes 2 crops or none)")
+        _at_least(path, "min_crop_size", self.min_crop_size, 1)
+        for key in ("max_crops", "min_crop_size"):
+            if getattr(self, key) is not None and not self.pan_and_scan:
+                raise ConfigError(f"{path}.{key}: applies to pan and scan; set {path}.pan_and_scan: true")
+
+    def settings(self) -> dict[str, Any]:
+        """The keys the recipe sets (the others keep the checkpoint's processor settings)."""
+        return {k: v for k, v in to_dict(self).items() if v is not None}
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "tiny-paligemma2"
     """A hub id (``google/paligemma2-3b-pt-224``), a local directory in the hub's layout, or a
@@ -66,6 +105,8 @@ class ModelConfig:
     """The mask tokenizer of families with one (PaliGemma: big_vision's ``vae-oid.npz``): renders
     segmentation targets for training and decodes predicted masks for evaluation. Without it (and no
     copy in the cache) training refuses segmentation rows and evaluation scores their boxes only."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    """The image-token budget (``ImageConfig``): SmolVLM2's longest edge and tiling, Gemma 3's pan and scan."""
 
     def check(self, path: str) -> None:
         if self.trust_remote_code:
@@ -167,7 +208,7 @@ class DataConfig:
     """Shuffle the training rows (seeded by ``train.seed``). ``false``: every entry in its file
     order, entries one after the other (curricula, debugging, comparing a stream with a table)."""
     group_by_length: bool = False
-    """Batch rows of similar text length together (less padding); order stays random."""
+    """Batch rows of similar length (image tokens and text, as the model family lays them out) together: less padding; order stays random."""
     feature_cache: str | None = None
     """Directory caching projected image features when the vision tower is frozen, so training
     skips SigLIP (docs/performance.md says when it pays)."""
@@ -209,6 +250,9 @@ class TrainConfig:
     """``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes' 8-bit states (paged: spill to CPU under
     GPU memory pressure)."""
     gradient_checkpointing: bool = False
+    compile: bool = False
+    """Compile each decoder layer with ``torch.compile`` (inductor; shapes dynamic, as batches vary in
+    length): fused elementwise work, slower first steps while it compiles (docs/performance.md)."""
     log_every: int = 10
     save_every: int | None = None
     """Write a checkpoint under ``checkpoints/`` every N (>= 1) optimizer steps; unset: none."""

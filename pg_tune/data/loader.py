@@ -19,7 +19,7 @@ from pg_tune.data.feature_cache import CachedFeatureCollator, FeatureCache
 from pg_tune.data.mix import MixSampler
 from pg_tune.data.safe_collate import SafeSampleDataset
 from pg_tune.data.sample import DataError, Sample
-from pg_tune.data.sampler import LengthGroupedBatchSampler, text_lengths
+from pg_tune.data.sampler import LengthGroupedBatchSampler, row_lengths
 from pg_tune.data.stream import EpochSampler, StreamingSamples
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def build_train_loader(
     )
     if recipe.data.group_by_length:
         batch_sampler = LengthGroupedBatchSampler(
-            text_lengths(samples, processor.tokenizer, family.render_target),
+            row_lengths(samples, collator),
             recipe.train.batch_size,
             sampler=sampler,
             seed=recipe.train.seed,

@@ -40,8 +40,12 @@ def preview_samples(
         yield index, samples.entry_of(index), samples[index]
 
 
-def preview_record(index: int, sample: Sample, entry: int, family: ModelFamily) -> dict[str, Any]:
-    """One preview line: where the row came from and the text the family renders for it."""
+def preview_record(
+    index: int, sample: Sample, entry: int, family: ModelFamily, processor: Any | None = None
+) -> dict[str, Any]:
+    """One preview line: where the row came from, the text the family renders for it and, with the
+    processor, the sequence positions its image takes (``image_tokens``: the recipe's
+    ``model.image`` budget applied; read from the image's header, not its pixels)."""
     image = sample.image
     name = str(image) if isinstance(image, (str, Path)) else f"<in-memory {image.width}x{image.height} image>"
     record: dict[str, Any] = {
@@ -64,6 +68,11 @@ def preview_record(index: int, sample: Sample, entry: int, family: ModelFamily) 
     size = sample.image_size or sample.meta.get("image_size")
     if size is not None:
         record["image_size"] = list(size)
+    if processor is not None:
+        budget = family.image_budget(processor, sample)
+        record["image_tokens"] = budget.tokens
+        if budget.encoder_passes > 1:
+            record["image_views"] = budget.encoder_passes  # tiles + global view, or image + crops
     return record
 
 
@@ -94,15 +103,16 @@ def write_preview(
     limit: int | None,
     out: str | Path | None,
     draw_dir: str | Path | None,
+    processor: Any | None = None,
 ) -> tuple[list[dict[str, Any]], BadRows]:
-    """Write the preview JSONL (and PNGs) as ``family`` renders the rows; return the records and the
-    bad-row counts."""
+    """Write the preview JSONL (and PNGs) as ``family`` renders the rows (with ``processor``, each
+    row's image tokens too); return the records and the bad-row counts."""
     bad_rows = BadRows(recipe.data.on_bad_row)
     records = []
     if draw_dir is not None:
         Path(draw_dir).mkdir(parents=True, exist_ok=True)
     for n, (index, entry, sample) in enumerate(preview_samples(recipe, split, limit, bad_rows)):
-        records.append(preview_record(index, sample, entry, family))
+        records.append(preview_record(index, sample, entry, family, processor))
         if draw_dir is not None:
             draw_sample(sample, family).save(Path(draw_dir) / f"{split}_{n:04d}_row{index}.png")
     if out is not None:

@@ -1,8 +1,11 @@
-"""Length-grouped batching (``data.group_by_length``): batches of rows with similar text lengths.
+"""Length-grouped batching (``data.group_by_length``): batches of rows with similar lengths.
 
-The image part of every PaliGemma row is the same length at one resolution (256 / 1024 / 4096
-tokens), so padding comes from the text alone. Rows are shuffled, cut into "mega-batches" of
-``mega_batch_mult`` batches, sorted by text length inside each mega-batch and cut into batches;
+A row's length is what the model family's collator lays out: image tokens, template and text
+(``Collator.row_length``). PaliGemma's image part is the same for every image at one resolution
+(256 / 1024 / 4096 tokens), so there padding comes from the text alone; one SmolVLM2 image is 5 to
+17 tiles (320 to 1,088 image tokens with the released settings) by its aspect ratio, so there the
+image dominates. Rows are shuffled, cut into "mega-batches" of ``mega_batch_mult`` batches, sorted
+by length inside each mega-batch and cut into batches;
 the batch order is then shuffled, with the longest batch first so an out-of-memory shows at step
 one, not hours in. Order stays random across epochs (drawn from the seed and the epoch number
 alone, so resuming reproduces it) while each batch pads little.
@@ -11,27 +14,22 @@ alone, so resuming reproduces it) while each batch pads little.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Sampler
 
 from pg_tune.data.sample import Sample
 
+if TYPE_CHECKING:
+    from pg_tune.models.family import Collator
 
-def text_lengths(
-    samples: Sequence[Sample], tokenizer, target_text: Callable[[Sample], str] | None = None
-) -> list[int]:
-    """Text tokens of each training row: bos + prefix + "\\n" + target + eos (images excluded).
 
-    ``target_text`` renders a sample's target (the model family's ``render_target``); default: ``suffix``.
-    """
-    if not samples:
-        return []
-    target_text = target_text or (lambda s: s.suffix)
-    prefixes = tokenizer([s.prefix + "\n" for s in samples], add_special_tokens=False)["input_ids"]
-    suffixes = tokenizer([target_text(s) for s in samples], add_special_tokens=False)["input_ids"]
-    return [len(p) + len(s) + 2 for p, s in zip(prefixes, suffixes, strict=True)]
+def row_lengths(samples: Sequence[Sample], collator: Collator) -> list[int]:
+    """Sequence positions of each training row as the family's collator encodes it, image tokens
+    included (``Collator.row_length``: images are not decoded, at most their header is read)."""
+    return [collator.row_length(sample) for sample in samples]
 
 
 class _EpochPermutation(Sampler[int]):
@@ -110,7 +108,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
-    """Share of text positions that are padding when each batch pads to its longest row."""
+    """Share of positions that are padding when each batch pads to its longest row."""
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     real = sum(lengths[i] for b in batches for i in b)
     return 1.0 - real / padded if padded else 0.0

@@ -69,13 +69,15 @@ def check_recipe_support(
 
     ``ConfigError`` names the entry: a task of its rows the family lacks (declared by the format's
     ``task`` option or, for JSONL, by a row: ``FILE:LINE``), ``data.feature_cache`` when the family's
-    image features vary in length, and remote-code loading without a pinned commit
+    image features vary in length, ``model.image`` settings its processor does not take
+    (``ModelFamily.check_image_settings``), and remote-code loading without a pinned commit
     (``ModelFamily.check_model_config``). Each message says which families can.
     """
     from pg_tune.models.family import unsupported_feature_cache_message, unsupported_task_message
 
     try:
         family.check_model_config(recipe.model, at_load=False)
+        family.check_image_settings(recipe.model.image, feature_cache=bool(recipe.data.feature_cache))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if "train" in splits and recipe.data.feature_cache and not family.cacheable_image_features:

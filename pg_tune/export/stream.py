@@ -5,7 +5,7 @@ each safetensors shard of the base checkpoint it reads the tensors one by one, f
 update of every adapted linear into its weight in fp32 (``W' = W + s·B·A``; DoRA rescales each row
 to the trained magnitude), casts to the export dtype and appends it to the output shard, whose
 header (every tensor's dtype and shape) is written first. Files are read with plain reads, not
-memory-mapped (a mapping would keep every page read in the process's RSS). Peak memory is about
+memory-mapped (a mapping would keep every page read in the process's RSS; ``pg_tune.models.shards``). Peak memory is about
 the largest single tensor (the embedding table) plus the adapter, whatever the size of the model
 (measured at the PaliGemma 2 3B shape in docs/performance.md, "Real shapes").
 
@@ -42,6 +42,8 @@ from pg_tune.export.model_card import build_model_card
 from pg_tune.export.run import REPORT_NAME
 from pg_tune.export.serving import write_serving_files
 from pg_tune.export.staging import StagedExport
+from pg_tune.models import shards
+from pg_tune.models.shards import ShardReader
 
 FP32_EPS = torch.finfo(torch.float32).eps
 MODULE_PARITY_ROWS = 4
@@ -166,16 +168,12 @@ def module_parity(
 
 def checkpoint_files(folder: Path) -> list[str]:
     """The safetensors shards of a checkpoint folder, in index order."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return list(dict.fromkeys(weight_map.values()))
-    if (folder / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    raise MergeError(
-        f"{folder}: no model.safetensors or model.safetensors.index.json; the streaming merge reads "
-        "safetensors checkpoints only (use --parity full for other layouts)"
-    )
+    try:
+        return shards.checkpoint_files(folder)
+    except shards.CheckpointLayoutError as e:
+        raise MergeError(
+            f"{e}; the streaming merge reads safetensors checkpoints only (use --parity full)"
+        ) from None
 
 
 def key_resolver(folder: Path, family) -> Callable[[str], str]:
@@ -222,56 +220,6 @@ def base_checkpoint(family, name_or_path: str, revision: str | None, scratch: Pa
     )
 
 
-_ST_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
-
-
-class ShardReader:
-    """One safetensors file read tensor by tensor with plain reads.
-
-    ``safe_open`` memory-maps the file, and every page a tensor was read from then counts in this
-    process's RSS until the file is closed: a whole input shard. Plain reads leave those pages in
-    the kernel's page cache only.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
-        size = int.from_bytes(self._file.read(8), "little")
-        header = json.loads(self._file.read(size))
-        header.pop("__metadata__", None)
-        self._start = 8 + size
-        self.entries = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
-
-    def layout(self) -> list[tuple[str, torch.dtype, list[int]]]:
-        return [(key, _ST_DTYPES[e["dtype"]], e["shape"]) for key, e in self.entries.items()]
-
-    def read(self, key: str) -> torch.Tensor:
-        entry = self.entries[key]
-        begin, end = entry["data_offsets"]
-        dtype = _ST_DTYPES[entry["dtype"]]
-        if end == begin:
-            return torch.empty(entry["shape"], dtype=dtype)
-        buffer = bytearray(end - begin)
-        self._file.seek(self._start + begin)
-        self._file.readinto(buffer)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
-
-    def close(self) -> None:
-        self._file.close()
-
-
 class ShardWriter:
     """A safetensors file written tensor by tensor: the header first (every tensor's dtype and
     shape are known before the merge), then each tensor's bytes as soon as it is ready, so no
@@ -284,7 +232,7 @@ class ShardWriter:
         for key, dtype, shape in layout:
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[key] = {
-                "dtype": _ST_NAMES[dtype],
+                "dtype": shards.ST_NAMES[dtype],
                 "shape": list(shape),
                 "data_offsets": [offset, offset + nbytes],
             }

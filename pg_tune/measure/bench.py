@@ -38,7 +38,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pg_tune.measure.bench_setup import base_model, bench_recipe, make_samples, shape_of, sync
+from pg_tune.measure.bench_setup import (
+    base_model,
+    bench_recipe,
+    first_loss_tolerance,
+    make_samples,
+    shape_of,
+    step_mark,
+    sync,
+)
 
 SIDES = ("pg_tune", "reference")
 
@@ -56,6 +64,8 @@ class SideResult:
     best_step_s: float
     first_loss: float
     trainable_params: int = 0
+    cpu_s_per_step: float = 0.0
+    """Median CPU seconds (all threads) per timed step: the step's work, whatever else runs here."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,8 +153,7 @@ def _run_pg_tune(args, samples, device: str, family) -> tuple[list[float], list,
     marks, tokens, first_loss = [], [], float("nan")
     _run_pg_tune.trainable_params = sum(p.numel() for p in trainable)
     batches = _endless(loader)
-    sync(device)
-    marks.append(time.perf_counter())
+    marks.append(step_mark(device))
     for step in range(args.warmup + args.steps):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         with autocast:
@@ -155,8 +164,7 @@ def _run_pg_tune(args, samples, device: str, family) -> tuple[list[float], list,
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
             first_loss = float(loss_sum.detach() / count)
-        sync(device)
-        marks.append(time.perf_counter())
+        marks.append(step_mark(device))
         tokens.append(shape_of(batch))
     return marks, tokens, first_loss
 
@@ -181,7 +189,8 @@ def run_side(args) -> SideResult:
     family = family_for(args.preset)
     runner = _run_pg_tune if args.side == "pg_tune" else run_reference
     marks, tokens, first_loss = runner(args, samples, device, family)
-    timed = marks[args.warmup :]
+    timed = [wall for wall, _ in marks[args.warmup :]]
+    cpu = [cpu for _, cpu in marks[args.warmup :]]
     seconds = timed[-1] - timed[0]
     steps = len(timed) - 1
     shapes = tokens[args.warmup :]
@@ -205,6 +214,7 @@ def run_side(args) -> SideResult:
         best_step_s=min(b - a for a, b in itertools.pairwise(timed)),
         first_loss=first_loss,
         trainable_params=getattr(runner, "trainable_params", 0),
+        cpu_s_per_step=statistics.median(b - a for a, b in itertools.pairwise(cpu)),
     )
 
 
@@ -225,7 +235,7 @@ def _worker_command(args, side: str, data_dir: str) -> list[str]:
         args.optimizer,
     ]
     cmd += ["--method", args.method, "--partial-groups", args.partial_groups]
-    for flag in ("use_dora", "use_rslora", "full_vision"):
+    for flag in ("use_dora", "use_rslora", "full_vision", "compile"):
         if getattr(args, flag):
             cmd.append(f"--{flag.replace('_', '-')}")
     if args.group_by_length:
@@ -242,10 +252,40 @@ def _method_label(args) -> str:
         return f"partial [{args.partial_groups}]"
     return (
         "LoRA"
+        + (" + torch.compile" if getattr(args, "compile", False) else "")
         + (" + DoRA" if args.use_dora else "")
         + (" + rsLoRA" if args.use_rslora else "")
         + f" r={args.lora_r}"
     )
+
+
+def same_training(results: dict[str, list[SideResult]], args, vocab: int) -> tuple[bool, str]:
+    """Whether both sides trained the same thing on the same batch: equal first losses (within a
+    tolerance from their size, ``first_loss_tolerance``) and equal trainable-parameter counts.
+    Returns (proved, the line that says so or why not)."""
+    ours, ref = results.get("pg_tune", []), results.get("reference", [])
+    if not ours or not ref:
+        return True, "one side only: nothing to compare"
+    if args.group_by_length:
+        return (
+            True,
+            "first losses not compared: --group-by-length reorders pg_tune's rows (another first batch)",
+        )
+    a, b = ours[0].first_loss, ref[0].first_loss
+    tolerance = first_loss_tolerance(args.dtype, vocab, b)
+    drift = max(abs(r.first_loss - a) for r in ours) + max(abs(r.first_loss - b) for r in ref)
+    counts = f"trainable parameters {ours[0].trainable_params:,} vs {ref[0].trainable_params:,}"
+    lora_alike = args.method == "lora" and not args.use_dora
+    line = (
+        f"first loss on the same batch: pg_tune {a:.6f} vs reference {b:.6f} (|diff| {abs(a - b):.2g}, "
+        f"tolerance {tolerance:.2g} from {'bf16 logits' if args.dtype == 'bfloat16' else 'fp32 vocabulary sums'}"
+        f"{f'; repetitions drift {drift:.2g}' if drift else ''}); {counts}"
+    )
+    if abs(a - b) > tolerance:
+        return False, "NOT the same training: " + line
+    if lora_alike and ours[0].trainable_params != ref[0].trainable_params:
+        return False, "NOT the same adapter: " + line
+    return True, "same training: " + line
 
 
 def _spread(values: list[float]) -> str:
@@ -257,7 +297,7 @@ def format_table(results: dict[str, list[SideResult]], peak_gflops: float, devic
     """The comparison table: medians over repetitions (min-max), ratios pg_tune / reference."""
     lines = []
     head = f"{'side':<10} {'samples/s (min-max)':>24} {'tokens/s':>10} {'peak mem GB':>12} {'GFLOP/step':>11}"
-    head += f" {'% of matmul peak':>17} {'best-step samples/s':>20}"
+    head += f" {'% of matmul peak':>17} {'best-step samples/s':>20} {'CPU s/step':>11}"
     lines += [head, "-" * len(head)]
     summary = {}
     for side in SIDES:
@@ -272,14 +312,18 @@ def format_table(results: dict[str, list[SideResult]], peak_gflops: float, devic
         frac = 100 * achieved / peak_gflops if peak_gflops else float("nan")
         # The fastest single step: what the step costs when no other process takes the cores.
         best = max(r.batch_size / r.best_step_s for r in runs)
-        summary[side] = (statistics.median(sps), tps, mem, best)
+        # CPU seconds per step: the step's work, unaffected by other jobs taking turns on the cores.
+        cpu = statistics.median(r.cpu_s_per_step for r in runs)
+        summary[side] = (statistics.median(sps), tps, mem, best, cpu)
         lines.append(
             f"{side:<10} {_spread(sps):>24} {tps:10.0f} {mem:12.2f} {gflop:11.1f} {frac:16.1f}% {best:20.2f}"
+            f" {cpu:11.3f}"
         )
     if len(summary) == 2:
-        (a, at, am, ab), (b, bt, bm, bb) = summary["pg_tune"], summary["reference"]
+        (a, at, am, ab, ac), (b, bt, bm, bb, bc) = summary["pg_tune"], summary["reference"]
         lines.append(
             f"{'ratio':<10} {a / b:>24.2f} {at / bt:10.2f} {am / bm:12.2f} {'':11} {'':17} {ab / bb:20.2f}"
+            f" {ac / bc if bc else float('nan'):11.2f}"
         )
     mem_kind = next(iter(results.values()))[0].memory_kind if results else ""
     lines.append(
@@ -323,9 +367,20 @@ def main(argv: list[str] | None = None) -> int:
         "--full-vision", action="store_true", help="pg_tune side, --method full: train SigLIP"
     )
     parser.add_argument("--use-dora", action="store_true", help="pg_tune side: lora.use_dora")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="pg_tune side: train.compile (torch.compile the decoder layers)",
+    )
     parser.add_argument("--use-rslora", action="store_true", help="pg_tune side: lora.use_rslora")
     parser.add_argument("--feature-cache", default=None, help="pg_tune side: data.feature_cache directory")
     parser.add_argument("--sides", default="pg_tune,reference", help="comma-separated subset of the sides")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the comparison: where pg_tune's step spends its time (pg_tune.measure.bench_profile)",
+    )
+    parser.add_argument("--ops", type=int, default=0, help="with --profile: also the top N operators")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
@@ -344,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
+    if args.profile:
+        return _profile(args)
     sides = [s for s in args.sides.split(",") if s]
     peak = matmul_peak_gflops(args.device)
     results: dict[str, list[SideResult]] = {s: [] for s in sides}
@@ -360,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[side].append(result)
                 print(
                     f"rep {rep + 1}/{args.reps} {side:<9} {result.samples_per_s:6.2f} samples/s  "
+                    f"CPU {result.cpu_s_per_step:.3f} s/step  "
                     f"peak {result.peak_memory_gb:.2f} GB  first loss {result.first_loss:.4f}  "
                     f"trainable {result.trainable_params:,}",
                     flush=True,
@@ -369,7 +427,15 @@ def main(argv: list[str] | None = None) -> int:
         f"preset {args.preset}, batch {args.batch_size}, {args.dtype}, reference: LoRA r={args.lora_r} attention+MLP; "
         f"pg_tune: {_method_label(args)}, "
     )
-    print(f"{args.threads} threads, {args.steps} timed steps x {args.reps} reps")
+    print(
+        f"{args.threads} threads, {args.steps} timed steps x {args.reps} reps; load average {os.getloadavg()[0]:.1f}"
+    )
+    from pg_tune.models.family import family_for
+
+    tiny = family_for(args.preset).tiny_module
+    vocab = tiny.build_config(tiny.PRESETS[args.preset]).get_text_config().vocab_size
+    proved, verdict = same_training(results, args, vocab)
+    print(verdict)
     print(format_table(results, peak, args.device))
     if args.json:
         record = {
@@ -377,7 +443,30 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args),
             **{s: [asdict(r) for r in rs] for s, rs in results.items()},
         }
+        record["same_training"] = {"proved": proved, "verdict": verdict}
         Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0 if proved else 1
+
+
+def _profile(args) -> int:
+    """``--profile``: the step's breakdown by part (and ``--ops`` operators), in this process."""
+    import torch
+
+    from pg_tune.measure.bench_profile import format_profile, profile_pg_tune, top_operators
+    from pg_tune.models.family import family_for
+
+    torch.manual_seed(0)
+    family = family_for(args.preset)
+    with tempfile.TemporaryDirectory(prefix="pg_tune_bench_data_") as data_dir:
+        samples = make_samples(Path(data_dir), args.samples)
+        times = profile_pg_tune(args, samples, args.device, family)
+        print(
+            f"preset {args.preset}, batch {args.batch_size}, {args.dtype}, {args.threads} threads, "
+            f"{args.steps} steps after {args.warmup}; load average {os.getloadavg()[0]:.1f}"
+        )
+        print(format_profile(times, args.batch_size))
+        if args.ops:
+            print(top_operators(args, samples, args.device, family, args.ops))
     return 0
 
 

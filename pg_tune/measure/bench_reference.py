@@ -6,20 +6,20 @@
 The recipe of the transformers docs, the HF fine-tuning posts and TRL's vision examples: the
 family's own processor builds each batch as those examples do (``ModelFamily.reference_batch``:
 PaliGemma's ``PaliGemmaProcessor(text, images, suffix=...)``; the chat families' chat template with
-the whole conversation supervised but padding and image tokens), peft LoRA on the same modules as
-pg_tune, and ``transformers.Trainer`` with the model's own loss over full-sequence logits. Same data,
-batch, LoRA rank, optimizer and precision as the pg_tune side.
+TRL's completion-only loss: the answer and its end-of-turn token supervised), peft LoRA on the same
+modules as pg_tune, and ``transformers.Trainer`` with the model's own loss over full-sequence logits.
+Same data in the same order, batch, LoRA rank, optimizer and precision as the pg_tune side, so both
+sides' first steps see the same batch and their first losses must agree (``bench`` checks it).
 """
 
 from __future__ import annotations
 
-import time
-
-from pg_tune.measure.bench_setup import base_model, bench_recipe, shape_of, sync
+from pg_tune.measure.bench_setup import base_model, bench_recipe, shape_of, step_mark
 
 
 def run_reference(args, samples, device: str, family) -> tuple[list[float], list, float]:
     import peft
+    from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     recipe = bench_recipe(args)
@@ -44,14 +44,16 @@ def run_reference(args, samples, device: str, family) -> tuple[list[float], list
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *_, **__):
-            sync(device)
-            marks.append(time.perf_counter())
+            marks.append(step_mark(device))
 
         def on_step_end(self, *_, **__):
-            sync(device)
-            marks.append(time.perf_counter())
+            marks.append(step_mark(device))
 
     class CountingTrainer(Trainer):
+        def _get_train_sampler(self, *_, **__):
+            # The rows in file order, as the pg_tune side reads them: both first losses are of one batch.
+            return SequentialSampler(self.train_dataset)
+
         def compute_loss(self, model, inputs, *a, **kw):
             tokens.append(shape_of(inputs))
             result = super().compute_loss(model, inputs, *a, **kw)

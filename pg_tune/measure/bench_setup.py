@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -60,10 +61,18 @@ def bench_recipe(args):
         data=DataConfig(
             max_text_length=128,
             num_workers=args.num_workers,
+            # File order, as the reference side reads the rows: both first losses are of one batch.
+            shuffle=args.group_by_length,
             group_by_length=args.group_by_length,
             feature_cache=args.feature_cache,
         ),
-        train=TrainConfig(batch_size=args.batch_size, lr=1e-4, warmup_ratio=0.0, optimizer=args.optimizer),
+        train=TrainConfig(
+            batch_size=args.batch_size,
+            lr=1e-4,
+            warmup_ratio=0.0,
+            optimizer=args.optimizer,
+            compile=getattr(args, "compile", False),
+        ),
     )
 
 
@@ -78,11 +87,38 @@ def base_model(args, device: str, family):
     return model.to(device=device, dtype=getattr(torch, args.dtype)), processor
 
 
+def first_loss_tolerance(dtype: str, vocab: int, loss: float) -> float:
+    """How far apart two computations of one batch's mean token cross-entropy may be, from its size.
+
+    fp32: the two sides sum each row's ``vocab`` logits in another order (a fused, chunked head vs the
+    model's full logits): about sqrt(V)·eps of the scale each, 16x that (as ``tests/numerics.py``).
+    bf16: the reference rounds every logit to bf16 before the loss (pg_tune keeps them fp32), which
+    moves a row's log-sum-exp and target logit by up to an ulp of bf16 each: 2 x eps_bf16 of the scale.
+    The scale is the loss itself, at least 1.
+    """
+    import math
+
+    import torch
+
+    if dtype == "bfloat16":
+        rel = 2 * torch.finfo(torch.bfloat16).eps
+    else:
+        rel = 16 * math.sqrt(vocab) * torch.finfo(torch.float32).eps
+    return rel * max(abs(loss), 1.0)
+
+
 def sync(device: str) -> None:
     import torch
 
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def step_mark(device: str) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds, all threads) at a step boundary. On a machine
+    other jobs share, CPU seconds per step measure the step's work; wall seconds include waiting."""
+    sync(device)
+    return time.perf_counter(), time.process_time()
 
 
 def shape_of(batch) -> tuple[int, int, int, int]:

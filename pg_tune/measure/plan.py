@@ -1,8 +1,11 @@
 """``pg-tune plan RECIPE [--memory 24GiB]``: the peak memory of a training run, before anything loads.
 
-Reads the model's ``config.json`` only (a local folder, the hub cache, a tiny preset, or, when the
-hub is unreachable, pg_tune's copy of a published config in ``pg_tune.models.paligemma.shapes``) and builds
-the model on the meta device to count parameters exactly. Then, per micro-batch:
+Works for every registered model family through its interface: reads the model's ``config.json``
+only (a local folder, the hub cache, a tiny preset, or, when the hub is unreachable, pg_tune's copy
+of a published config: ``ModelFamily.published_config``) and builds the family's model class on
+the meta device to count parameters exactly and read its decoder layers; the longest training row
+comes from the family's collator (``Collator.max_row_length``: the largest image the processor's
+settings make, the chat template, ``data.max_text_length``). Then, per micro-batch:
 
 ====================  =====================================================================
 part                  how it is counted
@@ -13,24 +16,31 @@ LoRA weights          exact: r × (in + out) per adapted linear, fp32 (peft's ad
 gradients             exact: one fp32 value per trainable parameter
 optimizer states      exact: AdamW 2 × fp32 per trainable parameter (8-bit: 2 × 1 B)
 activations           estimate: the tensors autograd saves in each decoder layer (below), at
-                      the longest sequence (image tokens + ``data.max_text_length``)
+                      the longest row the family's collator can make
 loss head chunk       estimate: pg_tune's fused head, one chunk of supervised rows × vocabulary
+image encoder         estimate, only where it exceeds the two above: a frozen encoder's largest
+(transient)           live tensors while it runs over every tile / crop of the batch
 runtime (CPU)         measured in this process: Python, torch, transformers, peft imports
-mapped pages (CPU)    estimate: QLoRA from a checkpoint stored in the model dtype: the files stay
-                      memory-mapped (the unquantized weights are views into them) and the pages
-                      read while quantizing still count in RSS
 ====================  =====================================================================
 
-Saved activations per decoder layer and token (frozen base, LoRA, no dropout), from what autograd
-keeps in transformers' Gemma / Gemma 2 layers under peft, checked against
-``torch.autograd.graph.saved_tensors_hooks`` in ``tests/test_plan.py``:
+Nothing of the checkpoint is counted as mapped: ``ModelFamily.load_model`` reads each tensor into
+its own memory (``pg_tune.models.shards``), so RSS holds the weights as they train.
 
-- each adapted linear's input cast to fp32 for the LoRA branch (shared between the modules that
-  read the same input when the base is fp32 already), and its rank-r ``A x`` (fp32);
-- each RMSNorm's fp32 input and 1/rms (2 norms a layer in Gemma, 4 in Gemma 2);
-- the MLP's gate, GELU and up outputs (3 × intermediate, model dtype);
+Saved activations per decoder layer and token (frozen base, LoRA, no dropout), from what autograd
+keeps in transformers' decoder layers under peft, read from the family's model (its norms over the
+hidden width and per head, its attention implementation), checked against
+``torch.autograd.graph.saved_tensors_hooks`` for every family in ``tests/measure/test_plan.py``:
+
+- each distinct input of the adapted linears, once, in the model dtype (pg_tune's LoRA upcasts a
+  bf16 input inside the product instead of saving an fp32 copy per module:
+  ``pg_tune.train.adapters.UpcastLoraA``; under SDPA o_proj's input is the attention output SDPA
+  keeps), and each module's rank-r ``A x`` (fp32);
+- each RMSNorm's fp32 input and 1/rms (2 norms a layer in Gemma and Llama, 4 in Gemma 2 and 3),
+  and per-head q/k norms' (Gemma 3) on every query and key/value head;
+- the MLP's gate, activation and up outputs (3 × intermediate, model dtype: GELU or SiLU alike);
 - attention: eager (Gemma 2) keeps q and the head-expanded k, v plus the scores, softmax and its
-  cast (8 B × heads × T² per layer); SDPA (Gemma) keeps q, k, v, out and the log-sum-exp.
+  cast (8 B × heads × T² per layer); SDPA keeps q, k, v (expanded to every head once a batch is
+  padded), out and the log-sum-exp.
 
 With ``train.gradient_checkpointing`` only each layer's input is kept, plus one layer's worth while
 it is recomputed. A frozen vision tower runs without autograd (``pg_tune.train.loss``).
@@ -38,6 +48,7 @@ it is recomputed. A frozen vision tower runs without autograd (``pg_tune.train.l
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +64,11 @@ NF4_BLOCK = 64
 """bitsandbytes' 4-bit block size: one absmax per 64 weights."""
 NF4_NESTED_BLOCK = 256
 """Double quantisation: the absmaxes are 8-bit, with one fp32 scale per 256 of them."""
+MAX_MEMORY = 2**60
+"""The largest ``--memory`` taken (1 EiB): anything above is a typo, not a machine."""
+MAX_GLOBAL_BATCH = 2**31
+"""The largest global batch ``suggest_micro_batch`` splits; its divisors are found by trial
+division up to the square root (46,341 steps at most)."""
 
 
 @dataclass
@@ -90,13 +106,16 @@ class MemoryPlan:
 
 
 def parse_memory(text: str) -> int:
-    """``24GiB``, ``24GB``, ``80G``, ``512MiB`` -> bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    """``24GiB``, ``24GB``, ``80G``, ``512MiB``, ``1e12`` -> bytes; a positive, finite size or ``ValueError``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([KMGTP]?)(i?)B?\s*", text, re.IGNORECASE)
     if not match:
-        raise ValueError(f"--memory {text!r}: expected a size such as 24GiB or 80GB")
-    number, unit, binary = float(match.group(1)), match.group(2).upper(), bool(match.group(3))
-    power = " KMGT".index(unit) if unit else 0
-    return int(number * (1024 if binary else 1000) ** power)
+        raise ValueError(f"--memory {text!r}: expected a size such as 24GiB, 80GB or 512MiB")
+    number = float(f"{match.group(1)}e{match.group(2) or 0}")  # 1e400 -> inf, refused below
+    unit, binary = match.group(3).upper(), bool(match.group(4))
+    value = number * (1024 if binary else 1000) ** (" KMGTP".index(unit) if unit else 0)
+    if not 1 <= value <= MAX_MEMORY:  # also inf
+        raise ValueError(f"--memory {text!r}: expected between 1 byte and {MAX_MEMORY / 2**60:.0f} EiB")
+    return int(value)
 
 
 def load_config(recipe: Recipe, family: ModelFamily):
@@ -143,14 +162,50 @@ def _runtime_bytes(quantized: bool) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _checkpoint_on_disk(recipe: Recipe, config) -> tuple[float, torch.dtype | None]:
-    """Bytes of a local checkpoint's safetensors files and the dtype they store (from config.json)."""
-    folder = Path(recipe.model.name_or_path)
-    if not folder.is_dir():
-        return 0.0, None
-    stored = getattr(config, "dtype", None)
-    stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    return float(sum(p.stat().st_size for p in folder.glob("*.safetensors"))), stored
+def plan_processor(recipe: Recipe, family: ModelFamily):
+    """The processor training would use (tiny preset, local folder, hub cache), else the family's
+    offline copy of a published checkpoint's image settings (``ModelFamily.published_processor``)."""
+    name = recipe.model.name_or_path
+    published = family.published_processor(name)
+    if published is not None and not Path(name).is_dir():
+        return published
+    try:
+        return family.load_processor(recipe.model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.name_or_path={name!r}: no processor files reachable ({e})") from None
+
+
+@dataclass(frozen=True)
+class _DecoderLayer:
+    """What one decoder layer keeps for backward, read from the family's model (meta device)."""
+
+    norms: int
+    """RMSNorms over the hidden width (Gemma, Llama: 2; Gemma 2 and 3: 4)."""
+    head_norm_rows: int
+    """Per-head norms' rows per token (Gemma 3's q_norm and k_norm: query + key/value heads)."""
+    eager: bool
+    """Eager attention, which keeps the T x T scores (Gemma 2's default: it soft-caps them)."""
+
+
+def _decoder_layer(model, family: ModelFamily, recipe: Recipe) -> tuple[str, _DecoderLayer]:
+    text = model.config.get_text_config()
+    layers = [name for name, _ in model.named_modules() if re.fullmatch(family.lm_layers, name)]
+    if not layers:
+        raise ValueError(f"{family.name}: no decoder layer matches {family.lm_layers!r}")
+    layer = model.get_submodule(layers[0])
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    norms = head_rows = 0
+    for name, module in layer.named_modules():
+        weight = getattr(module, "weight", None)
+        if "norm" not in type(module).__name__.lower() or weight is None:
+            continue
+        if weight.shape[-1] == text.hidden_size:
+            norms += 1
+        elif weight.shape[-1] == head_dim:
+            key_side = name.rsplit(".", 1)[-1].startswith("k")
+            head_rows += text.num_key_value_heads if key_side else text.num_attention_heads
+    attention = recipe.model.attn_implementation or getattr(text, "_attn_implementation", None)
+    return layers[0], _DecoderLayer(norms, head_rows, attention == "eager")
 
 
 def estimate(
@@ -160,6 +215,7 @@ def estimate(
     batch_size: int | None = None,
     runtime: float | None = None,
     config_and_source: tuple[Any, str] | None = None,
+    processor: Any | None = None,
 ) -> MemoryPlan:
     """The memory plan of ``recipe`` at micro-batch ``batch_size`` (default: the recipe's)."""
     from torch import nn
@@ -168,11 +224,7 @@ def estimate(
     from pg_tune.train.loss import DEFAULT_CHUNK_ROWS
 
     config, source = config_and_source or load_config(recipe, family)
-    if family.name != "paligemma":  # TODO(plan per family): the activation model below is Gemma's
-        raise ValueError(
-            f"model.name_or_path={recipe.model.name_or_path!r} is a {family.name} model; pg-tune plan "
-            "models PaliGemma's layers only so far"
-        )
+    processor = processor if processor is not None else plan_processor(recipe, family)
     batch = batch_size or recipe.train.batch_size
     dtype = _dtype_for(recipe, device)
     size = torch.finfo(dtype).bits // 8
@@ -255,44 +307,52 @@ def estimate(
     )
 
     # --- activations (estimate) --------------------------------------------------------------
-    text, vision = config.text_config, config.vision_config
-    image_tokens = (vision.image_size // vision.patch_size) ** 2
-    seq = image_tokens + recipe.data.max_text_length
+    text, vision = config.get_text_config(), config.vision_config
+    image = family.image_budget(processor)
+    seq = family.collator(processor, recipe.data.max_text_length).max_row_length()
     H, inter = text.hidden_size, text.intermediate_size
-    heads, hd = text.num_attention_heads, text.head_dim
-    eager = text.model_type == "gemma2" or recipe.model.attn_implementation == "eager"
-    norms = 4 if text.model_type == "gemma2" else 2
-    per_layer_adapted: dict[str, list[int]] = {}
+    heads = text.num_attention_heads
+    hd = getattr(text, "head_dim", None) or H // heads
+    first_layer, layer = _decoder_layer(model, family, recipe)
+    per_layer_adapted: dict[str, int] = {}
     for name, module in adapted:
-        if ".language_model." in name:
-            short = name.rsplit(".", 1)[-1]
-            per_layer_adapted.setdefault(short, []).append(module.in_features)
+        if name.startswith(first_layer + "."):
+            per_layer_adapted[name.rsplit(".", 1)[-1]] = module.in_features
     layers = text.num_hidden_layers
+    # Each distinct input of the adapted linears is saved once, in the model dtype (fp32 bases need no
+    # cast; on bf16 / 4-bit bases pg_tune's LoRA upcasts inside the product, ``UpcastLoraA``): q/k/v
+    # share one, gate/up another; under SDPA o_proj's input is the attention output SDPA keeps anyway.
+    groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
+    groups += [("o_proj",)] if layer.eager else []
     lora_in = 0.0
-    if dtype == torch.float32:
-        # The fp32 input is saved once per distinct input: q/k/v share one, gate/up another.
-        groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
-        for group in groups:
-            widths = [per_layer_adapted[m][0] for m in group if m in per_layer_adapted]
-            lora_in += 4 * widths[0] if widths else 0
-    else:
-        lora_in = 4 * sum(w[0] for w in per_layer_adapted.values())
+    for group in groups:
+        widths = [per_layer_adapted[m] for m in group if m in per_layer_adapted]
+        lora_in += size * widths[0] if widths else 0
     lora_mid = 4 * recipe.lora.r * len(per_layer_adapted)
-    attn_token = (3 if eager else 4) * heads * hd * size + (0 if eager else 4 * heads)
-    per_token = lora_in + lora_mid + norms * (4 * H + 4) + 3 * inter * size + attn_token
-    per_sample_layer = seq * per_token + (8 * heads * seq * seq if eager else 0)
+    attn_token = (3 if layer.eager else 4) * heads * hd * size + (0 if layer.eager else 4 * heads)
+    norm_token = layer.norms * (4 * H + 4) + layer.head_norm_rows * (4 * hd + 4)
+    per_token = lora_in + lora_mid + norm_token + 3 * inter * size + attn_token
+    per_sample_layer = seq * per_token + (8 * heads * seq * seq if layer.eager else 0)
+    kinds = f"{layer.norms} norms" + (
+        f" + {layer.head_norm_rows} head-norm rows" if layer.head_norm_rows else ""
+    )
+    kinds += ", eager attention" if layer.eager else ", SDPA"
     if recipe.train.gradient_checkpointing:
         activations = batch * (layers * seq * H * size + per_sample_layer)
         how = f"checkpointed: {layers} layer inputs + one layer recomputed; T={seq}"
     else:
         activations = batch * layers * per_sample_layer
-        how = f"{layers} layers × T={seq} ({image_tokens} image + {recipe.data.max_text_length} text) × {per_token / 1e3:.0f} kB"
-        if eager:
+        how = (
+            f"{layers} layers ({kinds}) × T={seq} ({image.tokens} image + template + "
+            f"{recipe.data.max_text_length} text) × {per_token / 1e3:.0f} kB"
+        )
+        if layer.eager:
             how += f" + scores 8 B × {heads} heads × T²"
     # Outside the layers: the final RMSNorm's fp32 input, and the head's supervised rows (input and
     # the gradient the fused head makes in forward).
     head_rows = batch * recipe.data.max_text_length
     activations += batch * seq * (4 * H + 4) + 2 * head_rows * H * size
+    patches = (vision.image_size // vision.patch_size) ** 2  # per encoder pass
     if recipe.lora.vision:
         vision_token = (
             4 * (4 * vision.hidden_size)
@@ -300,51 +360,58 @@ def estimate(
             + 2 * vision.intermediate_size * size
         )
         activations += (
-            batch * vision.num_hidden_layers * image_tokens * (vision_token + 4 * vision.hidden_size * size)
+            batch
+            * image.encoder_passes
+            * vision.num_hidden_layers
+            * patches
+            * (vision_token + 4 * vision.hidden_size * size)
         )
         how += "; + the vision tower's (rough: LoRA there)"
     parts.append(Part("activations", activations, "estimate", how))
 
     # --- the loss head chunk (estimate) ------------------------------------------------------
+    head_weight, softcap = family.head(model)
+    vocab = head_weight.shape[0]
     rows = min(DEFAULT_CHUNK_ROWS, batch * recipe.data.max_text_length)
-    softcap = bool(getattr(text, "final_logit_softcapping", None))
     head_row = 4 + (4 if softcap else 0) + (4 if dtype != torch.float32 else 0)
+    head_chunk = rows * vocab * head_row
     parts.append(
         Part(
             "loss head chunk",
-            rows * text.vocab_size * head_row,
+            head_chunk,
             "estimate",
-            f"{rows} rows × {text.vocab_size:,} × {head_row} B (fp32 logits"
+            f"{rows} rows × {vocab:,} × {head_row} B (fp32 logits"
             + (", soft-cap tanh" if softcap else "")
             + (", bf16 matmul out + grad cast" if dtype != torch.float32 else "")
             + ")",
         )
     )
+    if not recipe.lora.vision:
+        # A frozen encoder runs without autograd before the decoder: its largest live tensors (one
+        # layer's residual, norm output, q, k, v and attention output, or its MLP's two
+        # intermediate-width outputs) over every tile of the batch. It counts only where it exceeds
+        # what the decoder then holds.
+        widths = max(6 * vision.hidden_size, 2 * vision.hidden_size + 2 * vision.intermediate_size)
+        encoder = batch * image.encoder_passes * patches * widths * size
+        if encoder > activations + head_chunk:
+            parts.append(
+                Part(
+                    "image encoder forward (transient)",
+                    encoder - activations - head_chunk,
+                    "estimate",
+                    f"{batch * image.encoder_passes} encoder passes × {patches} patches × {widths} values "
+                    "live at once, beyond the decoder's activations",
+                )
+            )
     notes = [f"config: {source}"]
     if device == "cpu":
         runtime = _runtime_bytes(quantized) if runtime is None else runtime
         parts.append(
             Part("runtime (imports)", runtime, "measured", "RSS of this process after training's imports")
         )
-        on_disk, stored = _checkpoint_on_disk(recipe, config)
-        if on_disk and quantized and stored == dtype:
-            # transformers keeps the safetensors files memory-mapped while any tensor loaded in the
-            # stored dtype is a view into them (the unquantized weights, counted above); the pages
-            # of the quantized linears were read through the mapping while quantizing and still
-            # count in RSS (RssFile in /proc/PID/status: the whole 6.06 GB at the 3B shape). With a
-            # dtype conversion no view remains and the files are unmapped after loading.
-            views = full_params * size
-            parts.append(
-                Part(
-                    "checkpoint pages mapped (CPU)",
-                    max(on_disk - views, 0.0),
-                    "estimate",
-                    f"{on_disk / 1e9:.2f} GB of safetensors mapped, {views / 1e9:.2f} GB of it the weights themselves",
-                )
-            )
     notes.append(
-        "activations assume every row is padded to image tokens + data.max_text_length (the longest "
-        "possible); shorter batches need less"
+        f"activations assume every row is padded to the longest possible ({image.tokens} image positions, "
+        f"{image.encoder_passes} encoder pass(es) per image, + data.max_text_length); shorter batches need less"
     )
     if recipe.train.objective == "dpo":
         parts = preference_terms(parts, recipe)
@@ -372,18 +439,42 @@ def preference_terms(parts: list[Part], recipe: Recipe) -> list[Part]:
     return out
 
 
+def _divisors(n: int) -> list[int]:
+    """Every divisor of ``n`` (trial division up to its square root), ascending."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small) | {n // d for d in small})
+
+
 def suggest_micro_batch(
     recipe: Recipe, family: ModelFamily, memory: float, device: str = "cpu"
 ) -> tuple[int, int, MemoryPlan] | None:
-    """The largest micro-batch dividing the recipe's global batch whose plan fits ``memory``."""
+    """The largest micro-batch dividing the recipe's global batch whose plan fits ``memory``.
+
+    The peak grows with the micro-batch, so the divisors are searched by bisection: a few plans,
+    whatever the global batch (up to ``MAX_GLOBAL_BATCH``)."""
     global_batch = recipe.train.batch_size * recipe.train.grad_accum
+    if global_batch > MAX_GLOBAL_BATCH:
+        raise ValueError(
+            f"train.batch_size × train.grad_accum = {global_batch:,}: too large to split into micro-batches "
+            f"(at most {MAX_GLOBAL_BATCH:,} rows a step)"
+        )
     runtime = _runtime_bytes(recipe.quantization.mode != "none") if device == "cpu" else None
     config = load_config(recipe, family)
-    for micro in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
-        plan = estimate(recipe, family, device, micro, runtime, config)
-        if plan.peak <= memory:
-            return micro, global_batch // micro, plan
-    return None
+    processor = plan_processor(recipe, family)
+
+    def plan(micro: int) -> MemoryPlan:
+        return estimate(recipe, family, device, micro, runtime, config, processor)
+
+    divisors = _divisors(global_batch)
+    low, high, best = 0, len(divisors) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        fitted = plan(divisors[middle])
+        if fitted.peak <= memory:
+            best, low = (divisors[middle], global_batch // divisors[middle], fitted), middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 def format_plan(plan: MemoryPlan) -> str:

@@ -31,12 +31,13 @@ if TYPE_CHECKING:
     import numpy as np
     from transformers import PreTrainedModel, ProcessorMixin
 
-    from pg_tune.config.recipe import LoraConfig, ModelConfig, QuantizationConfig
+    from pg_tune.config.recipe import ImageConfig, LoraConfig, ModelConfig, QuantizationConfig
     from pg_tune.data.sample import Sample
 
 __all__ = [
     "Collator",
     "EngineSupport",
+    "ImageBudget",
     "ModelFamily",
     "ModulePaths",
     "ParsedObject",
@@ -105,6 +106,16 @@ class EngineSupport:
     """What else a user must know (versions, restrictions)."""
 
 
+class ImageBudget:
+    """What one image costs a training row (``ModelFamily.image_budget``)."""
+
+    tokens: int
+    """Sequence positions the image takes, its wrapper tokens included (PaliGemma 224 px: 256;
+    SmolVLM2-256M: 5 to 17 tiles of 64 image tokens plus their markers)."""
+    encoder_passes: int = 1
+    """Pictures the image encoder runs on for it: tiles and global view, or pan-and-scan crops."""
+
+
 class Collator(Protocol):
     """Turns ``(index, Sample)`` pairs into a model batch (see the module docstring's contract)."""
 
@@ -126,6 +137,17 @@ class Collator(Protocol):
 
     def preference_text_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
         """``preference_batch`` without the image inputs."""
+        ...
+
+    def row_length(self, sample: Sample) -> int:
+        """Positions of the encoded training row, image tokens and template included (the image's
+        size is read from its file header when the family's image tokens depend on it, never its
+        pixels): what ``data.group_by_length`` sorts by."""
+        ...
+
+    def max_row_length(self) -> int:
+        """The most positions a training row can take: the largest image this processor makes, the
+        family's template and ``data.max_text_length``: what ``pg-tune plan`` budgets."""
         ...
 
 
@@ -185,6 +207,10 @@ class ModelFamily(abc.ABC):
     serving_engines: ClassVar[Mapping[str, EngineSupport]] = {}
     """Per serving engine (``vllm``, ``sglang``, ``tgi``), what it documents for this architecture
     (``pg-tune export --check serving``); an engine missing here is reported as not checked."""
+    image_settings: ClassVar[tuple[str, ...]] = ()
+    """``model.image`` keys (``ImageConfig``) the family's processor takes: its image-token budget."""
+    image_settings_note: ClassVar[str] = ""
+    """Why a family takes no (other) ``model.image`` key, for the refusal."""
 
     def __init__(self, mask_codec: Any | None = None):
         self.mask_codec = mask_codec
@@ -203,15 +229,44 @@ class ModelFamily(abc.ABC):
         """pg_tune's own copy of a published checkpoint's config (``pg-tune plan`` offline), or None."""
         return None
 
+    def published_processor(self, name_or_path: str) -> ProcessorMixin | None:
+        """A processor with a published checkpoint's image settings (its tokenizer a tiny stand-in
+        with the real control ids), built offline for ``pg-tune plan``; None if pg_tune has no copy."""
+        return None
+
     # ---- loading -------------------------------------------------------------------------------
     def load_processor(self, model: ModelConfig) -> ProcessorMixin:
-        """The processor of a hub id, a local folder or a tiny preset."""
+        """The processor of a hub id, a local folder or a tiny preset, with the recipe's image-token
+        budget (``model.image``) applied: training, evaluation, the saved adapter and ``plan`` see
+        the same settings."""
         self.check_model_config(model)
+        self.check_image_settings(model.image)
+        return self.configure_processor(self._processor(model), model.image)
+
+    def _processor(self, model: ModelConfig) -> ProcessorMixin:
+        """The processor as the checkpoint (or tiny preset) ships it."""
         if self.is_tiny(model.name_or_path):
             return self.tiny_module.build_processor(self.tiny_module.PRESETS[model.name_or_path])
         return self.processor_class.from_pretrained(
             model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
+
+    def check_image_settings(self, image: ImageConfig, feature_cache: bool = False) -> None:
+        """Refuse ``model.image`` keys the family's processor does not take (``ValueError`` naming the
+        key); ``feature_cache``: whether the recipe caches image features (fixed per image)."""
+        for key in image.settings():
+            if key not in self.image_settings:
+                takes = (
+                    f"take {', '.join(self.image_settings)}"
+                    if self.image_settings
+                    else "take no model.image key"
+                )
+                note = f": {self.image_settings_note}" if self.image_settings_note else ""
+                raise ValueError(f"model.image.{key}: {self.name} models {takes}{note}")
+
+    def configure_processor(self, processor: ProcessorMixin, image: ImageConfig) -> ProcessorMixin:
+        """Apply ``model.image`` to the processor's image settings (families without keys: unchanged)."""
+        return processor
 
     def load_model(
         self,
@@ -220,7 +275,13 @@ class ModelFamily(abc.ABC):
         device_map: str | dict | None = None,
     ) -> PreTrainedModel:
         """The model of a hub id, a local folder or a tiny preset, in the recipe's dtype; with a
-        quantization section, bitsandbytes-quantized as ``keep_unquantized`` says (and checked)."""
+        quantization section, bitsandbytes-quantized as ``keep_unquantized`` says (and checked).
+
+        Safetensors checkpoints are read tensor by tensor with plain reads, never memory-mapped
+        (``pg_tune.models.shards``): each quantized linear's bf16 source is released as soon as it
+        is quantized, the weights kept in the stored dtype own their memory, and no file stays
+        mapped, so host memory holds the model as it trains plus one tensor, on CPU and (with a
+        ``device_map``) while the weights go to a GPU."""
         from pg_tune.models.source import require_safetensors
 
         self.check_model_config(model)
@@ -244,21 +305,64 @@ class ModelFamily(abc.ABC):
             kwargs["quantization_config"] = bnb_config(quantization, self)
         if model.attn_implementation:
             kwargs["attn_implementation"] = model.attn_implementation
-        loaded = self.model_class.from_pretrained(
-            model.name_or_path,
-            revision=model.revision,
-            dtype=dtype,
-            trust_remote_code=model.trust_remote_code,
-            use_safetensors=True,
-            device_map=device_map,
-            **kwargs,
-        )
+        folder = _checkpoint_folder(model)
+        if folder is None:  # not a safetensors checkpoint pg_tune can read itself
+            loaded = self.model_class.from_pretrained(
+                model.name_or_path,
+                revision=model.revision,
+                dtype=dtype,
+                trust_remote_code=model.trust_remote_code,
+                use_safetensors=True,
+                device_map=device_map,
+                **kwargs,
+            )
+        else:
+            loaded = self._load_unmapped(folder, model, dtype, device_map, kwargs)
         if quantized:
             from pg_tune.models.quantize import check_quantized
 
             # bitsandbytes ignores what it does not understand: assert what is really in effect.
             print(f"quantization: {check_quantized(loaded, quantization, self).summary()}")
         return loaded
+
+    def _load_unmapped(
+        self,
+        folder: Path,
+        model: ModelConfig,
+        dtype: torch.dtype,
+        device_map: str | dict | None,
+        kwargs: dict[str, Any],
+    ) -> PreTrainedModel:
+        """``from_pretrained`` fed with the checkpoint's tensors read one by one (``shards``)."""
+        from transformers import GenerationConfig
+
+        from pg_tune.models.shards import lazy_state_dict
+
+        # The family's own config class, as from_pretrained reads it (not AutoConfig: a family's
+        # model type need not be registered with transformers' auto classes).
+        config = self.model_class.config_class.from_pretrained(
+            folder, trust_remote_code=model.trust_remote_code
+        )
+        loaded = self.model_class.from_pretrained(
+            None,
+            config=config,
+            state_dict=lazy_state_dict(folder),
+            dtype=dtype,
+            trust_remote_code=model.trust_remote_code,
+            device_map=device_map,
+            **kwargs,
+        )
+        loaded.config._name_or_path = str(model.name_or_path)
+        if (folder / "generation_config.json").is_file():
+            loaded.generation_config = GenerationConfig.from_pretrained(folder)
+        return loaded
+
+    def image_budget(self, processor: ProcessorMixin, sample: Sample | None = None) -> ImageBudget:
+        """Positions and encoder passes of ``sample``'s image with this processor's settings (the
+        image's size read from its header if the family's count depends on it), or of the largest
+        image these settings allow when ``sample`` is None. Families with a fixed count override
+        nothing else; the default is one pass of ``processor.image_seq_length`` tokens."""
+        return ImageBudget(int(processor.image_seq_length))
 
     def unwrap(self, model: nn.Module) -> PreTrainedModel:
         """The family's model class inside peft / DDP / FSDP / loss wrappers."""
@@ -295,6 +399,14 @@ class ModelFamily(abc.ABC):
     def vision_frozen(self, core: nn.Module) -> bool:
         """True when nothing that produces image features trains."""
         return not any(p.requires_grad for m in self.vision_modules(core) for p in m.parameters())
+
+    def decoder_layers(self, core: nn.Module) -> list[nn.Module]:
+        """The language model's decoder layers, in order (``lm_layers``): ``pg-tune plan`` reads their
+        norms and attention from them."""
+        import re
+
+        pattern = re.compile(self.lm_layers)
+        return [module for name, module in core.named_modules() if pattern.fullmatch(name)]
 
     def layer_classes(self, core: nn.Module) -> list[str]:
         """Class names of the repeated blocks FSDP wraps one by one: the modules at ``lm_layers`` and
@@ -629,6 +741,27 @@ def unsupported_feature_cache_message(family: ModelFamily) -> str:
         f"model family {family.name!r} cannot use data.feature_cache: the number of its image features "
         f"varies per image; families that support it: {others}"
     )
+
+
+def _checkpoint_folder(model: ModelConfig) -> Path | None:
+    """The folder holding ``model``'s safetensors files: a local folder, or a hub id's snapshot
+    (downloaded as ``from_pretrained`` would); None when there is none to read tensor by tensor."""
+    folder = Path(model.name_or_path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    model.name_or_path,
+                    revision=model.revision,
+                    allow_patterns=["*.safetensors", "*.json", "*.py"],
+                )
+            )
+        except Exception:  # noqa: BLE001 (offline, gated, not found: from_pretrained says why)
+            return None
+    has_index = (folder / "model.safetensors.index.json").is_file()
+    return folder if has_index or (folder / "model.safetensors").is_file() else None
 
 
 def unwrap_model(model: nn.Module, cls: type | None = None) -> nn.Module:

@@ -5,6 +5,7 @@ LoRA adapters with peft (``lora`` section, DoRA / rsLoRA switches included), or 
 from __future__ import annotations
 
 import peft
+import torch
 from torch import nn
 
 from pg_tune.config.recipe import LoraConfig, Recipe
@@ -27,9 +28,64 @@ def apply_lora(model: nn.Module, lora: LoraConfig, base_name: str, family: Model
     # autocast_adapter_dtype (peft's default) keeps the trainable LoRA weights in fp32 even on a
     # bf16 or 4-bit base, so the optimizer never updates low-precision copies.
     peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=True)
+    keep_lora_inputs_in_model_dtype(peft_model)
     # Recorded in adapter_config.json so `PeftModel.from_pretrained` users know the base.
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     return peft_model
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """``x.to(w.dtype) @ w.T`` that keeps ``x`` itself for backward, not its upcast copy.
+
+    peft casts a bf16 (or 4-bit-computed) input to the fp32 LoRA weight's dtype in every adapted
+    module, and ``lora_A`` then saves that fp32 copy: seven copies a decoder layer (q, k, v read the
+    same input, so do gate and up), twice the input's bytes each. Here the cast happens inside the
+    product and only the original input is saved, shared with whatever else keeps it; backward
+    upcasts it again for the weight gradient. Forward and gradients are the same computation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        return grad_x, grad_w
+
+
+class UpcastLoraA(nn.Linear):
+    """peft's ``lora_A`` linear, upcasting its input inside the product (``_UpcastLinear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _UpcastLinear.apply(x, self.weight)
+
+
+def keep_lora_inputs_in_model_dtype(peft_model: nn.Module) -> int:
+    """Make every plain LoRA layer save its input in the model's dtype (``_UpcastLinear``) instead of
+    an fp32 copy per module; DoRA layers keep peft's path. Returns the layers changed.
+
+    On a bf16 or 4-bit base this removes the largest part of a decoder layer's saved activations
+    (``pg-tune plan`` counts it; docs/performance.md, "Real shapes"); on an fp32 base nothing is cast."""
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer) or module.lora_variant:
+            continue
+        for lora_a in module.lora_A.values():
+            if type(lora_a) is nn.Linear and lora_a.bias is None:
+                lora_a.__class__ = UpcastLoraA  # same parameters and state dict, another forward
+        if all(isinstance(a, UpcastLoraA) for a in module.lora_A.values()):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
 
 
 def trainable_summary(model: nn.Module) -> str:
@@ -77,10 +133,23 @@ def apply_method(model: nn.Module, recipe: Recipe, family: ModelFamily) -> nn.Mo
     return model
 
 
+def compile_decoder(model: nn.Module, family: ModelFamily) -> int:
+    """``torch.compile`` each decoder layer in place (``train.compile``), adapters inside; dynamic
+    shapes, since batches vary in length. Returns the layers compiled."""
+    layers = family.decoder_layers(family.unwrap(model))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def prepare_model(model: nn.Module, recipe: Recipe, family: ModelFamily) -> nn.Module:
-    """Everything between loading the base and training it: k-bit prep, checkpointing, the method."""
+    """Everything between loading the base and training it: k-bit prep, checkpointing, the method,
+    and ``train.compile``."""
     if is_quantized(model):
         prepare_for_kbit_training(model)
     if recipe.train.gradient_checkpointing:
         enable_checkpointing(model)
-    return apply_method(model, recipe, family)
+    model = apply_method(model, recipe, family)
+    if recipe.train.compile:
+        compile_decoder(model, family)
+    return model

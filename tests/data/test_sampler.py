@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from pg_tune.config.recipe import DataConfig, Recipe, TrainConfig
 from pg_tune.data.loader import build_train_loader
 from pg_tune.data.sample import Sample
-from pg_tune.data.sampler import LengthGroupedBatchSampler, padding_fraction, text_lengths
+from pg_tune.data.sampler import LengthGroupedBatchSampler, padding_fraction, row_lengths
 from pg_tune.models.paligemma.tiny import PRESETS, build_processor
 from tests.families import family_of
 
@@ -57,19 +58,49 @@ def test_drop_last():
     assert len(sampler) == 2 and [len(b) for b in sampler] == [4, 4]
 
 
-def test_text_lengths_and_loader_groups_batches():
+def test_row_lengths_and_loader_groups_batches():
     processor = build_processor(PRESETS["tiny-paligemma"])
     rng = random.Random(1)
     samples = [
         Sample(image=None, prefix="caption en", suffix=" ".join(["cat"] * rng.randint(1, 30)), source=f"r{i}")
         for i in range(40)
     ]
-    lengths = text_lengths(samples, processor.tokenizer)
-    # bos + "caption en\n" (caption, ▁en, \n) + the suffix words + eos
-    assert lengths == [2 + 3 + s.suffix.count("cat") for s in samples]
     recipe = Recipe(
         output_dir="unused", data=DataConfig(group_by_length=True), train=TrainConfig(batch_size=4)
     )
+    collator = family_of(recipe).collator(processor, recipe.data.max_text_length)
+    lengths = row_lengths(samples, collator)
+    # image tokens + bos + "caption en\n" (caption, ▁en, \n) + the suffix words + eos; no image is read
+    assert lengths == [processor.image_seq_length + 2 + 3 + s.suffix.count("cat") for s in samples]
     loader = build_train_loader(samples, processor, recipe, family_of(recipe))
     batches = list(loader.batch_sampler)
     assert len(loader) == 10 and padding_fraction(batches, lengths) < 0.1
+
+
+@pytest.mark.parametrize("preset", ["tiny-paligemma2", "tiny-gemma3", "tiny-smolvlm2", "smolvlm2-bench-mini"])
+def test_row_length_is_the_encoded_row_for_every_family_and_image_shape(preset, tmp_path):
+    """Counted without decoding the image, equal to what the collator lays out, image tokens included
+    (SmolVLM2's tiles follow each image's aspect ratio; the others are fixed per resolution)."""
+    import numpy as np
+    from PIL import Image
+
+    from pg_tune.config.recipe import ModelConfig
+
+    family = family_of(preset)
+    processor = family.load_processor(ModelConfig(name_or_path=preset))
+    collator = family.collator(processor, 32)
+    lengths = []
+    for width, height in [(64, 64), (320, 240), (50, 400), (1000, 90)]:
+        path = tmp_path / f"{width}x{height}.png"
+        Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8)).save(path)
+        sample = Sample(image=str(path), prefix="caption en", suffix="a red circle", source=path.name)
+        batch = collator([(0, sample)])
+        assert (
+            collator.row_length(sample) == int(batch["attention_mask"].sum()) == batch["input_ids"].shape[1]
+        )
+        assert collator.row_length(sample) <= collator.max_row_length()
+        lengths.append(collator.row_length(sample))
+    if family.name == "smolvlm":  # a tall or wide picture takes fewer tiles than a square one
+        assert lengths[2] < lengths[0] and lengths[3] < lengths[0]
+    else:
+        assert len(set(lengths)) == 1

@@ -8,12 +8,15 @@ import pytest
 
 from pg_tune.measure import bench
 from pg_tune.models.paligemma.tiny import PRESETS, build_config
+from tests.families import family_of
 
 
-def _args(tmp_path, side: str) -> argparse.Namespace:
+def _args(
+    tmp_path, side: str, preset: str = "tiny-paligemma", group_by_length: bool = True
+) -> argparse.Namespace:
     return argparse.Namespace(
         side=side,
-        preset="tiny-paligemma",
+        preset=preset,
         steps=1,
         warmup=0,
         batch_size=2,
@@ -24,7 +27,7 @@ def _args(tmp_path, side: str) -> argparse.Namespace:
         num_workers=0,
         samples=2,
         optimizer="adamw",
-        group_by_length=True,
+        group_by_length=group_by_length,
         feature_cache=None,
         data_dir=str(tmp_path),
         method="lora",
@@ -36,14 +39,37 @@ def _args(tmp_path, side: str) -> argparse.Namespace:
 
 
 @pytest.mark.slow
-def test_both_sides_run_one_step_and_agree_on_the_loss(tmp_path):
-    results = {side: [bench.run_side(_args(tmp_path, side))] for side in bench.SIDES}
+@pytest.mark.parametrize("preset", ["tiny-paligemma", "tiny-gemma3", "tiny-smolvlm2"])
+def test_both_sides_train_the_same_thing_on_the_same_batch(tmp_path, preset):
+    """Every family's reference recipe supervises what pg_tune supervises (the answer and its end
+    token), on the same first batch: equal first losses and equal adapters, proved by the bench."""
+    args = {side: _args(tmp_path, side, preset, group_by_length=False) for side in bench.SIDES}
+    results = {side: [bench.run_side(args[side])] for side in bench.SIDES}
     ours, ref = results["pg_tune"][0], results["reference"][0]
     assert ours.samples_per_s > 0 and ref.samples_per_s > 0 and ours.peak_memory_gb > 0
-    # same model, same two rows (one batch): the step-1 losses are the same loss
-    assert ours.first_loss == pytest.approx(ref.first_loss, rel=1e-5)
+    assert ours.trainable_params == ref.trainable_params > 0
+    proved, verdict = bench.same_training(results, args["pg_tune"], vocab=300_000)
+    assert proved and verdict.startswith("same training"), verdict
     table = bench.format_table(results, peak_gflops=100.0, device="cpu")
     assert "ratio" in table and "pg_tune" in table and "reference" in table
+
+
+def test_the_verdict_names_a_different_loss_or_adapter(tmp_path):
+    def result(side, loss, trainable):
+        return bench.SideResult(side, 2, 1.0, 1.0, 1.0, "peak RSS", 1.0, 1.0, 0.5, loss, trainable)
+
+    args = _args(tmp_path, "pg_tune", group_by_length=False)
+    same = {"pg_tune": [result("pg_tune", 12.5920, 100)], "reference": [result("reference", 12.5920, 100)]}
+    assert bench.same_training(same, args, vocab=262_208)[0]
+    # Gemma 3's first losses before the reference supervised the answer only: 12.592 vs 12.536.
+    other = {"pg_tune": [result("pg_tune", 12.592, 100)], "reference": [result("reference", 12.536, 100)]}
+    proved, verdict = bench.same_training(other, args, vocab=262_208)
+    assert not proved and verdict.startswith("NOT the same training")
+    zero = {"pg_tune": [result("pg_tune", 12.592, 100)], "reference": [result("reference", 12.592, 0)]}
+    proved, verdict = bench.same_training(zero, args, vocab=262_208)
+    assert not proved and verdict.startswith("NOT the same adapter")
+    grouped = _args(tmp_path, "pg_tune", group_by_length=True)
+    assert "not compared" in bench.same_training(other, grouped, vocab=262_208)[1]
 
 
 def test_step_flops_of_bench_mini_match_the_hand_count():
@@ -53,3 +79,20 @@ def test_step_flops_of_bench_mini_match_the_hand_count():
     head = 4 * 80 * 256 * 257216
     assert 40e9 < total < 46e9
     assert 0.45 < head / total < 0.52
+
+
+def test_profile_times_every_part_of_the_step(tmp_path):
+    """``bench --profile``: the step taken apart (data, vision, decoder, head, backward, optimizer)
+    and timed whole, each part measured on every timed step; the table names them all."""
+    from pg_tune.measure.bench_profile import PARTS, format_profile, profile_pg_tune
+    from pg_tune.measure.bench_setup import make_samples
+
+    args = _args(tmp_path, "pg_tune", group_by_length=False)
+    args.warmup, args.steps = 1, 2
+    samples = make_samples(tmp_path, 4)
+    times = profile_pg_tune(args, samples, "cpu", family_of("tiny-paligemma"))
+    assert set(times) == {*PARTS, "step"}
+    assert all(len(times[part]) == 2 and all(w > 0 and c >= 0 for w, c in times[part]) for part in times)
+    table = format_profile(times, args.batch_size)
+    assert all(line.split()[0] in (*PARTS, "sum", "step") for line in table.splitlines()[2:])
+    assert len(table.splitlines()) == 2 + len(PARTS) + 2

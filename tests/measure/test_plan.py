@@ -9,8 +9,6 @@ from pg_tune.config.recipe import parse_recipe
 from pg_tune.measure.plan import estimate, parse_memory, suggest_micro_batch
 from tests.families import family_of
 
-IMAGE_TOKEN_ID = 257152
-
 
 def _recipe(preset: str, **train):
     return parse_recipe(
@@ -30,11 +28,11 @@ def _part(plan, name: str) -> float:
 
 def _prepared(recipe):
     from pg_tune.models.family import resolve_dtype
-    from pg_tune.models.paligemma.tiny import build_base
     from pg_tune.train.adapters import prepare_model
 
-    model = build_base(recipe.model.name_or_path).to(resolve_dtype(recipe.model.dtype))
-    return prepare_model(model, recipe, family_of(recipe)).train()
+    family = family_of(recipe)
+    model = family.tiny_module.build_base(recipe.model.name_or_path).to(resolve_dtype(recipe.model.dtype))
+    return prepare_model(model, recipe, family).train()
 
 
 def test_weights_lora_gradients_and_optimizer_are_exact():
@@ -49,30 +47,38 @@ def test_weights_lora_gradients_and_optimizer_are_exact():
     assert all(p.name != "runtime (imports)" for p in plan.parts)  # CPU only
 
 
+def _longest_batch(recipe, family, model):
+    """One training batch of rows as long as the plan budgets: the largest image the processor
+    makes (a square at its longest edge) and a target that fills ``data.max_text_length``."""
+    from PIL import Image
+
+    from pg_tune.config.recipe import ModelConfig
+    from pg_tune.data.sample import Sample
+    from pg_tune.models.tiny import WORDS
+
+    processor = family.load_processor(ModelConfig(name_or_path=recipe.model.name_or_path))
+    side = int(getattr(processor.image_processor, "size", {}).get("longest_edge", 64))
+    image = Image.new("RGB", (side, side), (120, 30, 200))
+    suffix = " ".join(WORDS[i % 50] for i in range(4 * recipe.data.max_text_length))
+    # The second row is shorter: padding, as in any real batch (SDPA then expands grouped k/v heads).
+    suffixes = [suffix, "a red circle"]
+    samples = [
+        Sample(image=image, prefix="caption en", suffix=t, source=f"r{i}") for i, t in enumerate(suffixes)
+    ]
+    collator = family.collator(processor, recipe.data.max_text_length)
+    batch = collator(list(enumerate(samples[: recipe.train.batch_size])))
+    # A cut target drops the chat template's newline after it: one position under the budget.
+    assert 0 <= collator.max_row_length() - batch["input_ids"].shape[1] <= 1
+    return batch
+
+
 def _saved_activation_bytes(recipe) -> int:
     """Bytes autograd keeps for backward in one pg_tune training forward (parameters excluded)."""
     from pg_tune.train.loss import SuffixLoss
 
     model = _prepared(recipe)
-    config = model.get_base_model().config
-    image_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    batch, text = recipe.train.batch_size, recipe.data.max_text_length
-    length = image_tokens + text
-    torch.manual_seed(0)
-    ids = torch.randint(10, 1000, (batch, length))
-    ids[:, :image_tokens] = IMAGE_TOKEN_ID
-    labels = torch.full((batch, length), -100)
-    labels[:, -20:] = ids[:, -20:]
-    token_type_ids = (labels != -100).long()
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "token_type_ids": token_type_ids,
-        "labels": labels,
-        "pixel_values": torch.randn(
-            batch, 3, config.vision_config.image_size, config.vision_config.image_size
-        ),
-    }
+    family = family_of(model)
+    inputs = _longest_batch(recipe, family, model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -83,16 +89,25 @@ def _saved_activation_bytes(recipe) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        SuffixLoss(model, family_of(model))(inputs)
+        SuffixLoss(model, family)(inputs)
     return sum(storages.values())
 
 
 @pytest.mark.parametrize(
     ("preset", "dtype"),
-    [("tiny-paligemma2", "float32"), ("tiny-paligemma2", "bfloat16"), ("tiny-paligemma", "bfloat16")],
+    [
+        ("tiny-paligemma2", "float32"),
+        ("tiny-paligemma2", "bfloat16"),
+        ("tiny-paligemma", "bfloat16"),
+        ("tiny-gemma3", "float32"),
+        ("tiny-smolvlm2", "float32"),
+        ("tiny-smolvlm2", "bfloat16"),
+    ],
 )
 def test_activation_estimate_matches_what_autograd_saves(preset, dtype):
-    # Gemma 2 runs eager attention (scores kept), Gemma SDPA; bf16 bases cast each LoRA input to fp32.
+    # Gemma 2 runs eager attention (scores kept), the others SDPA; Gemma 3 adds per-head q/k norms;
+    # SmolVLM2 is Llama (2 norms, SiLU MLP) after up to 10 tiles of image tokens; bf16 bases cast
+    # each LoRA input to fp32.
     recipe = _recipe(preset, dtype=dtype)
     estimated = _part(estimate(recipe, family_of(recipe), device="cuda"), "activations")
     measured = _saved_activation_bytes(recipe)
@@ -123,35 +138,66 @@ def test_suggests_the_largest_micro_batch_that_fits_with_accumulation():
     assert suggest_micro_batch(recipe, family_of(recipe), memory=at[1] * 0.9, device="cuda") is None
 
 
-def test_cpu_plan_counts_runtime_and_mapped_checkpoint_pages(tmp_path):
+def test_cpu_plan_counts_the_runtime_and_no_mapped_checkpoint(tmp_path):
     from pg_tune.models.paligemma.tiny import save_checkpoint
 
     plan = estimate(_recipe("tiny-paligemma2"), family_of(_recipe("tiny-paligemma2")), device="cpu")
     assert 1e8 < _part(plan, "runtime") < 4e9  # this process's RSS after the imports: measured
-    checkpoint = save_checkpoint("tiny-paligemma2", tmp_path / "ckpt")  # stored fp32
-    on_disk = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
-
-    def recipe(mode):
-        r = _recipe("tiny-paligemma2")
-        r.model.name_or_path = str(checkpoint)
-        r.quantization.mode = mode
-        return r
-
-    assert not any(
-        p.name.startswith("checkpoint pages")
-        for p in estimate(recipe("none"), family_of(recipe("none")), "cpu").parts
-    )
-    qplan = estimate(recipe("4bit"), family_of(recipe("4bit")), "cpu")
-    # QLoRA keeps the files mapped: the pages not already counted as (view) weights are added.
-    assert _part(qplan, "checkpoint pages") == pytest.approx(on_disk - _part(qplan, "base weights (float32)"))
+    checkpoint = save_checkpoint("tiny-paligemma2", tmp_path / "ckpt")
+    recipe = _recipe("tiny-paligemma2")
+    recipe.model.name_or_path = str(checkpoint)
+    recipe.quantization.mode = "4bit"
+    # The loader reads each tensor into its own memory (pg_tune.models.shards): nothing stays mapped.
+    assert not any("mapped" in p.name for p in estimate(recipe, family_of(recipe), "cpu").parts)
 
 
 def test_parse_memory():
     assert parse_memory("24GiB") == 24 * 2**30
     assert parse_memory("80GB") == 80 * 10**9
     assert parse_memory("512 MiB") == 512 * 2**20
-    with pytest.raises(ValueError, match="expected a size"):
-        parse_memory("lots")
+    assert parse_memory("1e12") == 10**12
+    for bad in ("lots", "nan", "inf", "-5GiB", "", ".", "1.2.3"):
+        with pytest.raises(ValueError, match="expected a size"):
+            parse_memory(bad)
+    for out_of_range in ("0", "0.1", "1e400", "2000PB"):
+        with pytest.raises(ValueError, match="expected between 1 byte and"):
+            parse_memory(out_of_range)
+
+
+@pytest.mark.parametrize("memory", ["abc", "nan", "inf", "1e400", "-5GiB", "0", ""])
+def test_cli_refuses_a_bad_memory_in_one_line(memory, capsys):
+    from pg_tune.cli import main
+
+    assert main(["plan", "recipes/demo/shapes_tiny.yaml", f"--memory={memory}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pg-tune plan: error: --memory") and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_names_an_unknown_model_in_one_line(capsys):
+    from pg_tune.cli import main
+
+    assert (
+        main(
+            ["plan", "recipes/demo/shapes_tiny.yaml", "model.name_or_path=nobody/nothing", "--device", "cpu"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pg-tune plan: error: no model family for 'nobody/nothing'") and "\n" not in err
+
+
+def test_an_absurd_global_batch_is_refused_or_split_without_walking_it():
+    from pg_tune.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.batch_size: must be <= 65536"):
+        _recipe("tiny-paligemma2", batch_size=10**21)  # the recipe refuses it before plan
+    recipe = _recipe("tiny-paligemma2", batch_size=65536, grad_accum=65536)  # 2**32 in range per key
+    with pytest.raises(ValueError, match="too large to split"):
+        suggest_micro_batch(recipe, family_of(recipe), memory=2**40, device="cuda")
+    # A prime: only 1 and itself divide it; found by bisection over two divisors.
+    recipe = _recipe("tiny-paligemma2", batch_size=65521)
+    micro, accum, _ = suggest_micro_batch(recipe, family_of(recipe), memory=2**35, device="cuda")
+    assert (micro, accum) == (1, 65521)
 
 
 def test_cli_prints_parts_and_the_fit(capsys):

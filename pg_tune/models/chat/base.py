@@ -38,7 +38,7 @@ from pg_tune.data.collate import one_index_per_pair, pair_rows
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.evaluate.metrics.detection import object_confidence
-from pg_tune.models.family import ModelFamily, ParsedObject
+from pg_tune.models.family import ImageBudget, ModelFamily, ParsedObject
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
@@ -262,6 +262,19 @@ class ChatCollator(abc.ABC):
         room = self._room(sample, prompt_tokens)
         return len(prompt_tokens) + min(len(supervised), room), len(prompt_tokens) + len(supervised)
 
+    def row_length(self, sample: Sample) -> int:
+        """Positions of the encoded row: the image's text (its size read from the file header when
+        the family's image tokens depend on it), the turns and the budgeted text."""
+        image_text, _ = self.family.image_text(self.processor, sample)
+        return len(self.encode(sample, image_text).input_ids)
+
+    def max_row_length(self) -> int:
+        """The largest image's text and the turns around it, plus ``data.max_text_length``."""
+        image_text, _ = self.family.image_text(self.processor, None)
+        _, trailer = self.family.assistant_turn("x")
+        turns = self._tokens(self.family.user_turn(image_text, ""))
+        return len(turns) + self.max_text_length + len(self._tokens(trailer))
+
     def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
         pixels, image_texts = self._images([sample for _, sample in batch])
         return {**self._text_batch(batch, image_texts), **pixels}
@@ -339,8 +352,18 @@ class ChatFamily(ModelFamily):
         """The token that ends the assistant's turn (supervised; generation stops there)."""
 
     @abc.abstractmethod
+    def image_text(self, processor: Any, sample: Sample | None) -> tuple[str, int]:
+        """The text that stands for ``sample``'s image in the user turn (image tokens and markers,
+        as the processor expands it) and the encoder passes it takes; for the largest image the
+        processor's settings allow when ``sample`` is None. Reads the image's size, never its pixels."""
+
+    def image_budget(self, processor: Any, sample: Sample | None = None) -> ImageBudget:
+        text, passes = self.image_text(processor, sample)
+        return ImageBudget(len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]), passes)
+
     def largest_image_text(self, processor: Any) -> str:
-        """The text that stands for the largest image the processor makes (its image tokens)."""
+        """The text that stands for the largest image the processor's settings allow."""
+        return self.image_text(processor, None)[0]
 
     def sequence_overhead(self, processor: Any) -> int:
         """The largest image block plus the chat template's turns: what ``encode`` does not budget."""
@@ -403,41 +426,55 @@ class ChatFamily(ModelFamily):
         """Text boxes (module docstring), each scored by the tokens that wrote it."""
         return parse_text_boxes(text, task, image_size, token_logprobs)
 
+    def reference_image_kwargs(self, processor: ProcessorMixin) -> dict[str, Any]:
+        """Image settings the HF recipe passes to the processor call (a processor's call defaults
+        override its image processor's attributes): the recipe's ``model.image`` budget, as users pass it."""
+        return {}
+
     def reference_batch(
         self, processor: ProcessorMixin, samples: Sequence[Sample]
     ) -> dict[str, torch.Tensor]:
-        """TRL's / the transformers vision examples' recipe: the processor's chat template renders the
-        user turn (image + prompt) and the answer, and ``labels`` are the ids with padding and the image
-        placeholders (Gemma 3: soft tokens, begin/end of image) set to -100: the whole conversation is
-        supervised."""
+        """TRL's ``SFTTrainer`` recipe for prompt-completion data (the transformers vision examples'
+        collate function with TRL's default completion-only loss): the processor's chat template renders
+        the user turn (image + prompt) and the answer, the processor tokenizes it (no second ``<bos>``:
+        the template writes it, as TRL passes ``add_special_tokens=False``), and ``labels`` are the
+        answer's ids and its end-of-turn token; the prompt, the image, the template's newline after the
+        end of turn and the padding are -100.
+
+        Supervising the whole conversation instead (the examples' older collate functions, which mask
+        only padding and the ``<image>`` placeholders) trains the model to predict the user's prompt and
+        the image markers (SmolVLM2's ``<row_1_col_1>``, ``<global-img>``): not the task, and a
+        different loss from the same batch. pg_tune supervises the answer and its end-of-turn token
+        only (``ChatCollator``), so on the same batch both sides' losses are equal."""
         from PIL import Image
 
-        tokenizer = processor.tokenizer
-        names = ("image_token_id", "boi_token_id", "eoi_token_id")
-        image_ids = {getattr(tokenizer, n, None) for n in names} | {processor.image_token_id}
-        image_ids.discard(None)
-        texts = [
-            processor.apply_chat_template(
-                [
-                    {
-                        "role": "user",
-                        "content": [{"type": "image"}, {"type": "text", "text": self.render_prompt(s)}],
-                    },
-                    {"role": "assistant", "content": [{"type": "text", "text": s.suffix}]},
-                ],
-                tokenize=False,
-            )
+        def conversation(sample: Sample, answer: bool) -> list[dict]:
+            user = {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": self.render_prompt(sample)}],
+            }
+            if not answer:
+                return [user]
+            return [user, {"role": "assistant", "content": [{"type": "text", "text": sample.suffix}]}]
+
+        texts = [processor.apply_chat_template(conversation(s, True), tokenize=False) for s in samples]
+        prompts = [
+            processor.apply_chat_template(conversation(s, False), tokenize=False, add_generation_prompt=True)
             for s in samples
         ]
         images = [[Image.open(s.image).convert("RGB")] for s in samples]
-        # The template wrote every special token (Gemma 3: <bos>); TRL passes add_special_tokens=False too.
-        batch = processor(
-            text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        labels = batch["input_ids"].clone()
-        labels[batch["attention_mask"] == 0] = -100
-        for token_id in image_ids:
-            labels[labels == token_id] = -100
+        kwargs = {"return_tensors": "pt", "padding": True, "add_special_tokens": False}
+        kwargs.update(self.reference_image_kwargs(processor))
+        batch = processor(text=texts, images=images, **kwargs)
+        prompt_lengths = processor(text=prompts, images=images, **kwargs)["attention_mask"].sum(dim=1)
+        end_of_turn = self.end_of_turn_id(processor)
+        labels = torch.full_like(batch["input_ids"], -100)
+        for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"], strict=True)):
+            real = mask.nonzero().flatten()  # the row's tokens, whichever side the padding is on
+            answer = real[int(prompt_lengths[row]) :]
+            ends = (ids[answer] == end_of_turn).nonzero().flatten()
+            answer = answer[: int(ends[0]) + 1] if len(ends) else answer
+            labels[row, answer] = ids[answer]
         batch["labels"] = labels
         return batch
 

@@ -13,7 +13,10 @@ The sequence, as Gemma 3's chat template and processor render one user turn and 
 - Labels cover the target and its ``<end_of_turn>``; the trailing newline, the prompt, the image
   and the pads are -100.
 - SigLIP sees the image resized to a square (896 px for the released checkpoints), 4096 patches
-  average-pooled 4 x 4 to 256 soft tokens; no pan-and-scan crops (one image = 256 tokens).
+  average-pooled 4 x 4 to 256 soft tokens: one image = 256 tokens. With ``model.image.pan_and_scan``
+  a wide or tall picture also gets 2 to ``max_crops`` crops along its long side, each 256 more
+  tokens, laid out as ``Gemma3Processor`` does ("Here is the original image ... and here are some
+  crops to help you see better ...").
 - No final logit soft-cap; the LM head is tied to the 262,208-row embedding table.
 
 Box tasks are text (``pg_tune.models.chat.base``); there are no location or mask tokens.
@@ -21,11 +24,13 @@ Box tasks are text (``pg_tune.models.chat.base``); there are no location or mask
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
 
+from pg_tune.data.images import image_size
 from pg_tune.data.sample import Sample
 from pg_tune.models.chat import gemma3_tiny
 from pg_tune.models.chat.base import ChatCollator, ChatFamily
@@ -33,19 +38,55 @@ from pg_tune.models.family import EngineSupport, ModulePaths
 
 
 class Gemma3Collator(ChatCollator):
-    """Gemma 3 batches: one image per row, 256 soft tokens, ``token_type_ids`` on them."""
+    """Gemma 3 batches: one image per row, 256 soft tokens (per crop with pan and scan),
+    ``token_type_ids`` on them."""
 
     def _images(self, samples: Sequence[Sample]) -> tuple[dict[str, torch.Tensor], list[str]]:
         images = self._load_images(samples)
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels}, [self.processor.full_image_sequence] * len(samples)
+        processed = self.processor.image_processor(images=images, return_tensors="pt")
+        # With pan and scan, each image's crops follow it in pixel_values; num_crops says how many.
+        crops = processed.get("num_crops")
+        crops = [0] * len(samples) if crops is None else [int(n) for n in crops]
+        texts = [image_sequence(self.processor, n) for n in crops]
+        return {"pixel_values": processed["pixel_values"]}, texts
 
     def text_batch(self, batch):
-        """Everything but ``pixel_values``: the image text is the same for every row."""
-        return self._text_batch(batch, [self.processor.full_image_sequence] * len(batch))
+        """Everything but ``pixel_values`` (the crops of pan and scan counted from each image's size)."""
+        texts = [self.family.image_text(self.processor, sample)[0] for _, sample in batch]
+        return self._text_batch(batch, texts)
 
     def _extra(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token_type_ids": (input_ids == self.processor.tokenizer.image_token_id).long()}
+
+
+def image_sequence(processor, crops: int) -> str:
+    """The text standing for one image and its ``crops`` pan-and-scan crops, as ``Gemma3Processor``
+    expands it (``replace_image_token``)."""
+    whole = processor.full_image_sequence
+    if not crops:
+        return whole
+    return f"Here is the original image {whole} and here are some crops to help you see better " + " ".join(
+        [whole] * crops
+    )
+
+
+def pan_and_scan_crops(image_processor, width: int, height: int) -> int:
+    """How many crops ``Gemma3ImageProcessor.pan_and_scan`` cuts from a ``width`` x ``height`` image
+    (its arithmetic, without the pixels): 0 below the aspect ratio that activates it or when a crop
+    would be under the minimum size, else 2 to ``pan_and_scan_max_num_crops`` along the long side."""
+    if not image_processor.do_pan_and_scan:
+        return 0
+    ratio = image_processor.pan_and_scan_min_ratio_to_activate
+    min_size = image_processor.pan_and_scan_min_crop_size
+    most = image_processor.pan_and_scan_max_num_crops
+    long, short = max(width, height), min(width, height)
+    if long / short < ratio:
+        return 0
+    crops = min(int(math.floor(long / min_size)), int(math.floor(long / short + 0.5)))
+    crops = min(most, max(2, crops))
+    if min(int(math.ceil(long / crops)), short) < min_size:
+        return 0
+    return crops
 
 
 class Gemma3Family(ChatFamily):
@@ -100,6 +141,7 @@ class Gemma3Family(ChatFamily):
             source="TGI docs, supported_models: Gemma3; TGI is in maintenance mode",
         ),
     }  # fmt: skip
+    image_settings = ("pan_and_scan", "max_crops", "min_crop_size")
 
     def user_turn(self, image_text: str, prompt: str) -> str:
         # The template trims text items ({{ item['text'] | trim }}).
@@ -111,5 +153,47 @@ class Gemma3Family(ChatFamily):
     def end_of_turn_id(self, processor) -> int:
         return processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")
 
-    def largest_image_text(self, processor) -> str:
-        return processor.full_image_sequence  # every image is the same number of soft tokens
+    def image_text(self, processor, sample: Sample | None) -> tuple[str, int]:
+        """``<start_of_image>``, ``image_seq_length`` soft tokens, ``<end_of_image>``; with pan and scan
+        as many more as the image's crops (the most: ``pan_and_scan_max_num_crops``)."""
+        images = processor.image_processor
+        if sample is None:
+            crops = images.pan_and_scan_max_num_crops if images.do_pan_and_scan else 0
+        else:
+            width, height = sample.image_size or image_size(sample.image, sample.source)
+            crops = pan_and_scan_crops(images, width, height)
+        return image_sequence(processor, crops), 1 + crops
+
+    def reference_image_kwargs(self, processor) -> dict:
+        """``Gemma3Processor`` turns pan and scan off in its call defaults: users pass it per call."""
+        images = processor.image_processor
+        if not images.do_pan_and_scan:
+            return {}
+        return {
+            "do_pan_and_scan": True,
+            "pan_and_scan_max_num_crops": images.pan_and_scan_max_num_crops,
+            "pan_and_scan_min_crop_size": images.pan_and_scan_min_crop_size,
+            "pan_and_scan_min_ratio_to_activate": images.pan_and_scan_min_ratio_to_activate,
+        }
+
+    def check_image_settings(self, image, feature_cache: bool = False) -> None:
+        super().check_image_settings(image, feature_cache)
+        if image.pan_and_scan and feature_cache:
+            raise ValueError(
+                "model.image.pan_and_scan: the number of crops varies per image, so data.feature_cache "
+                "cannot store their features; remove data.feature_cache or pan_and_scan"
+            )
+
+    def configure_processor(self, processor, image):
+        """``model.image.pan_and_scan`` (with ``max_crops`` / ``min_crop_size``) on the image processor;
+        unset values keep the processor's, else transformers' defaults (4 crops, 256 px, ratio 1.2)."""
+        images = processor.image_processor
+        if image.pan_and_scan is not None:
+            images.do_pan_and_scan = image.pan_and_scan
+        if images.do_pan_and_scan:
+            images.pan_and_scan_max_num_crops = image.max_crops or images.pan_and_scan_max_num_crops or 4
+            images.pan_and_scan_min_crop_size = (
+                image.min_crop_size or images.pan_and_scan_min_crop_size or 256
+            )
+            images.pan_and_scan_min_ratio_to_activate = images.pan_and_scan_min_ratio_to_activate or 1.2
+        return processor

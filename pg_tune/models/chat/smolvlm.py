@@ -33,6 +33,7 @@ from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_stri
 from transformers.utils import is_torchvision_available
 
 from pg_tune.config.recipe import ModelConfig
+from pg_tune.data.images import image_size
 from pg_tune.data.sample import Sample
 from pg_tune.models.chat import smolvlm_tiny
 from pg_tune.models.chat.base import ChatCollator, ChatFamily
@@ -123,10 +124,34 @@ class SmolVLMFamily(ChatFamily):
         ),
     }  # fmt: skip
 
-    def load_processor(self, model: ModelConfig) -> SmolVLMProcessor:
+    def published_config(self, name_or_path: str):
+        """SmolVLM2-256M's published config (``smolvlm_shapes.py``), by hub id."""
+        from pg_tune.models.chat.smolvlm_shapes import shape_config, shape_of_hub_id
+
+        shape = shape_of_hub_id(name_or_path)
+        return shape_config(shape) if shape is not None else None
+
+    def published_processor(self, name_or_path: str) -> SmolVLMProcessor | None:
+        """SmolVLM2-256M's published image settings (longest edge 2048, 512 px tiles), tiny tokenizer."""
+        from pg_tune.models.chat.smolvlm_shapes import build_processor, shape_of_hub_id
+
+        shape = shape_of_hub_id(name_or_path)
+        return build_processor(shape) if shape is not None else None
+
+    image_settings = ("longest_edge", "splitting")
+
+    def configure_processor(self, processor: SmolVLMProcessor, image) -> SmolVLMProcessor:
+        """``model.image.longest_edge`` resizes before tiling; ``splitting: false`` keeps the global view only."""
+        if image.longest_edge is not None:
+            processor.image_processor.size = {"longest_edge": image.longest_edge}
+        if image.splitting is not None:
+            processor.image_processor.do_image_splitting = image.splitting
+        return processor
+
+    def _processor(self, model: ModelConfig) -> SmolVLMProcessor:
         """The processor; without torchvision its video part is a stand-in (pg_tune passes no videos)."""
         if self.is_tiny(model.name_or_path) or is_torchvision_available():
-            return super().load_processor(model)
+            return super()._processor(model)
         from transformers import AutoTokenizer
 
         kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
@@ -149,20 +174,25 @@ class SmolVLMFamily(ChatFamily):
     def end_of_turn_id(self, processor) -> int:
         return processor.tokenizer.convert_tokens_to_ids(processor.end_of_utterance_token)
 
-    def largest_image_text(self, processor) -> str:
-        """Tiles of an image resized to the longest edge on both sides, plus the global view."""
-        image_processor = processor.image_processor
-        tiles = -(-image_processor.size["longest_edge"] // image_processor.max_image_size["longest_edge"])
-        if not getattr(image_processor, "do_image_splitting", True):
-            tiles = 0
-        return get_image_prompt_string(
-            tiles,
-            tiles,
+    def image_text(self, processor, sample: Sample | None) -> tuple[str, int]:
+        """Tiles and global view as the image processor cuts an image of this size
+        (``get_number_of_image_patches``, the same arithmetic as its resize and split); the largest
+        is a square at the processor's longest edge."""
+        images = processor.image_processor
+        if sample is None:
+            height = width = int(images.size["longest_edge"])
+        else:
+            width, height = sample.image_size or image_size(sample.image, sample.source)
+        tiles, rows, cols = images.get_number_of_image_patches(height, width)
+        text = get_image_prompt_string(
+            rows,
+            cols,
             processor.image_seq_len,
             fake_token_around_image=processor.fake_image_token,
             image_token=processor.image_token,
             global_image_token=processor.global_image_token,
         )
+        return text, max(tiles, 1)
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Connector output of every real tile, concatenated: ``[image tokens in the batch, hidden]``."""

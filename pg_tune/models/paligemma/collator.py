@@ -100,6 +100,14 @@ class PaliGemmaCollator:
         row = self.encode(sample)
         return len(row.input_ids) - self.num_image_tokens, row.untruncated_length
 
+    def row_length(self, sample: Sample) -> int:
+        """Image tokens (the same for every image at one resolution) plus the text of the row."""
+        return self.num_image_tokens + self.text_length(sample)[0]
+
+    def max_row_length(self) -> int:
+        """Image tokens plus ``data.max_text_length`` (which counts bos, the newline and eos)."""
+        return self.num_image_tokens + self.max_text_length
+
     def __call__(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
         return {**self.text_batch(batch), "pixel_values": self._pixels(batch)}
 

@@ -147,6 +147,10 @@ class PaliGemmaFamily(ModelFamily):
             note="no chat endpoint: POST /generate with the image inlined as ![](data:...) before the prompt",
         ),
     }  # fmt: skip
+    image_settings_note = (
+        "the image tokens are fixed by the checkpoint's resolution (224 / 448 / 896 px: 256 / 1,024 / "
+        "4,096 tokens); choose the checkpoint of the resolution you want (e.g. google/paligemma2-3b-pt-448)"
+    )
 
     def published_config(self, name_or_path: str) -> PaliGemmaConfig | None:
         """The published configs of PaliGemma 1/2 checkpoints (``shapes.py``), by hub id."""
@@ -154,6 +158,16 @@ class PaliGemmaFamily(ModelFamily):
 
         shape = shape_of_hub_id(name_or_path)
         return shape_config(shape) if shape is not None else None
+
+    def published_processor(self, name_or_path: str) -> PaliGemmaProcessor | None:
+        """``PaliGemmaProcessor`` at a published checkpoint's resolution (the tiny tokenizer)."""
+        from pg_tune.models.paligemma.shapes import _SIGLIP_SO400M, SHAPES, shape_of_hub_id
+
+        shape = shape_of_hub_id(name_or_path)
+        if shape is None:
+            return None
+        patch = _SIGLIP_SO400M["patch_size"]
+        return tiny.build_processor(tiny.TinyPreset(image_size=SHAPES[shape].image_size, patch_size=patch))
 
     def sequence_overhead(self, processor) -> int:
         """``<image>`` x N before the text; bos, prompt, newline, target and eos are the text budget."""

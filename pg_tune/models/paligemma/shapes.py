@@ -9,11 +9,11 @@ The folder is in the hub's layout (bf16 safetensors shards + ``model.safetensors
 It is for measuring memory and speed at real size (``benchmarks/real_shapes.py``), never for
 quality: the weights are random.
 
-The whole model never sits in memory: it is built on the meta device, and each shard's tensors are
-materialised, initialised by transformers' own ``_init_weights`` (RMSNorm scales at zero, LayerNorm
-at one, linears and embeddings normal(0, 0.02)), written and freed before the next shard. Peak
-memory is about one shard (``--max-shard-size``, 2 GB as the transformers conversion scripts save
-them) plus the largest single module.
+The whole model never sits in memory (``pg_tune.models.shapes.write_random_checkpoint``: built on the
+meta device, each shard materialised, initialised by transformers' own ``_init_weights`` — RMSNorm
+scales at zero, LayerNorm at one, linears and embeddings normal(0, 0.02) — written and freed before
+the next). Peak memory is about one shard (``--max-shard-size``, 2 GB as the transformers conversion
+scripts save them) plus the largest single module.
 
 The configs are those of the published checkpoints, from transformers' conversion scripts
 (``src/transformers/models/paligemma/convert_paligemma_weights_to_hf.py`` for PaliGemma 1 3B,
@@ -28,7 +28,6 @@ ordinary vocabulary): 257,153 tokens, so every id it produces has a row.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -36,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from transformers import GenerationConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PreTrainedModel
+from transformers import GenerationConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 from pg_tune.models.paligemma.layout import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID
 from pg_tune.models.paligemma.tiny import TinyPreset, build_processor
+from pg_tune.models.shapes import write_random_checkpoint
 
 VOCAB_ROWS = 257216
 """257,152 text + loc + seg tokens, ``<image>``, then padding to a multiple of 64 (conversion scripts)."""
@@ -170,49 +169,6 @@ def shape_config(name: str, text_overrides: dict[str, Any] | None = None) -> Pal
     return config
 
 
-def _initialiser(model: PreTrainedModel, module_path: str) -> PreTrainedModel:
-    """The innermost ``PreTrainedModel`` holding ``module_path``: its ``_init_weights`` knows the module."""
-    owner, node = model, model
-    for part in module_path.split(".") if module_path else []:
-        node = getattr(node, part)
-        if isinstance(node, PreTrainedModel):
-            owner = node
-    return owner
-
-
-def _saved_names(model: PreTrainedModel) -> dict[str, str]:
-    """Checkpoint key -> model parameter/buffer name, as ``save_pretrained`` would write them
-    (tied weights once, transformers' legacy key names restored)."""
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    by_id = {id(tensor): name for name, tensor in state.items()}
-    saved = revert_weight_conversion(model, dict(state))
-    return {key: by_id[id(tensor)] for key, tensor in saved.items()}
-
-
-def _release(module: torch.nn.Module | None) -> None:
-    """Give a materialised module's own tensors back to the meta device (children untouched)."""
-    if module is None:
-        return
-    for name, param in list(module.named_parameters(recurse=False)):
-        module.register_parameter(
-            name, torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        )
-    for name, buffer in list(module.named_buffers(recurse=False)):
-        if buffer is not None:
-            module._buffers[name] = buffer.to("meta")
-
-
-def _parse_size(text: str) -> int:
-    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "GIB": 2**30, "MIB": 2**20}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
 def write_checkpoint(
     config: PaliGemmaConfig,
     out_dir: str | Path,
@@ -221,60 +177,11 @@ def write_checkpoint(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write a random-weight checkpoint of ``config`` shard by shard; return the index written."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
-    with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(config).to(torch.bfloat16)
-    names = _saved_names(model)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key in sorted(names):
-        tensor = model.get_parameter_or_buffer(names[key])
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    torch.manual_seed(seed)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, keys in enumerate(shards):
-        filename = (
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        )
-        tensors = {}
-        live = None  # the one module with real storage (a weight and its bias are adjacent keys)
-        for key in keys:
-            module_path, _, leaf = names[key].rpartition(".")
-            module = model.get_submodule(module_path)
-            if module is not live:
-                _release(live)
-                module.to_empty(device="cpu", recurse=False)
-                _initialiser(model, module_path)._init_weights(module)
-                live = module
-            tensors[key] = getattr(module, leaf).detach().to(torch.bfloat16).clone()
-            total += tensors[key].numel() * tensors[key].element_size()
-            weight_map[key] = filename
-        _release(live)
-        save_file(tensors, out_dir / filename, metadata={"format": "pt"})
-        print(
-            f"wrote {filename}: {len(keys)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters"
-        )
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    if len(shards) > 1:  # as save_pretrained: a single shard has no index
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config.architectures = ["PaliGemmaForConditionalGeneration"]
-    config.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(out_dir)
-    build_processor(
-        TinyPreset(image_size=image_size, patch_size=config.vision_config.patch_size)
-    ).save_pretrained(out_dir)
-    return index
+    processor = build_processor(TinyPreset(image_size=image_size, patch_size=config.vision_config.patch_size))
+    generation = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    return write_random_checkpoint(
+        PaliGemmaForConditionalGeneration, config, processor, out_dir, generation, max_shard_size, seed
+    )
 
 
 def write_shape(name: str, out_dir: str | Path, max_shard_size: str = "2GB", seed: int = 0) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""Where one pg_tune training step spends its time: data, vision, decoder, head, backward, optimizer.
+
+    python -m pg_tune.measure.bench --preset bench-mini --profile            # fp32
+    python -m pg_tune.measure.bench --preset bench-mini --profile --dtype bfloat16
+    python -m pg_tune.measure.bench --preset bench-mini --profile --ops 15   # + the top operators
+
+The step is ``SuffixLoss``'s, taken apart: each part runs on its own and is timed with the wall clock
+and with this process's CPU time (``--threads`` threads, synchronised on CUDA), medians over
+``--steps`` steps after ``--warmup``. On a machine other jobs share, the CPU column is the one to
+read: it counts the part's work, not the time it waited for a core.
+The parts add up to the step (the sum is printed beside the whole step timed in one piece):
+
+- data: the next batch from pg_tune's DataLoader (image decode and resize, tokenisation, collation);
+- vision: the frozen image encoder and projector (``ModelFamily.image_features``, no autograd);
+- decoder: the language model's forward to the last hidden states (``decoder_hidden``);
+- head: the fused suffix-only LM head, forward and the gradient it makes at the same time;
+- backward: autograd from the hidden states back through the decoder (LoRA gradients included);
+- optimizer: gradient clipping, AdamW's step and zeroing the gradients.
+
+``--ops N`` also prints torch.profiler's top N operators by self time over the same steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+
+PARTS = ("data", "vision", "decoder", "head", "backward", "optimizer")
+
+
+def profile_pg_tune(args, samples, device: str, family) -> dict[str, list[tuple[float, float]]]:
+    """Per-part (wall, CPU) seconds of each timed step (and ``step``: the whole step in one piece).
+    CPU seconds (all threads of this process) are the part's work whatever else runs here."""
+    import torch
+
+    from pg_tune.data.collate import IGNORE_INDEX
+    from pg_tune.data.loader import build_train_loader
+    from pg_tune.measure.bench_setup import base_model, bench_recipe, step_mark
+    from pg_tune.train.adapters import prepare_model
+    from pg_tune.train.loss import SuffixLoss, head_cross_entropy_sum
+    from pg_tune.train.optim import build_optimizer
+
+    recipe = bench_recipe(args)
+    model, processor = base_model(args, device, family)
+    model = prepare_model(model, recipe, family)
+    loader = build_train_loader(samples, processor, recipe, family)
+    loss_module = SuffixLoss(model, family).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, recipe.train)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    core = family.unwrap(model)
+    batches = _endless(loader)
+    times: dict[str, list[tuple[float, float]]] = {part: [] for part in (*PARTS, "step")}
+
+    def clock() -> tuple[float, float]:
+        return step_mark(device)
+
+    def took(a, b) -> tuple[float, float]:
+        return b[0] - a[0], b[1] - a[1]
+
+    for step in range(args.warmup + args.steps):
+        # The step in parts.
+        t0 = clock()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        t1 = clock()
+        with autocast:
+            features = family.image_features(core, batch)
+            t2 = clock()
+            hidden = family.decoder_hidden(core, batch, features)
+            t3 = clock()
+            targets = batch["labels"][:, 1:]
+            mask = targets != IGNORE_INDEX
+            weight, softcap = family.head(core)
+            total = head_cross_entropy_sum(
+                hidden[:, :-1][mask], weight, targets[mask], softcap, workspace=loss_module.workspace
+            )
+        t4 = clock()
+        (total / mask.sum()).backward()
+        t5 = clock()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t6 = clock()
+        # The same step in one piece, as pg_tune.measure.bench times it.
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        with autocast:
+            loss_sum, count = loss_module(batch)
+        (loss_sum / count).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t7 = clock()
+        if step >= args.warmup:
+            for part, seconds in zip(PARTS, itertools.pairwise((t0, t1, t2, t3, t4, t5, t6)), strict=True):
+                times[part].append(took(*seconds))
+            times["step"].append(took(t6, t7))
+    return times
+
+
+def top_operators(args, samples, device: str, family, count: int) -> str:
+    """torch.profiler's table of the ``count`` operators with the most self time over the steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        profile_pg_tune(args, samples, device, family)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=count)
+
+
+def format_profile(times: dict[str, list[tuple[float, float]]], batch_size: int) -> str:
+    """The breakdown: median wall and CPU ms per part, each part's share of the CPU sum, and the
+    whole step."""
+    wall = {part: statistics.median(w for w, _ in times[part]) for part in (*PARTS, "step")}
+    cpu = {part: statistics.median(c for _, c in times[part]) for part in (*PARTS, "step")}
+    total_wall, total_cpu = sum(wall[p] for p in PARTS), sum(cpu[p] for p in PARTS)
+    lines = [f"{'part':<10} {'wall ms':>9} {'CPU ms':>9} {'CPU share':>10}", "-" * 41]
+    for part in PARTS:
+        lines.append(
+            f"{part:<10} {1e3 * wall[part]:9.1f} {1e3 * cpu[part]:9.1f} {100 * cpu[part] / total_cpu:9.1f}%"
+        )
+    lines.append(f"{'sum':<10} {1e3 * total_wall:9.1f} {1e3 * total_cpu:9.1f}")
+    lines.append(
+        f"{'step':<10} {1e3 * wall['step']:9.1f} {1e3 * cpu['step']:9.1f}"
+        f"   (timed in one piece; {batch_size / wall['step']:.2f} samples/s wall)"
+    )
+    return "\n".join(lines)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
