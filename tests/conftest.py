@@ -31,3 +31,14 @@ def shapes_jsonl(tmp_path):
     from pg_tune.data.formats.shapes import write_jsonl
 
     return write_jsonl(tmp_path / "shapes", num_samples=24)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count (``bench --threads``) leaves it as it found it: a later
+    test comparing this process's run bitwise with a child process's needs the same count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

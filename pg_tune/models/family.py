@@ -106,6 +106,7 @@ class EngineSupport:
     """What else a user must know (versions, restrictions)."""
 
 
+@dataclass(frozen=True)
 class ImageBudget:
     """What one image costs a training row (``ModelFamily.image_budget``)."""
 
