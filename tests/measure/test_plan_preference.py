@@ -7,7 +7,7 @@ import torch
 from pg_tune.config.recipe import parse_recipe
 from pg_tune.measure.plan import estimate
 from tests.families import family_of
-from tests.measure.test_plan import IMAGE_TOKEN_ID, _part, _prepared, _recipe
+from tests.measure.test_plan import _part, _prepared, _recipe
 
 
 def _dpo(recipe):
@@ -32,7 +32,7 @@ def _saved_dpo_activation_bytes(recipe) -> int:
     pairs, length = recipe.train.batch_size, image_tokens + recipe.data.max_text_length
     torch.manual_seed(0)
     ids = torch.randint(10, 1000, (2 * pairs, length))
-    ids[:, :image_tokens] = IMAGE_TOKEN_ID
+    ids[:, :image_tokens] = model.get_base_model().config.image_token_id
     labels = torch.full((2 * pairs, length), -100)
     labels[:, -20:] = ids[:, -20:]
     size = config.vision_config.image_size
