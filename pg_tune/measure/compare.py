@@ -85,6 +85,11 @@ def check_models(models: list[str]) -> None:
         folders[folder] = model
     for model in models:
         if is_tiny_preset(model) or Path(model).exists():
+            if Path(model).is_file():
+                raise ConfigError(
+                    f"--models: {model!r}: a file, not a model folder (config.json, model.safetensors and the "
+                    "processor files); nothing was trained"
+                )
             family_for(model)  # a folder that is no model says why
             continue
         if "/" not in model:

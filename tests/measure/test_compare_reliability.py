@@ -34,7 +34,8 @@ def _refused(capsys, tmp_path, models: str, message: str) -> None:
     ("models", "message"),
     [
         ("tiny-paligemma2,tiny-paligema2", "--models: 'tiny-paligema2' is not a tiny preset"),
-        ("tiny-paligemma2,../../etc/passwd", "--models: '../../etc/passwd': no such folder"),
+        ("tiny-paligemma2,../../no/such/model", "--models: '../../no/such/model': no such folder"),
+        (f"tiny-paligemma2,{ROOT / 'pyproject.toml'}", "pyproject.toml': a file, not a model folder"),
         ("tiny-paligemma2,someone/not-a-vlm", "--models: 'someone/not-a-vlm': no model family"),
         ("tiny-paligemma2,tiny-gemma3,tiny-paligemma2", "--models: 'tiny-paligemma2' is given twice"),
         ("me/x,me--x", "--models: 'me/x' and 'me--x' would share the run folder runs/me--x"),
