@@ -1,0 +1,61 @@
+"""Host memory that goes back to the operating system once a tensor is freed (glibc's malloc).
+
+torch's CPU tensors come from ``malloc``. glibc serves a request of at least ``M_MMAP_THRESHOLD``
+bytes with its own ``mmap`` and unmaps it on ``free``, but it raises that threshold every time such
+a block is freed (up to 32 MiB on 64-bit), after which blocks below it come from the heap, and
+heap memory freed in the middle stays in the process's RSS. A model load or a training step frees
+thousands of buffers of a few MiB (the bf16 sources of quantized linears, dequantized 4-bit
+weights, activations), so RSS ratchets upward: at the PaliGemma 2 3B shape, QLoRA with batch 1
+held 0.4 GiB of freed memory after loading and 0.8 GiB more within each step
+(docs/performance.md, "Real shapes").
+
+``keep_large_blocks_returnable`` fixes the threshold at 256 KiB (``mallopt(M_MMAP_THRESHOLD)``,
+which also switches the raising off): every block from 256 KiB up is mapped on its own and
+unmapped when freed. ``release_free_memory`` hands back what the heap still holds
+(``malloc_trim(0)``). ``ModelFamily.load_model`` calls both around loading a checkpoint from disk,
+so training, evaluation, export and serving all run with them.
+
+The cost is a page fault per 4 KiB the first time a mapped block is touched; a step that allocates
+a few hundred MiB pays milliseconds (measured beside the default in docs/performance.md). Set
+``PG_TUNE_MALLOC=system`` to leave glibc's malloc as it is (e.g. under jemalloc or tcmalloc via
+``LD_PRELOAD``, which manage this themselves). Other C libraries (macOS, musl) are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from functools import cache
+
+MMAP_THRESHOLD = 256 * 1024
+"""Bytes from which every block gets its own mapping (glibc's initial default is 128 KiB)."""
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux") or os.environ.get("PG_TUNE_MALLOC", "") == "system":
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 -- present in glibc only (not musl)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@cache
+def keep_large_blocks_returnable() -> bool:
+    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` for this process (once); False where it
+    does not apply (not glibc, or ``PG_TUNE_MALLOC=system``)."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the OS (``malloc_trim(0)``); False where it does not apply."""
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0) in (0, 1))
