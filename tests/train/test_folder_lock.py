@@ -67,6 +67,14 @@ def _kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def _complete_steps(run: Path) -> list[int]:
+    return [
+        int(p.name.split("-")[1])
+        for p in (run / "checkpoints").glob("step-*")
+        if (p / "complete.json").is_file()
+    ]
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
@@ -116,8 +124,10 @@ def test_resume_and_overwrite_are_refused_while_a_run_trains_then_resume_works_a
         env={**_env(), "OMP_NUM_THREADS": "1"},
     )
     try:
+        # Any complete checkpoint from step 2 on: with keep_last 2, step-0000002 itself is deleted
+        # at step 4, which a poll can miss when the machine is busy.
         deadline = time.monotonic() + 300
-        while not (run / "checkpoints" / "step-0000002" / "complete.json").is_file():
+        while not _complete_steps(run) or max(_complete_steps(run)) < 2:
             assert live.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         for mode in (["--resume", "auto"], ["--overwrite"], []):
@@ -130,11 +140,7 @@ def test_resume_and_overwrite_are_refused_while_a_run_trains_then_resume_works_a
         assert steps[:2] == [1, 2]
     finally:
         _kill(live)
-    newest = max(
-        int(p.name.split("-")[1])
-        for p in (run / "checkpoints").glob("step-*")
-        if (p / "complete.json").is_file()
-    )
+    newest = max(_complete_steps(run))
     assert main(["train", recipe, "--resume", "auto", f"train.max_steps={newest + 1}"]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {run / 'checkpoints' / f'step-{newest:07d}'}" in out
