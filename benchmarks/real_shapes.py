@@ -114,7 +114,9 @@ def write_data(root: Path, count: int = 8) -> Path:
     return path
 
 
-def recipe_data(case: str, checkpoint: str, data: Path, run_dir: Path, steps: int) -> dict:
+def recipe_data(
+    case: str, checkpoint: str, data: Path, run_dir: Path, steps: int, checkpointing: bool = False
+) -> dict:
     return {
         "output_dir": str(run_dir),
         "model": {"name_or_path": checkpoint, "dtype": "bfloat16"},
@@ -122,7 +124,14 @@ def recipe_data(case: str, checkpoint: str, data: Path, run_dir: Path, steps: in
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attention_mlp"},
         # In file order on both sides: each side's first loss is the loss of the same first row.
         "data": {"train": [{"format": "jsonl", "path": str(data)}], "max_text_length": 64, "shuffle": False},
-        "train": {"max_steps": steps, "batch_size": 1, "lr": 1e-4, "warmup_ratio": 0.0, "log_every": 1},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 1,
+            "lr": 1e-4,
+            "warmup_ratio": 0.0,
+            "log_every": 1,
+            "gradient_checkpointing": checkpointing,
+        },
         "eval": {"before_training": False},
     }
 
@@ -136,7 +145,9 @@ def worker_pg_tune(args, sampler: RssSampler) -> dict:
     from pg_tune.config.recipe import parse_recipe, resolved
     from pg_tune.train.loop import train
 
-    data = recipe_data(args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps)
+    data = recipe_data(
+        args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps, args.checkpointing
+    )
     recipe = parse_recipe(data)
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
     load_model = family.load_model
@@ -173,7 +184,9 @@ def worker_reference(args, sampler: RssSampler) -> dict:
     from pg_tune.models.quantize import bnb_config
 
     recipe = parse_recipe(
-        recipe_data(args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps)
+        recipe_data(
+            args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps, args.checkpointing
+        )
     )
     family = load_family(args.checkpoint)
     kwargs = {"quantization_config": bnb_config(recipe.quantization, family)} if args.case == "qlora" else {}
@@ -217,6 +230,8 @@ def worker_reference(args, sampler: RssSampler) -> dict:
         output_dir=args.run_dir,
         per_device_train_batch_size=1,
         max_steps=args.steps,
+        gradient_checkpointing=args.checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         learning_rate=1e-4,
         max_grad_norm=1.0,
         optim="adamw_torch",
@@ -336,6 +351,7 @@ def _wait_for_memory(need_gib: float, what: str, patience_s: float = 900) -> boo
 def _launch(args, worker: str, **kw) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", worker, "--threads", str(args.threads)]
     cmd += ["--checkpoint", args.checkpoint, "--steps", str(args.steps)]
+    cmd += ["--checkpointing"] if args.checkpointing else []
     for key, value in kw.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     started = time.time()
@@ -353,13 +369,13 @@ def _launch(args, worker: str, **kw) -> dict | None:
     return result
 
 
-def plan_for(case: str, checkpoint: str, data: Path) -> dict | None:
+def plan_for(case: str, checkpoint: str, data: Path, checkpointing: bool = False) -> dict | None:
     try:
         from pg_tune.config.recipe import parse_recipe
         from pg_tune.measure.plan import estimate
     except ImportError:
         return None
-    recipe = parse_recipe(recipe_data(case, checkpoint, data, Path("/tmp/unused"), 3))
+    recipe = parse_recipe(recipe_data(case, checkpoint, data, Path("/tmp/unused"), 3, checkpointing))
     return estimate(recipe, load_family(recipe.model.name_or_path), device="cpu").as_dict()
 
 
@@ -369,7 +385,11 @@ def _median_step(r: dict, key: str) -> float:
 
 
 def report(results: dict) -> str:
-    lines = [f"checkpoint {results['checkpoint']}; {results['threads']} threads; {results['machine']}"]
+    checkpointing = "on" if results.get("gradient_checkpointing") else "off"
+    lines = [
+        f"checkpoint {results['checkpoint']}; {results['threads']} threads; gradient checkpointing "
+        f"{checkpointing} (both sides); {results['machine']}"
+    ]
     head = (
         f"{'case':<7} {'side':<10} {'peak RSS GB':>11} {'load peak':>10} {'train peak':>10} {'anon':>6} "
         f"{'file':>6} {'s/step':>8} {'CPU s/step':>10} {'load avg':>8} {'first loss':>10} {'trainable':>11} "
@@ -420,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--checkpoint", default="/tmp/sizes/pg2-3b-224")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (batch 1)")
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="gradient checkpointing on both sides (as docs/qlora_export_hub.md advises)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="qlora,lora")
     parser.add_argument("--sides", default="pg_tune,reference", help="comma-separated subset, in this order")
@@ -448,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(Path(args.report).read_text())
         for case in CASES:
             results.setdefault("plan", {})[case] = plan_for(
-                case, results["checkpoint"], Path(results["data"])
+                case,
+                results["checkpoint"],
+                Path(results["data"]),
+                results.get("gradient_checkpointing", False),
             )
         print(report(results))
         return 0
@@ -464,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": args.checkpoint,
         "data": str(data),
         "threads": args.threads,
+        "gradient_checkpointing": args.checkpointing,
         "machine": f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
         "train": {},
         "export": {},
@@ -534,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             save()
     for case in CASES:
-        results.setdefault("plan", {})[case] = plan_for(case, args.checkpoint, data)
+        results.setdefault("plan", {})[case] = plan_for(case, args.checkpoint, data, args.checkpointing)
     save()
     print(report(results))
     return 0
