@@ -107,7 +107,16 @@ def test_ctrl_c_keeps_finished_models_and_the_same_command_resumes(tmp_path):
         "train.batch_size=2", "eval.batch_size=2", "train.save_every=1", "eval.before_training=false",
         "--models", "tiny-paligemma2,tiny-paligemma", "--steps", "40", "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # Ctrl-C's default action restored in the child: a suite started in the background
+    # (`make test &`) ignores SIGINT, and Python then keeps it ignored in every process it starts.
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     second = out / "runs" / "tiny-paligemma" / "run"
     deadline = time.monotonic() + 600
     while not (second / "checkpoints" / "step-0000002" / "complete.json").is_file():
