@@ -283,7 +283,7 @@ class ModelFamily(abc.ABC):
         is quantized, the weights kept in the stored dtype own their memory, and no file stays
         mapped, so host memory holds the model as it trains plus one tensor, on CPU and (with a
         ``device_map``) while the weights go to a GPU; glibc's malloc then returns freed blocks to
-        the OS (``pg_tune.models.host_memory``)."""
+        the OS as ``PG_TUNE_MALLOC`` says (``pg_tune.models.host_memory``)."""
         from pg_tune.models.source import require_safetensors
 
         self.check_model_config(model)
@@ -338,10 +338,10 @@ class ModelFamily(abc.ABC):
         """``from_pretrained`` fed with the checkpoint's tensors read one by one (``shards``)."""
         from transformers import GenerationConfig
 
-        from pg_tune.models.host_memory import keep_large_blocks_returnable, release_free_memory
+        from pg_tune.models.host_memory import fix_threshold_before_loading, settle_after_loading
         from pg_tune.models.shards import lazy_state_dict
 
-        keep_large_blocks_returnable()  # freed sources and activations leave RSS (host_memory)
+        fix_threshold_before_loading("quantization_config" in kwargs)  # freed blocks leave RSS
         # The family's own config class, as from_pretrained reads it (not AutoConfig: a family's
         # model type need not be registered with transformers' auto classes).
         config = self.model_class.config_class.from_pretrained(
@@ -359,7 +359,7 @@ class ModelFamily(abc.ABC):
         loaded.config._name_or_path = str(model.name_or_path)
         if (folder / "generation_config.json").is_file():
             loaded.generation_config = GenerationConfig.from_pretrained(folder)
-        release_free_memory()
+        settle_after_loading(sum(p.numel() for p in loaded.parameters()))
         return loaded
 
     def image_budget(self, processor: ProcessorMixin, sample: Sample | None = None) -> ImageBudget:

@@ -12,13 +12,23 @@ held 0.4 GiB of freed memory after loading and 0.8 GiB more within each step
 ``keep_large_blocks_returnable`` fixes the threshold at 256 KiB (``mallopt(M_MMAP_THRESHOLD)``,
 which also switches the raising off): every block from 256 KiB up is mapped on its own and
 unmapped when freed. ``release_free_memory`` hands back what the heap still holds
-(``malloc_trim(0)``). ``ModelFamily.load_model`` calls both around loading a checkpoint from disk,
-so training, evaluation, export and serving all run with them.
+(``malloc_trim(0)``).
 
-The cost is a page fault per 4 KiB the first time a mapped block is touched; a step that allocates
-a few hundred MiB pays milliseconds (measured beside the default in docs/performance.md). Set
-``PG_TUNE_MALLOC=system`` to leave glibc's malloc as it is (e.g. under jemalloc or tcmalloc via
-``LD_PRELOAD``, which manage this themselves). Other C libraries (macOS, musl) are left alone.
+The fixed threshold is not free: every mapped block page-faults when first touched. Measured
+(docs/performance.md, "Real shapes"): invisible next to a 3B step (CPU seconds per step 1.01× and
+0.99× the reference's), but 1.2–1.45× more CPU per step on the SmolVLM2-256M shape, whose step is
+mostly elementwise work on large activations, for 32 % less peak RSS there. So
+``ModelFamily.load_model`` applies ``policy``:
+
+- ``auto`` (default): the threshold is fixed before loading a quantized (QLoRA) base, whose
+  dequantized weights churn every step, and after loading any base of at least ``LARGE_MODEL``
+  parameters, where memory binds and the faults do not show; ``malloc_trim`` after every load.
+- ``compact``: the threshold fixed for every checkpoint loaded from disk.
+- ``system``: glibc left as it is (e.g. under jemalloc or tcmalloc via ``LD_PRELOAD``, which
+  manage this themselves).
+
+The policy comes from the ``PG_TUNE_MALLOC`` environment variable. Other C libraries (macOS, musl)
+are left alone.
 """
 
 from __future__ import annotations
@@ -31,12 +41,36 @@ from functools import cache
 
 MMAP_THRESHOLD = 256 * 1024
 """Bytes from which every block gets its own mapping (glibc's initial default is 128 KiB)."""
+LARGE_MODEL = 1_000_000_000
+"""Parameters from which ``auto`` fixes the threshold for any base."""
+POLICIES = ("auto", "compact", "system")
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def policy() -> str:
+    """``PG_TUNE_MALLOC`` (``auto`` when unset); an unknown value is refused by name."""
+    value = os.environ.get("PG_TUNE_MALLOC", "auto") or "auto"
+    if value not in POLICIES:
+        raise ValueError(f"PG_TUNE_MALLOC={value!r}: expected one of {', '.join(POLICIES)}")
+    return value
+
+
+def fix_threshold_before_loading(quantized: bool) -> bool:
+    """Apply the policy before a checkpoint loads: ``compact`` always, ``auto`` for a quantized base."""
+    return (policy() == "compact" or (policy() == "auto" and quantized)) and keep_large_blocks_returnable()
+
+
+def settle_after_loading(parameters: int) -> None:
+    """Apply the policy once a base has loaded: ``auto`` fixes the threshold for a large one; then
+    hand the heap's free pages back."""
+    if policy() == "auto" and parameters >= LARGE_MODEL:
+        keep_large_blocks_returnable()
+    release_free_memory()
 
 
 @cache
 def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux") or os.environ.get("PG_TUNE_MALLOC", "") == "system":
+    if not sys.platform.startswith("linux") or policy() == "system":
         return None
     name = ctypes.util.find_library("c")
     try:

@@ -27,7 +27,16 @@ CHURN = textwrap.dedent(
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
 
-    applied = host_memory.keep_large_blocks_returnable() if sys.argv[1] == "returnable" else False
+    applied = False
+    if sys.argv[1] == "returnable":
+        applied = host_memory.keep_large_blocks_returnable()
+    elif sys.argv[1] != "default":  # a checkpoint loaded as pg_tune loads it: the policy decides
+        from pg_tune.config.recipe import ModelConfig, QuantizationConfig
+        from pg_tune.models.family import load_family
+
+        folder, mode = sys.argv[1], sys.argv[2]
+        quantization = QuantizationConfig(mode=mode, bnb_4bit_compute_dtype="float32")
+        load_family(folder).load_model(ModelConfig(name_or_path=folder, dtype="float32"), quantization)
     big = torch.ones(16 << 20, dtype=torch.uint8); del big
     before = rss_mib()
     blocks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(300)]
@@ -41,11 +50,13 @@ CHURN = textwrap.dedent(
 )
 
 
-def churn(mode: str) -> dict:
+def churn(*args: str, malloc: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PG_TUNE_MALLOC", None)
+    if malloc:
+        env["PG_TUNE_MALLOC"] = malloc
     out = subprocess.run(
-        [sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True, env=env
+        [sys.executable, "-c", CHURN, *args], capture_output=True, text=True, check=True, env=env
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -67,3 +78,28 @@ def test_system_malloc_is_left_alone_when_asked():
     env = {**os.environ, "PG_TUNE_MALLOC": "system"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == ["False", "False"]
+
+
+def returned(result: dict) -> bool:
+    """Whether the freed 1 MiB blocks left RSS (without malloc_trim)."""
+    return result["held"] - result["freed"] > 250
+
+
+def test_the_policy_fixes_the_threshold_for_qlora_and_large_bases_only(tiny_checkpoint):
+    folder = str(tiny_checkpoint)
+    # auto: a quantized base churns dequantized weights every step, so its blocks go back...
+    assert returned(churn(folder, "4bit"))
+    # ...a small unquantized base keeps glibc's faster default (the faults cost it CPU)...
+    assert not returned(churn(folder, "none"))
+    # ...unless asked; and "system" leaves glibc alone even for QLoRA.
+    assert returned(churn(folder, "none", malloc="compact"))
+    assert not returned(churn(folder, "4bit", malloc="system"))
+
+
+def test_an_unknown_policy_is_refused_by_name(tiny_checkpoint, monkeypatch):
+    from pg_tune.config.recipe import ModelConfig
+    from pg_tune.models.family import load_family
+
+    monkeypatch.setenv("PG_TUNE_MALLOC", "compat")
+    with pytest.raises(ValueError, match=r"PG_TUNE_MALLOC='compat': expected one of auto, compact, system"):
+        load_family(str(tiny_checkpoint)).load_model(ModelConfig(name_or_path=str(tiny_checkpoint)))
