@@ -359,7 +359,7 @@ class ModelFamily(abc.ABC):
         loaded.config._name_or_path = str(model.name_or_path)
         if (folder / "generation_config.json").is_file():
             loaded.generation_config = GenerationConfig.from_pretrained(folder)
-        settle_after_loading(sum(p.numel() for p in loaded.parameters()))
+        settle_after_loading(loaded)
         return loaded
 
     def image_budget(self, processor: ProcessorMixin, sample: Sample | None = None) -> ImageBudget:

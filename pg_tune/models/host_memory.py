@@ -38,6 +38,10 @@ import ctypes.util
 import os
 import sys
 from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 MMAP_THRESHOLD = 256 * 1024
 """Bytes from which every block gets its own mapping (glibc's initial default is 128 KiB)."""
@@ -57,13 +61,14 @@ def policy() -> str:
 
 def fix_threshold_before_loading(quantized: bool) -> bool:
     """Apply the policy before a checkpoint loads: ``compact`` always, ``auto`` for a quantized base."""
-    return (policy() == "compact" or (policy() == "auto" and quantized)) and keep_large_blocks_returnable()
+    mode = policy()
+    return (mode == "compact" or (mode == "auto" and quantized)) and keep_large_blocks_returnable()
 
 
-def settle_after_loading(parameters: int) -> None:
-    """Apply the policy once a base has loaded: ``auto`` fixes the threshold for a large one; then
-    hand the heap's free pages back."""
-    if policy() == "auto" and parameters >= LARGE_MODEL:
+def settle_after_loading(model: torch.nn.Module) -> None:
+    """Apply the policy once ``model`` has loaded: ``auto`` fixes the threshold for a large one;
+    then hand the heap's free pages back."""
+    if policy() == "auto" and sum(p.numel() for p in model.parameters()) >= LARGE_MODEL:
         keep_large_blocks_returnable()
     release_free_memory()
 
