@@ -94,6 +94,13 @@ def keep_large_blocks_returnable() -> bool:
     return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
 
 
+def memory_binds() -> bool:
+    """Whether this process chose memory over CPU time: the threshold has been fixed (the policy
+    did so for a loaded base). Buffers that are only kept to save page faults
+    (``pg_tune.train.loss.LogitsWorkspace``) are released between uses then."""
+    return keep_large_blocks_returnable.cache_info().currsize > 0 and keep_large_blocks_returnable()
+
+
 def release_free_memory() -> bool:
     """Return the heap's free pages to the OS (``malloc_trim(0)``); False where it does not apply."""
     libc = _glibc()

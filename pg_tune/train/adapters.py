@@ -42,21 +42,31 @@ class _UpcastLinear(torch.autograd.Function):
     same input, so do gate and up), twice the input's bytes each. Here the cast happens inside the
     product and only the original input is saved, shared with whatever else keeps it; backward
     upcasts it again for the weight gradient. Forward and gradients are the same computation.
+
+    Under autocast the product runs in autocast's dtype, as ``nn.Linear`` would there (the fp32
+    weight cast down, the weight gradient computed in that dtype and returned in fp32): no detour
+    of the bf16 input through fp32 and back.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        ctx.compute_dtype = dtype
         ctx.save_for_backward(x, weight)
-        return torch.nn.functional.linear(x.to(weight.dtype), weight)
+        with torch.autocast(device, enabled=False):
+            return torch.nn.functional.linear(x.to(dtype), weight.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad = grad.to(weight.dtype)
-        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dtype = ctx.compute_dtype
+        grad = grad.to(dtype)
+        grad_x = (grad @ weight.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
+            grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(dtype)
+            grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w
 
 

@@ -45,7 +45,8 @@ CHURN = textwrap.dedent(
     freed = rss_mib()
     host_memory.release_free_memory()
     trimmed = rss_mib()
-    print(json.dumps({"applied": applied, "before": before, "held": held, "freed": freed, "trimmed": trimmed}))
+    binds = host_memory.memory_binds()
+    print(json.dumps({"applied": applied, "binds": binds, "before": before, "held": held, "freed": freed, "trimmed": trimmed}))
     """
 )
 
@@ -88,12 +89,15 @@ def returned(result: dict) -> bool:
 def test_the_policy_fixes_the_threshold_for_qlora_and_large_bases_only(tiny_checkpoint):
     folder = str(tiny_checkpoint)
     # auto: a quantized base churns dequantized weights every step, so its blocks go back...
-    assert returned(churn(folder, "4bit"))
+    qlora = churn(folder, "4bit")
     # ...a small unquantized base keeps glibc's faster default (the faults cost it CPU)...
-    assert not returned(churn(folder, "none"))
+    small = churn(folder, "none")
     # ...unless asked; and "system" leaves glibc alone even for QLoRA.
-    assert returned(churn(folder, "none", malloc="compact"))
-    assert not returned(churn(folder, "4bit", malloc="system"))
+    compact = churn(folder, "none", malloc="compact")
+    system = churn(folder, "4bit", malloc="system")
+    assert returned(qlora) and not returned(small) and returned(compact) and not returned(system)
+    # memory_binds() says which (the head's LogitsWorkspace then releases its buffers after each call).
+    assert [r["binds"] for r in (qlora, small, compact, system)] == [True, False, True, False]
 
 
 def test_an_unknown_policy_is_refused_by_name(tiny_checkpoint, monkeypatch):

@@ -12,7 +12,7 @@ from pg_tune.train.loss import SuffixLoss
 from tests.families import family_of
 
 
-def _step(preset: str, dtype: str, upcast_inside: bool, monkeypatch):
+def _step(preset: str, dtype: str, upcast_inside: bool, monkeypatch, autocast: bool = False):
     from tests.measure.test_plan import _longest_batch
 
     recipe = parse_recipe(
@@ -43,7 +43,10 @@ def _step(preset: str, dtype: str, upcast_inside: bool, monkeypatch):
             saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
         total, count = SuffixLoss(model, family)(batch)
     (total / count).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -60,6 +63,19 @@ def test_bf16_lora_inputs_are_saved_once_with_identical_gradients(preset, monkey
     for name, grad in grads.items():
         assert torch.equal(grad, peft_grads[name]), name
     assert saved < 0.8 * peft_saved, (saved, peft_saved)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_under_autocast_lora_runs_in_autocast_dtype_with_peft_gradients(dtype, monkeypatch):
+    """Under bf16 autocast the LoRA product runs in bf16 as peft's nn.Linear does there (no detour
+    of the input through fp32): the same loss and gradients, bit for bit, on a bf16 or fp32 base."""
+    loss, grads, _, model = _step("tiny-paligemma2", dtype, True, monkeypatch, autocast=True)
+    peft_loss, peft_grads, _, _ = _step("tiny-paligemma2", dtype, False, monkeypatch, autocast=True)
+    assert any(isinstance(m, adapters.UpcastLoraA) for m in model.modules())
+    assert loss == peft_loss
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        assert torch.equal(grad, peft_grads[name]), name
 
 
 def test_fp32_bases_and_saved_adapters_are_unchanged(tmp_path, monkeypatch):

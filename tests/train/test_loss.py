@@ -127,21 +127,54 @@ def test_fused_head_without_grad_and_without_rows():
         head_cross_entropy_sum(torch.randn(3, 4), weight, torch.tensor([0, 1, 2]), chunk_rows=0)
 
 
-def test_workspace_is_reused_and_changes_nothing():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_workspace_is_reused_and_changes_nothing(dtype, softcap):
+    """The reused buffers (fp32 logits; a bf16 head's own matmul output and the softcap's tanh) give
+    the same loss and gradient bit for bit, and step after step no new full-vocabulary buffer."""
     torch.manual_seed(0)
-    weight = torch.randn(300, 8)
+    weight = torch.randn(300, 8).to(dtype)
     workspace = LogitsWorkspace()
+    pointers = []
     for rows in (7, 5, 7):
-        hidden = torch.randn(rows, 8, requires_grad=True)
+        hidden = torch.randn(rows, 8, dtype=dtype, requires_grad=True)
         targets = torch.randint(0, 300, (rows,))
-        plain = head_cross_entropy_sum(hidden, weight, targets, chunk_rows=4)
+        plain = head_cross_entropy_sum(hidden, weight, targets, softcap, chunk_rows=4)
         (expected,) = torch.autograd.grad(plain, hidden)
-        reused = head_cross_entropy_sum(hidden, weight, targets, chunk_rows=4, workspace=workspace)
+        reused = head_cross_entropy_sum(hidden, weight, targets, softcap, chunk_rows=4, workspace=workspace)
         (got,) = torch.autograd.grad(reused, hidden)
-        torch.testing.assert_close(reused, plain)
-        torch.testing.assert_close(got, expected)
-    first = workspace.get(4, 300, torch.float32, torch.device("cpu"))
-    assert first.data_ptr() == workspace.get(2, 300, torch.float32, torch.device("cpu")).data_ptr()
+        assert torch.equal(reused, plain)
+        assert torch.equal(got, expected)
+        pointers.append({slot: buf.data_ptr() for slot, buf in workspace._buffers.items()})
+    expected_slots = (
+        {"logits"} | ({"low"} if dtype != torch.float32 else set()) | ({"tanh"} if softcap else set())
+    )
+    assert set(pointers[0]) == expected_slots
+    assert pointers[0] == pointers[1] == pointers[2]
+
+
+def test_workspace_is_released_after_each_call_where_memory_binds(monkeypatch):
+    """Under the compact memory policy (QLoRA, 1B+ bases) no full-vocabulary buffer outlives a head
+    call, in the loss and in the preference head, forward and backward; the results are the same."""
+    from pg_tune.models import host_memory
+    from pg_tune.train.loss import head_token_logprobs
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 8).to(torch.bfloat16).requires_grad_()
+    hidden = torch.randn(7, 8, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 300, (7,))
+    kept = LogitsWorkspace()
+    expected = head_cross_entropy_sum(hidden, weight.detach(), targets, 5.0, chunk_rows=4, workspace=kept)
+    assert kept._buffers
+    monkeypatch.setattr(host_memory, "memory_binds", lambda: True)
+    released = LogitsWorkspace()
+    got = head_cross_entropy_sum(hidden, weight.detach(), targets, 5.0, chunk_rows=4, workspace=released)
+    assert not released._buffers
+    assert torch.equal(got, expected)
+    logprobs = head_token_logprobs(hidden, weight, targets, 5.0, chunk_rows=4, workspace=released)
+    assert not released._buffers
+    logprobs.sum().backward()  # the weight needs a gradient: backward recomputes through the workspace
+    assert not released._buffers and weight.grad is not None
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
