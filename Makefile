@@ -17,11 +17,12 @@ demo-dpo: demo  ## DPO after the demo: prefer the right colour/shape caption (RE
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist; one file stays on one worker, so a
 # module's shared runs are built once), each torch at one thread: on a 2-core machine that is
-# about 1.7x faster than one process at two threads.
+# about 1.7x faster than one process at two threads. Files go out slowest first
+# (tests/conftest.py's SLOWEST_FILES; --no-loadscope-reorder keeps that order).
 TEST_WORKERS ?= 2
 
 test: setup  ## the whole suite, slow end-to-end tests included (what CI runs)
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -m "" -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -m "" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: ## the fast tier only (a plain `pytest` does the same)
 	$(PYTHON) -m pytest -q
