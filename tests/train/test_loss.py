@@ -129,9 +129,13 @@ def test_fused_head_without_grad_and_without_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_workspace_is_reused_and_changes_nothing(dtype, softcap):
+def test_workspace_is_reused_and_changes_nothing(dtype, softcap, monkeypatch):
     """The reused buffers (fp32 logits; a bf16 head's own matmul output and the softcap's tanh) give
     the same loss and gradient bit for bit, and step after step no new full-vocabulary buffer."""
+    from pg_tune.models import host_memory
+
+    # Process-wide: an earlier test in this process may have loaded a QLoRA base (threshold fixed).
+    monkeypatch.setattr(host_memory, "memory_binds", lambda: False)
     torch.manual_seed(0)
     weight = torch.randn(300, 8).to(dtype)
     workspace = LogitsWorkspace()
@@ -163,6 +167,7 @@ def test_workspace_is_released_after_each_call_where_memory_binds(monkeypatch):
     weight = torch.randn(300, 8).to(torch.bfloat16).requires_grad_()
     hidden = torch.randn(7, 8, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, 300, (7,))
+    monkeypatch.setattr(host_memory, "memory_binds", lambda: False)  # whatever an earlier test left
     kept = LogitsWorkspace()
     expected = head_cross_entropy_sum(hidden, weight.detach(), targets, 5.0, chunk_rows=4, workspace=kept)
     assert kept._buffers
