@@ -96,6 +96,19 @@ class LogitsWorkspace:
         return buf[:need].view(rows, cols)
 
 
+def _scratch(
+    workspace: LogitsWorkspace | None,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    slot: str,
+) -> torch.Tensor:
+    """A full-vocabulary buffer: the workspace's ``slot`` when there is one, else a fresh tensor."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(*shape, dtype, device, slot)
+
+
 def _chunk_loss_and_grads(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -116,25 +129,19 @@ def _chunk_loss_and_grads(
     """
     # At least fp32: bf16 logits over 257,216 classes lose the loss's precision.
     logits_dtype = torch.promote_types(weight.dtype, torch.float32)
+    shape = (hidden.shape[0], weight.shape[0])
+    logits = _scratch(workspace, shape, logits_dtype, hidden.device, "logits")
     low_logits = None  # the matmul's own output when the weight is bf16 / fp16
-    if workspace is not None:
-        logits = workspace.get(hidden.shape[0], weight.shape[0], logits_dtype, hidden.device)
-        if logits_dtype == weight.dtype:
-            torch.mm(hidden.to(weight.dtype), weight.T, out=logits)
-        else:
-            low_logits = workspace.get(hidden.shape[0], weight.shape[0], weight.dtype, hidden.device, "low")
-            torch.mm(hidden.to(weight.dtype), weight.T, out=low_logits)
-            logits.copy_(low_logits)
+    if logits_dtype == weight.dtype:
+        torch.mm(hidden.to(weight.dtype), weight.T, out=logits)
     else:
-        logits = (hidden.to(weight.dtype) @ weight.T).to(logits_dtype)
+        low_logits = _scratch(workspace, shape, weight.dtype, hidden.device, "low")
+        logits.copy_(torch.mm(hidden.to(weight.dtype), weight.T, out=low_logits))
     capped_tanh = None
     if softcap:
         logits.div_(softcap).tanh_()
         if want_hidden_grad or want_weight_grad:
-            if workspace is not None:
-                capped_tanh = workspace.get(*logits.shape, logits.dtype, logits.device, "tanh").copy_(logits)
-            else:
-                capped_tanh = logits.clone()
+            capped_tanh = _scratch(workspace, shape, logits.dtype, logits.device, "tanh").copy_(logits)
         logits.mul_(softcap)
     rows = torch.arange(targets.numel(), device=targets.device)
     target_logits = logits[rows, targets]
@@ -162,8 +169,6 @@ def _chunk_loss_and_grads(
         grad_logits.mul_(row_scale.to(grad_logits.dtype).unsqueeze(1))
     if low_logits is not None:
         grad_logits = low_logits.copy_(grad_logits)
-    else:
-        grad_logits = grad_logits.to(weight.dtype)
     grad_hidden = (grad_logits @ weight).to(hidden.dtype) if want_hidden_grad else None
     grad_weight = (grad_logits.T @ hidden.to(weight.dtype)) if want_weight_grad else None
     return loss, grad_hidden, grad_weight
