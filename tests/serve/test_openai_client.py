@@ -29,9 +29,11 @@ def _messages(image: Image.Image, prompt: str) -> list[dict]:
 def test_openai_client_plain_streamed_concurrent_and_refused(preset, serve_process, tmp_path):
     # A model folder whose answers depend on the image (helpers.engine_for), served as an export is.
     folder = save_engine_model(preset, tmp_path / preset)
+    # Each lone request waits out --max-wait-ms (11 of them here); one second still lets the 8
+    # concurrent clients below meet in a batch on a loaded machine.
     server = serve_process(
         str(folder), "--served-model-name", preset, "--max-tokens", "12", "--max-image-mb", "0.02",
-        "--max-batch", "8", "--max-wait-ms", "3000", env={"PG_TUNE_API_KEY": KEY},
+        "--max-batch", "8", "--max-wait-ms", "1000", env={"PG_TUNE_API_KEY": KEY},
     )  # fmt: skip
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
     images = shape_images(8, seed=9)

@@ -4,6 +4,10 @@ The crash is real: ``PG_TUNE_FAULT_KILL_AFTER_CHECKPOINT=N`` makes the training 
 itself right after step N's checkpoint is on disk (no clean-up, no atexit). The run is resumed with
 ``--resume auto`` and compared with an uninterrupted run of the same recipe: same adapter weights
 bit for bit, same ``metrics.jsonl`` values (all but the wall-clock ``samples_per_s``).
+
+Only what must be a process is one (the crashed run, the SIGTERMed run): the uninterrupted and the
+resumed runs are ``pg-tune train`` in this process (``pg_tune.cli.main``), which also shows that a
+run resumes bitwise in another process than the one that crashed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pg_tune.cli import main
 from pg_tune.config.recipe import load_recipe
 from pg_tune.train.signals import KILL_AFTER_CHECKPOINT_ENV, NonFiniteError
 from tests.families import family_of
@@ -83,11 +88,11 @@ OBJECTIVES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, objective):
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, objective, capsys):
     full_recipe = _write_recipe(tmp_path, "full", **OBJECTIVES[objective])
     crash_recipe = _write_recipe(tmp_path, "crash", **OBJECTIVES[objective])
-    full = _pg_tune(full_recipe)
     crashed = _pg_tune(crash_recipe, env={KILL_AFTER_CHECKPOINT_ENV: "4"})  # step 4 = mid second epoch
+    assert main(["train", full_recipe]) == 0  # while the child trains
     crash_out, _ = crashed.communicate(timeout=300)
     assert crashed.returncode == -signal.SIGKILL, crash_out
     run = tmp_path / "crash"
@@ -95,11 +100,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, objective):
     assert not (run / "adapter").exists()
     assert [r["step"] for r in _records(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
-    resumed = _pg_tune(crash_recipe, "--resume", "auto")
-    resumed_out, _ = resumed.communicate(timeout=300)
-    full_out, _ = full.communicate(timeout=300)
-    assert resumed.returncode == 0, resumed_out
-    assert full.returncode == 0, full_out
+    capsys.readouterr()
+    assert main(["train", crash_recipe, "--resume", "auto"]) == 0
+    resumed_out = capsys.readouterr().out
     assert "resuming from" in resumed_out and "step-0000004" in resumed_out
 
     expected = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
@@ -140,9 +143,7 @@ def uninterrupted(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in runs:
             root = tmp_path_factory.mktemp(f"full-{name}")
-            proc = _pg_tune(_write_recipe(root, "full", **BOUNDARY_RECIPES[name]))
-            out, _ = proc.communicate(timeout=300)
-            assert proc.returncode == 0, out
+            assert main(["train", _write_recipe(root, "full", **BOUNDARY_RECIPES[name])]) == 0
             runs[name] = root / "full"
         return runs[name]
 
@@ -158,16 +159,15 @@ def uninterrupted(tmp_path_factory):
         ("plain", 3),  # end of the epoch, with an evaluation at that step
     ],
 )
-def test_resume_is_bitwise_at_every_boundary(tmp_path, uninterrupted, name, kill_after):
-    full = uninterrupted(name)
+def test_resume_is_bitwise_at_every_boundary(tmp_path, uninterrupted, name, kill_after, capsys):
     recipe = _write_recipe(tmp_path, "crash", **BOUNDARY_RECIPES[name])
     crashed = _pg_tune(recipe, env={KILL_AFTER_CHECKPOINT_ENV: str(kill_after)})
+    full = uninterrupted(name)  # the first kill point of a recipe trains it while the child runs
     out, _ = crashed.communicate(timeout=300)
     assert crashed.returncode == -signal.SIGKILL, out
-    resumed = _pg_tune(recipe, "--resume", "auto")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert f"step-{kill_after:07d} (step {kill_after})" in out
+    capsys.readouterr()
+    assert main(["train", recipe, "--resume", "auto"]) == 0
+    assert f"step-{kill_after:07d} (step {kill_after})" in capsys.readouterr().out
     expected = load_file(full / "adapter" / "adapter_model.safetensors")
     got = load_file(tmp_path / "crash" / "adapter" / "adapter_model.safetensors")
     for key in expected:
