@@ -16,10 +16,12 @@ demo-dpo: demo  ## DPO after the demo: prefer the right colour/shape caption (RE
 	$(PYTHON) -m pg_tune train recipes/demo/shapes_dpo.yaml --overwrite
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist; one file stays on one worker, so a
-# module's shared runs are built once), each torch at one thread: on a 2-core machine that is
-# about 1.7x faster than one process at two threads. Files go out slowest first
-# (tests/conftest.py's SLOWEST_FILES; --no-loadscope-reorder keeps that order).
-TEST_WORKERS ?= 2
+# module's shared runs are built once), each torch at one thread. On a 2-core machine three workers
+# beat two: a worker waiting on a child process, a server or a browser leaves a core idle, and a
+# third fills it (whole suite 1,041 and 1,073 s against 1,178 s with two, back to back on one
+# machine, ~1.95 cores busy). Files go out slowest first (tests/conftest.py's SLOWEST_FILES;
+# --no-loadscope-reorder keeps that order).
+TEST_WORKERS ?= 3
 
 test: setup  ## the whole suite, slow end-to-end tests included (what CI runs)
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -m "" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

@@ -13,22 +13,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The slowest files first, so `make test`'s workers (pytest-xdist, one file per worker, collection
 # order kept by --no-loadscope-reorder) do not end on a long file started last (longest-first
-# scheduling). Seconds of a 2-worker run, `pytest -m "" -n 2 --dist loadfile --durations=80`
-# (test_compile: 138-159 s in a fresh virtualenv, inductor's cache cold): a stale list only costs
-# balance, never a test.
+# scheduling). Seconds of a 3-worker run, `pytest -m "" -n 3 --dist loadfile --durations=0`
+# (test_compile: longer in a fresh virtualenv, where inductor's cache is cold): a stale list only
+# costs balance, never a test.
 SLOWEST_FILES = (
-    "tests/test_contract.py",  # 377 s
-    "tests/train/test_resume.py",  # 239 s
-    "tests/serve/test_trained.py",  # 201 s
-    "tests/train/test_distributed.py",  # 191 s
-    "tests/train/test_compile.py",  # 75 s, 138-159 s fresh
-    "tests/serve/test_openai_client.py",  # 149 s
-    "tests/train/test_preference_trl.py",  # 144 s
-    "tests/measure/test_real_shapes.py",  # 108 s
-    "tests/measure/test_compare_reliability.py",  # 89 s
-    "tests/models/test_host_memory.py",  # 63 s
-    "tests/serve/test_batching.py",  # 61 s
-    "tests/measure/test_compare.py",  # 59 s
+    "tests/test_contract.py",  # 739 s
+    "tests/serve/test_trained.py",  # 425 s
+    "tests/train/test_compile.py",  # 127 s, more when inductor's cache is cold
+    "tests/train/test_preference_trl.py",  # 195 s
+    "tests/train/test_distributed.py",  # 179 s
+    "tests/train/test_resume.py",  # 164 s
+    "tests/measure/test_real_shapes.py",  # 146 s
+    "tests/models/test_host_memory.py",  # 104 s
+    "tests/serve/test_openai_client.py",  # 99 s
+    "tests/measure/test_compare_reliability.py",  # 96 s
+    "tests/serve/test_batching.py",  # 74 s
+    "tests/train/test_methods.py",  # 56 s
+    "tests/measure/test_compare.py",  # 51 s
 )
 
 
