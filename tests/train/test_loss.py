@@ -127,15 +127,20 @@ def test_fused_head_without_grad_and_without_rows():
         head_cross_entropy_sum(torch.randn(3, 4), weight, torch.tensor([0, 1, 2]), chunk_rows=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_workspace_is_reused_and_changes_nothing(dtype, softcap, monkeypatch):
-    """The reused buffers (fp32 logits; a bf16 head's own matmul output and the softcap's tanh) give
-    the same loss and gradient bit for bit, and step after step no new full-vocabulary buffer."""
+@pytest.fixture
+def memory_does_not_bind(monkeypatch):
+    """``host_memory.memory_binds()`` is False, whatever an earlier test in this process left: it is
+    process-wide (a QLoRA base loaded before fixes the threshold), and it releases the workspace."""
     from pg_tune.models import host_memory
 
-    # Process-wide: an earlier test in this process may have loaded a QLoRA base (threshold fixed).
     monkeypatch.setattr(host_memory, "memory_binds", lambda: False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_workspace_is_reused_and_changes_nothing(dtype, softcap, memory_does_not_bind):
+    """The reused buffers (fp32 logits; a bf16 head's own matmul output and the softcap's tanh) give
+    the same loss and gradient bit for bit, and step after step no new full-vocabulary buffer."""
     torch.manual_seed(0)
     weight = torch.randn(300, 8).to(dtype)
     workspace = LogitsWorkspace()
@@ -157,7 +162,7 @@ def test_workspace_is_reused_and_changes_nothing(dtype, softcap, monkeypatch):
     assert pointers[0] == pointers[1] == pointers[2]
 
 
-def test_workspace_is_released_after_each_call_where_memory_binds(monkeypatch):
+def test_workspace_is_released_after_each_call_where_memory_binds(memory_does_not_bind, monkeypatch):
     """Under the compact memory policy (QLoRA, 1B+ bases) no full-vocabulary buffer outlives a head
     call, in the loss and in the preference head, forward and backward; the results are the same."""
     from pg_tune.models import host_memory
@@ -167,7 +172,6 @@ def test_workspace_is_released_after_each_call_where_memory_binds(monkeypatch):
     weight = torch.randn(300, 8).to(torch.bfloat16).requires_grad_()
     hidden = torch.randn(7, 8, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, 300, (7,))
-    monkeypatch.setattr(host_memory, "memory_binds", lambda: False)  # whatever an earlier test left
     kept = LogitsWorkspace()
     expected = head_cross_entropy_sum(hidden, weight.detach(), targets, 5.0, chunk_rows=4, workspace=kept)
     assert kept._buffers
