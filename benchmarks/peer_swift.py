@@ -27,26 +27,53 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-# Runs inside ms-swift's interpreter: times each optimizer step through the Trainer's callback
-# handler (every Trainer calls it once per step) and reports them with the peak RSS.
+# Runs inside ms-swift's interpreter. A TrainerCallback added to every Trainer's callback handler:
+# at train start it counts the model's trainable parameters (the callback receives ``model``) and
+# the samples one optimizer step takes (batch x gradient accumulation); it times each optimizer
+# step's end (wall and this process's CPU seconds), keeps the loss the Trainer logs at step 1, and
+# the shapes ms-swift's first forward receives (sequence length, logits positions kept).
 SWIFT_WORKER = textwrap.dedent(
     """
     import json, resource, sys, time
+    from transformers import TrainerCallback
     from transformers.trainer_callback import CallbackHandler
-    marks, cpu = [], []
-    original = CallbackHandler.on_step_end
-    def on_step_end(self, *a, **kw):
-        marks.append(time.perf_counter())
-        cpu.append(time.process_time())
-        return original(self, *a, **kw)
-    CallbackHandler.on_step_end = on_step_end
+    report = {"marks": [], "cpu": [], "first_loss": None}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            report["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            report["samples_per_step"] = (
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            )
+
+            def first_forward(module, positional, kwargs):
+                ids = kwargs.get("input_ids")
+                report["input_shape"] = list(ids.shape) if ids is not None else None
+                report["logits_to_keep"] = repr(kwargs.get("logits_to_keep"))
+                handle.remove()
+
+            handle = model.register_forward_pre_hook(first_forward, with_kwargs=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            report["marks"].append(time.perf_counter())
+            report["cpu"].append(time.process_time())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.global_step == 1 and logs and "loss" in logs:
+                report["first_loss"] = float(logs["loss"])
+
+    original_init = CallbackHandler.__init__
+    def init(self, *a, **kw):
+        original_init(self, *a, **kw)
+        self.add_callback(Probe())
+    CallbackHandler.__init__ = init
     try:
         from swift.pipelines import sft_main  # ms-swift 4.x
     except ImportError:
         from swift.cli.sft import sft_main  # 3.x
     sft_main(sys.argv[1:])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print("RESULT " + json.dumps({"marks": marks, "cpu": cpu, "peak_memory_gb": peak}), flush=True)
+    report["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print("RESULT " + json.dumps(report), flush=True)
     """
 )
 
@@ -99,6 +126,52 @@ def run(command: list[str], env: dict[str, str]) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
+def swift_result(r: dict, args) -> dict:
+    """ms-swift's report as samples/s, CPU s/step and peak RSS over the steps after the warm-up.
+
+    samples/s counts the samples one optimizer step takes as ms-swift's Trainer was configured
+    (batch x gradient accumulation x processes), not the batch the command asked for.
+    """
+    start = args.warmup - 1 if args.warmup else 0
+    timed, cpu = r["marks"][start:], r["cpu"][start:]
+    per_step = r.get("samples_per_step") or args.batch_size
+    return {
+        "samples_per_s": (len(timed) - 1) * per_step / (timed[-1] - timed[0]),
+        "cpu_s_per_step": statistics.median(b - a for a, b in itertools.pairwise(cpu)),
+        "peak_memory_gb": r["peak_memory_gb"],
+        "first_loss": r.get("first_loss"),
+        "trainable_params": r.get("trainable_params"),
+        "samples_per_step": per_step,
+        "input_shape": r.get("input_shape"),
+        "logits_to_keep": r.get("logits_to_keep"),
+    }
+
+
+def compare_first_steps(ours: dict, theirs: dict, name: str, tolerance: float) -> list[str]:
+    """Lines saying whether both sides trained the same thing at step 1: the samples one step
+    takes, the trainable-parameter counts and the first losses (equal, within ``tolerance``, or not)."""
+    lines = []
+    a, b = ours["samples_per_step"], theirs["samples_per_step"]
+    same = "equal" if a == b else "DIFFERENT: the first losses average unlike batches"
+    lines.append(f"samples per optimizer step: pg_tune {a} vs {name} {b} ({same})")
+    a, b = ours["trainable_params"], theirs["trainable_params"]
+    same = "equal" if a == b else "DIFFERENT: the two sides do not train the same parameters"
+    lines.append(f"trainable parameters: pg_tune {a:,} vs {name} {b if b is None else f'{b:,}'} ({same})")
+    a, b = ours["first_loss"], theirs["first_loss"]
+    if b is None:
+        lines.append(f"first loss: pg_tune {a:.8f} vs {name} not logged (NOT compared)")
+        return lines
+    gap = abs(a - b)
+    if gap == 0:
+        verdict = "identical"
+    elif gap <= tolerance:
+        verdict = f"NOT identical, within the fp32 tolerance {tolerance:.1e}"
+    else:
+        verdict = f"DIFFERENT beyond the fp32 tolerance {tolerance:.1e}: not the same loss"
+    lines.append(f"first loss: pg_tune {a:.8f} vs {name} {b:.8f} (|difference| {gap:.2e}; {verdict})")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
+    from pg_tune.measure.bench_setup import first_loss_tolerance
     from pg_tune.models.family import family_for
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -120,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="peer_swift_") as work:
         work = Path(work)
         checkpoint = family_for(args.preset).save_tiny(args.preset, work / "model")
+        vocab = json.loads((checkpoint / "config.json").read_text())["text_config"]["vocab_size"]
         data = write_data(work, 32)
         pg_tune = [
             sys.executable,
@@ -140,26 +215,25 @@ def main(argv: list[str] | None = None) -> int:
                 if side == "pg_tune":
                     r = run(pg_tune, env)
                     result = {
-                        "samples_per_s": r["samples_per_s"],
-                        "cpu_s_per_step": r["cpu_s_per_step"],
-                        "peak_memory_gb": r["peak_memory_gb"],
+                        key: r[key]
+                        for key in ("samples_per_s", "cpu_s_per_step", "peak_memory_gb", "first_loss")
                     }
+                    result["trainable_params"] = r["trainable_params"]
+                    result["samples_per_step"] = r["batch_size"]
                 else:
-                    r = run(swift_command(args, checkpoint, data, work / "out", side == "swift"), env)
-                    start = args.warmup - 1 if args.warmup else 0
-                    timed, cpu = r["marks"][start:], r["cpu"][start:]
-                    seconds = timed[-1] - timed[0]
-                    result = {
-                        "samples_per_s": (len(timed) - 1) * args.batch_size / seconds,
-                        "cpu_s_per_step": statistics.median(b - a for a, b in itertools.pairwise(cpu)),
-                        "peak_memory_gb": r["peak_memory_gb"],
-                    }
+                    command = swift_command(args, checkpoint, data, work / "out", side == "swift")
+                    result = swift_result(run(command, env), args)
                 result["load_average"] = os.getloadavg()[0]
                 results[side].append(result)
+                loss = result["first_loss"]
                 print(
                     f"rep {rep + 1}/{args.reps} {side:<26} {result['samples_per_s']:6.2f} samples/s  "
                     f"CPU {result['cpu_s_per_step']:.3f} s/step  "
-                    f"peak {result['peak_memory_gb']:.2f} GB  load {result['load_average']:.1f}",
+                    f"peak {result['peak_memory_gb']:.2f} GB  load {result['load_average']:.1f}  "
+                    f"first loss {'-' if loss is None else f'{loss:.8f}'}  "
+                    f"trainable {result['trainable_params']}  samples/step {result['samples_per_step']}"
+                    + (f"  first batch {result['input_shape']}" if side != "pg_tune" else "")
+                    + (f" logits_to_keep {result['logits_to_keep']}" if side != "pg_tune" else ""),
                     flush=True,
                 )
     print(
@@ -169,17 +243,29 @@ def main(argv: list[str] | None = None) -> int:
     for side, runs in results.items():
         sps = [r["samples_per_s"] for r in runs]
         cpu = statistics.median(r["cpu_s_per_step"] for r in runs)
-        summary[side] = (statistics.median(sps), max(r["peak_memory_gb"] for r in runs), cpu)
+        per_sample = statistics.median(r["cpu_s_per_step"] / r["samples_per_step"] for r in runs)
+        summary[side] = (statistics.median(sps), max(r["peak_memory_gb"] for r in runs), per_sample)
         print(
             f"{side:<26} {summary[side][0]:6.2f} samples/s ({min(sps):.2f}-{max(sps):.2f})  "
-            f"CPU {cpu:.3f} s/step  peak {summary[side][1]:.2f} GB"
+            f"CPU {cpu:.3f} s/step ({per_sample:.3f} s/sample)  peak {summary[side][1]:.2f} GB"
         )
-    # ms-swift's best configuration: the one with the least work per step (CPU seconds), which
+    # Did both sides train the same thing? Each side's first step is the same batch in every
+    # repetition (rows in file order, fixed seeds), so the repetitions' first losses must agree.
+    for side, runs in results.items():
+        losses = {r["first_loss"] for r in runs}
+        if len(losses) > 1:
+            print(f"{side}: first losses differ between repetitions: {sorted(losses, key=str)}")
+    for side in (s for s in results if s != "pg_tune"):
+        ours, theirs = results["pg_tune"][0], results[side][0]
+        tolerance = first_loss_tolerance("float32", vocab, ours["first_loss"])
+        for line in compare_first_steps(ours, theirs, side, tolerance):
+            print(f"{side}: {line}")
+    # ms-swift's best configuration: the one with the least work per sample (CPU seconds), which
     # other jobs on the machine do not change; wall samples/s printed beside it.
     best = min((s for s in summary if s != "pg_tune"), key=lambda s: summary[s][2])
     ours, theirs = summary["pg_tune"], summary[best]
     print(
-        f"pg_tune / ms-swift's best ({best}): {theirs[2] / ours[2]:.2f}x less CPU time per step, "
+        f"pg_tune / ms-swift's best ({best}): {theirs[2] / ours[2]:.2f}x less CPU time per sample, "
         f"{ours[0] / theirs[0]:.2f}x samples/s (wall), at {ours[1] / theirs[1]:.2f}x peak RSS"
     )
     if args.json:
