@@ -1,17 +1,25 @@
 """pg_tune's bench-mini step beside ms-swift's LoRA SFT of the same model and data, alternating.
 
     python -m venv --system-site-packages /work/venvs/swift && /work/venvs/swift/bin/pip install ms-swift==4.6.0
-    PYTHONPATH=. python benchmarks/peer_swift.py --swift-python /work/venvs/swift/bin/python --steps 8 --reps 3
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/peer_swift.py --swift-python /work/venvs/swift/bin/python \\
+        --threads 1 --steps 6 --warmup 2 --reps 3
 
 ms-swift lives in its own virtualenv (it pins other transformers / peft versions than pg_tune), never
 in pg_tune's dependencies. Both sides train the ``bench-mini`` checkpoint (saved once), on the same
 32 JPEGs and texts as ``pg_tune.measure.bench`` (prompt ~10 tokens, suffix 15-23 words), batch 4,
 fp32, LoRA r=8 alpha 16 on the language model's attention + MLP (the same regex), AdamW lr 1e-4,
-grad clip 1.0, no DataLoader workers. ms-swift runs ``swift sft`` (its PaliGemma template, its own
-loss) twice per repetition: with its default gradient checkpointing and without it; its best
-configuration is the faster one. pg_tune runs ``pg_tune.measure.bench``'s worker. Every run is its
-own process (peak RSS per process), the order rotating between repetitions; samples/s counts the
-steps after ``--warmup``, timed at each optimizer step's end.
+grad clip 1.0, no DataLoader workers, one micro-batch per optimizer step (ms-swift's default would
+accumulate 16 / batch of them), the rows in file order (so step 1 is the same batch on both sides).
+ms-swift runs ``swift sft`` (its PaliGemma template, its own loss) twice per repetition: with its
+default gradient checkpointing and without it; its best configuration is the one with the least CPU
+time per sample. pg_tune runs ``pg_tune.measure.bench``'s worker. Every run is its own process (peak
+RSS per process), the order rotating between repetitions; samples/s counts the steps after
+``--warmup``, timed at each optimizer step's end.
+
+Each run reports its step-1 loss and trainable-parameter count, printed side by side at the end.
+Both sides feed the same tokens, labels and pixels; ms-swift 4.6.0's PaliGemma template gives the
+prompt's final newline ``token_type_ids`` 1 (causal) where transformers' ``PaliGemmaProcessor``
+and pg_tune give it 0 (prefix, bidirectional), so the first losses differ in the fifth decimal.
 """
 
 from __future__ import annotations
@@ -106,9 +114,12 @@ def swift_command(args, checkpoint: Path, data: Path, out: Path, checkpointing: 
         args.swift_python, "-c", SWIFT_WORKER,
         "--model", str(checkpoint), "--model_type", "paligemma", "--template", "paligemma",
         "--dataset", str(data), "--split_dataset_ratio", "0", "--dataset_shuffle", "false",
+        "--train_dataloader_shuffle", "false",  # rows in file order, as pg_tune's bench reads them
         "--tuner_type", "lora", "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0",
         "--target_regex", regex,
         "--torch_dtype", "float32", "--per_device_train_batch_size", str(args.batch_size),
+        # ms-swift's default accumulates 16 / batch micro-batches per optimizer step; one, as pg_tune
+        "--gradient_accumulation_steps", "1",
         "--max_steps", str(args.warmup + args.steps), "--learning_rate", "1e-4",
         "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--max_grad_norm", "1.0",
         "--gradient_checkpointing", str(checkpointing).lower(), "--dataloader_num_workers", "0",
