@@ -183,6 +183,23 @@ def compare_first_steps(ours: dict, theirs: dict, name: str, tolerance: float) -
     return lines
 
 
+def rep_ratios(results: dict[str, list[dict]]) -> list[str]:
+    """Per repetition, pg_tune against each ms-swift configuration of the same repetition: wall
+    samples/s (pg_tune / side), CPU seconds per sample (side / pg_tune), peak RSS (pg_tune / side)."""
+    lines = [f"{'ratios per repetition':<34} samples/s  CPU s/sample  peak RSS"]
+    for rep, ours in enumerate(results["pg_tune"]):
+        for side in (s for s in results if s != "pg_tune"):
+            theirs = results[side][rep]
+            cpu = (theirs["cpu_s_per_step"] / theirs["samples_per_step"]) / (
+                ours["cpu_s_per_step"] / ours["samples_per_step"]
+            )
+            lines.append(
+                f"rep {rep + 1} pg_tune / {side:<24} {ours['samples_per_s'] / theirs['samples_per_s']:8.2f}x"
+                f"  {cpu:11.2f}x  {ours['peak_memory_gb'] / theirs['peak_memory_gb']:7.2f}x"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -260,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{side:<26} {summary[side][0]:6.2f} samples/s ({min(sps):.2f}-{max(sps):.2f})  "
             f"CPU {cpu:.3f} s/step ({per_sample:.3f} s/sample)  peak {summary[side][1]:.2f} GB"
         )
+    print("\n".join(rep_ratios(results)))
     # Did both sides train the same thing? Each side's first step is the same batch in every
     # repetition (rows in file order, fixed seeds), so the repetitions' first losses must agree.
     for side, runs in results.items():
