@@ -409,6 +409,7 @@ def estimate(
         parts.append(
             Part("runtime (imports)", runtime, "measured", "RSS of this process after training's imports")
         )
+        notes += _heap_note(quantized, all_params)
     notes.append(
         f"activations assume every row is padded to the longest possible ({image.tokens} image positions, "
         f"{image.encoder_passes} encoder pass(es) per image, + data.max_text_length); shorter batches need less"
@@ -416,6 +417,24 @@ def estimate(
     if recipe.train.objective == "dpo":
         parts = preference_terms(parts, recipe)
     return MemoryPlan(config.name_or_path or recipe.model.name_or_path, device, batch, seq, parts, notes)
+
+
+def _heap_note(quantized: bool, parameters: int) -> list[str]:
+    """Where glibc's malloc keeps its mmap threshold dynamic for this base, freed step memory can
+    stay in the heap, which this plan does not model (``pg_tune.models.host_memory``)."""
+    import platform
+
+    from pg_tune.models import host_memory
+
+    if platform.libc_ver()[0] != "glibc" or host_memory.fixes_threshold(quantized, parameters):
+        return []
+    return [
+        f"PG_TUNE_MALLOC={host_memory.policy()} leaves glibc's mmap threshold dynamic for this base "
+        f"({parameters / 1e9:.2f} B parameters, {'' if quantized else 'not '}quantized): memory freed within a step can stay in "
+        "the heap, so the peak RSS may exceed this plan (1.6-1.9x on the SmolVLM2-256M shape, "
+        "docs/performance.md 'Real shapes'); PG_TUNE_MALLOC=compact returns it, at up to 1.45x the CPU "
+        "per step there"
+    ]
 
 
 # --- train.objective: dpo, a separate term (pg_tune.train.preference) ---------------------------------

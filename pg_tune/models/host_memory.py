@@ -59,16 +59,25 @@ def policy() -> str:
     return value
 
 
+def fixes_threshold(quantized: bool, parameters: int | None = None) -> bool:
+    """Whether the policy fixes the threshold for a base loaded from disk: ``compact`` always,
+    ``auto`` for a quantized base or one of at least ``LARGE_MODEL`` parameters (``None``: not
+    known yet, before loading), ``system`` never. ``pg-tune plan`` asks it too: where the answer is
+    no, freed memory may stay in the heap beyond the plan."""
+    mode = policy()
+    large = parameters is not None and parameters >= LARGE_MODEL
+    return mode == "compact" or (mode == "auto" and (quantized or large))
+
+
 def fix_threshold_before_loading(quantized: bool) -> bool:
     """Apply the policy before a checkpoint loads: ``compact`` always, ``auto`` for a quantized base."""
-    mode = policy()
-    return (mode == "compact" or (mode == "auto" and quantized)) and keep_large_blocks_returnable()
+    return fixes_threshold(quantized) and keep_large_blocks_returnable()
 
 
 def settle_after_loading(model: torch.nn.Module) -> None:
     """Apply the policy once ``model`` has loaded: ``auto`` fixes the threshold for a large one;
     then hand the heap's free pages back."""
-    if policy() == "auto" and sum(p.numel() for p in model.parameters()) >= LARGE_MODEL:
+    if fixes_threshold(False, sum(p.numel() for p in model.parameters())):
         keep_large_blocks_returnable()
     release_free_memory()
 

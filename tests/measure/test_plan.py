@@ -151,6 +151,26 @@ def test_cpu_plan_counts_the_runtime_and_no_mapped_checkpoint(tmp_path):
     assert not any("mapped" in p.name for p in estimate(recipe, family_of(recipe), "cpu").parts)
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_plan_says_where_glibc_may_keep_freed_memory_beyond_it(monkeypatch):
+    """The plan models freed memory as returned; where the malloc policy leaves glibc's threshold
+    dynamic (the loader's own rule, ``host_memory.fixes_threshold``) it says so, once."""
+
+    def heap_notes(mode: str, quantization: str, device: str = "cpu") -> list[str]:
+        monkeypatch.setenv("PG_TUNE_MALLOC", mode)
+        recipe = _recipe("tiny-paligemma2")
+        recipe.quantization.mode = quantization
+        plan = estimate(recipe, family_of(recipe), device, runtime=0.0)
+        return [n for n in plan.notes if "mmap threshold" in n]
+
+    (note,) = heap_notes("auto", "none")  # a small, unquantized base: glibc's default kept
+    assert "PG_TUNE_MALLOC=auto" in note and "not quantized" in note and "PG_TUNE_MALLOC=compact" in note
+    assert heap_notes("auto", "4bit") == []  # QLoRA: the loader fixes the threshold
+    assert heap_notes("compact", "none") == []
+    assert len(heap_notes("system", "4bit")) == 1  # glibc left alone, even for QLoRA
+    assert heap_notes("auto", "none", device="cuda") == []  # host RSS is not what a GPU plan answers
+
+
 def test_parse_memory():
     assert parse_memory("24GiB") == 24 * 2**30
     assert parse_memory("80GB") == 80 * 10**9
