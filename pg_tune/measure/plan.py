@@ -18,6 +18,7 @@ optimizer states      exact: AdamW 2 × fp32 per trainable parameter (8-bit: 2 �
 activations           estimate: the tensors autograd saves in each decoder layer (below), at
                       the longest row the family's collator can make
 loss head chunk       estimate: pg_tune's fused head, one chunk of supervised rows × vocabulary
+batch image inputs    exact: the collator's pixels (fp32) and per-pixel masks, every encoder pass
 image encoder         estimate, only where it exceeds the two above: a frozen encoder's largest
 (transient)           live tensors while it runs over every tile / crop of the batch
 runtime (CPU)         measured in this process: Python, torch, transformers, peft imports
@@ -386,21 +387,33 @@ def estimate(
             + ")",
         )
     )
+    # The batch's image inputs live for the whole step (17 SmolVLM2 tiles at 512 px: 58 MB a row).
+    pixels = batch * family.image_input_bytes(vision.image_size, image)
+    parts.append(
+        Part(
+            "batch image inputs",
+            pixels,
+            "exact",
+            f"{batch} × {image.encoder_passes} encoder pass(es) × {vision.image_size}² px as the collator makes them",
+        )
+    )
     if not recipe.lora.vision:
         # A frozen encoder runs without autograd before the decoder: its largest live tensors (one
         # layer's residual, norm output, q, k, v and attention output, or its MLP's two
-        # intermediate-width outputs) over every tile of the batch. It counts only where it exceeds
-        # what the decoder then holds.
+        # intermediate-width outputs) over every tile of the batch, and the pixels cast to the
+        # model dtype. It counts only where it exceeds what the decoder then holds.
         widths = max(6 * vision.hidden_size, 2 * vision.hidden_size + 2 * vision.intermediate_size)
-        encoder = batch * image.encoder_passes * patches * widths * size
+        cast = 3 * vision.image_size**2 * size if dtype != torch.float32 else 0
+        encoder = batch * image.encoder_passes * (patches * widths * size + cast)
         if encoder > activations + head_chunk:
             parts.append(
                 Part(
                     "image encoder forward (transient)",
                     encoder - activations - head_chunk,
                     "estimate",
-                    f"{batch * image.encoder_passes} encoder passes × {patches} patches × {widths} values "
-                    "live at once, beyond the decoder's activations",
+                    f"{batch * image.encoder_passes} encoder passes × ({patches} patches × {widths} values"
+                    + (" + the pixels in the model dtype" if cast else "")
+                    + ") live at once, beyond the decoder's activations",
                 )
             )
     notes = [f"config: {source}"]
@@ -431,7 +444,7 @@ def _heap_note(quantized: bool, parameters: int) -> list[str]:
     return [
         f"PG_TUNE_MALLOC={host_memory.policy()} leaves glibc's mmap threshold dynamic for this base "
         f"({parameters / 1e9:.2f} B parameters, {'' if quantized else 'not '}quantized): memory freed within a step can stay in "
-        "the heap, so the peak RSS may exceed this plan (1.6-1.9x on the SmolVLM2-256M shape, "
+        "the heap, so the peak RSS may exceed this plan (1.6-1.8x on the SmolVLM2-256M shape, "
         "docs/performance.md 'Real shapes'); PG_TUNE_MALLOC=compact returns it, at up to 1.45x the CPU "
         "per step there"
     ]

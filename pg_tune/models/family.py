@@ -369,6 +369,12 @@ class ModelFamily(abc.ABC):
         nothing else; the default is one pass of ``processor.image_seq_length`` tokens."""
         return ImageBudget(int(processor.image_seq_length))
 
+    def image_input_bytes(self, side: int, budget: ImageBudget) -> int:
+        """Bytes of one row's image inputs as the collator hands them over (``plan`` counts them for
+        the whole step, the batch lives that long): fp32 pixels, 3 × ``side``² per encoder pass.
+        Families with more per-pixel inputs (SmolVLM2's mask) add theirs."""
+        return budget.encoder_passes * 3 * side**2 * 4
+
     def unwrap(self, model: nn.Module) -> PreTrainedModel:
         """The family's model class inside peft / DDP / FSDP / loss wrappers."""
         return unwrap_model(model, self.model_class)

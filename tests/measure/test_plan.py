@@ -115,6 +115,28 @@ def test_activation_estimate_matches_what_autograd_saves(preset, dtype):
     assert abs(estimated - measured) <= 0.15 * measured, (estimated, measured)
 
 
+@pytest.mark.parametrize("preset", ["tiny-paligemma2", "tiny-gemma3", "tiny-smolvlm2"])
+def test_batch_image_inputs_are_the_collators_bytes_for_the_largest_image(preset, tmp_path):
+    """The plan's image inputs equal the tensors the family's collator makes for two rows of the
+    largest image the settings allow (SmolVLM2: every tile, with its per-pixel mask)."""
+    from PIL import Image
+
+    from pg_tune.data.sample import Sample
+    from pg_tune.measure.plan import plan_processor
+
+    recipe = _recipe(preset)
+    family = family_of(recipe)
+    processor = plan_processor(recipe, family)
+    path = tmp_path / "large.png"
+    Image.new("RGB", (4096, 4096), (120, 30, 200)).save(path)  # past every family's longest edge
+    rows = [(i, Sample(str(path), "caption en", "a shape", f"test:{i}")) for i in range(2)]
+    batch = family.collator(processor, recipe.data.max_text_length, train=True)(rows)
+    made = sum(batch[key].nbytes for key in family.image_inputs)
+    assert (
+        _part(estimate(recipe, family, "cpu", runtime=0.0, processor=processor), "batch image inputs") == made
+    )
+
+
 def test_checkpointing_keeps_layer_inputs_only():
     plain, checkpointed = _recipe("tiny-paligemma2"), _recipe("tiny-paligemma2", gradient_checkpointing=True)
     est_plain = _part(estimate(plain, family_of(plain), device="cuda"), "activations")

@@ -37,7 +37,7 @@ from pg_tune.data.images import image_size
 from pg_tune.data.sample import Sample
 from pg_tune.models.chat import smolvlm_tiny
 from pg_tune.models.chat.base import ChatCollator, ChatFamily
-from pg_tune.models.family import EngineSupport, ModulePaths
+from pg_tune.models.family import EngineSupport, ImageBudget, ModulePaths
 
 
 class SmolVLMCollator(ChatCollator):
@@ -61,9 +61,12 @@ class SmolVLMCollator(ChatCollator):
             )
             for rows, cols in zip(processed["rows"], processed["cols"], strict=True)
         ]
+        # The processor's mask is int64, one value per pixel of every tile (17 tiles at 512 px: 36 MB a
+        # row, copied again inside get_image_features); the model only tests it for non-zero (and
+        # builds a bool one itself when none is given), so it travels as bool: 1/8 of that.
         pixels = {
             "pixel_values": processed["pixel_values"],
-            "pixel_attention_mask": processed["pixel_attention_mask"],
+            "pixel_attention_mask": processed["pixel_attention_mask"].bool(),
         }
         return pixels, texts
 
@@ -193,6 +196,10 @@ class SmolVLMFamily(ChatFamily):
             global_image_token=processor.global_image_token,
         )
         return text, max(tiles, 1)
+
+    def image_input_bytes(self, side: int, budget: ImageBudget) -> int:
+        """The pixels, and ``pixel_attention_mask``: one bool per pixel of every tile (the collator's)."""
+        return super().image_input_bytes(side, budget) + budget.encoder_passes * side**2
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Connector output of every real tile, concatenated: ``[image tokens in the batch, hidden]``."""
