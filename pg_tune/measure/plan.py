@@ -20,7 +20,7 @@ activations           estimate: the tensors autograd saves in each decoder layer
 loss head chunk       estimate: pg_tune's fused head, one chunk of supervised rows × vocabulary
 batch image inputs    exact: the collator's pixels (fp32) and per-pixel masks, every encoder pass
 image encoder         estimate, only where it exceeds the two above: a frozen encoder's largest
-(transient)           live tensors while it runs over every tile / crop of the batch
+(transient)           live tensors while it runs over ``encoder_chunk`` tiles / crops at a time
 runtime (CPU)         measured in this process: Python, torch, transformers, peft imports
 ====================  =====================================================================
 
@@ -404,14 +404,15 @@ def estimate(
         # model dtype. It counts only where it exceeds what the decoder then holds.
         widths = max(6 * vision.hidden_size, 2 * vision.hidden_size + 2 * vision.intermediate_size)
         cast = 3 * vision.image_size**2 * size if dtype != torch.float32 else 0
-        encoder = batch * image.encoder_passes * (patches * widths * size + cast)
+        at_once = min(batch * image.encoder_passes, family.encoder_chunk(vision))  # ENCODER_POSITIONS
+        encoder = at_once * (patches * widths * size + cast)
         if encoder > activations + head_chunk:
             parts.append(
                 Part(
                     "image encoder forward (transient)",
                     encoder - activations - head_chunk,
                     "estimate",
-                    f"{batch * image.encoder_passes} encoder passes × ({patches} patches × {widths} values"
+                    f"{at_once} of {batch * image.encoder_passes} encoder passes at once × ({patches} patches × {widths} values"
                     + (" + the pixels in the model dtype" if cast else "")
                     + ") live at once, beyond the decoder's activations",
                 )
@@ -444,7 +445,7 @@ def _heap_note(quantized: bool, parameters: int) -> list[str]:
     return [
         f"PG_TUNE_MALLOC={host_memory.policy()} leaves glibc's mmap threshold dynamic for this base "
         f"({parameters / 1e9:.2f} B parameters, {'' if quantized else 'not '}quantized): memory freed within a step can stay in "
-        "the heap, so the peak RSS may exceed this plan (1.6-1.8x on the SmolVLM2-256M shape, "
+        "the heap, so the peak RSS may exceed this plan (1.6-1.9x on the SmolVLM2-256M shape, "
         "docs/performance.md 'Real shapes'); PG_TUNE_MALLOC=compact returns it, at up to 1.45x the CPU "
         "per step there"
     ]

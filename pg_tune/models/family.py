@@ -50,6 +50,13 @@ __all__ = [
 ]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+ENCODER_POSITIONS = 8192
+"""Patch positions a frozen image encoder runs over at once (PaliGemma 224 px: 32 images; Gemma 3
+896 px: 2; SmolVLM2 512 px tiles: 8). Its largest live tensors (an MLP's two intermediate-width
+outputs) then stay near 8,192 × 2 × intermediate values whatever the batch, instead of growing with
+every image and tile of it (SmolVLM2-256M, 8 rows of 17 tiles: 2.1 GB in one go). The rows of each
+matmul stay in the thousands: on SmolVLM2-256M (2 rows of 17 tiles, bf16, one thread) the chunked
+encoder took 0.77-1.03x the CPU seconds of one call, in three alternating pairs."""
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -434,13 +441,27 @@ class ModelFamily(abc.ABC):
 
     def image_features(self, core: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Projected image features for the batch's images, as ``decoder_hidden`` consumes them
-        (``get_image_features(...).pooler_output``); no autograd when the vision side is frozen."""
-        import contextlib
-
-        with torch.no_grad() if self.vision_frozen(core) else contextlib.nullcontext():
+        (``get_image_features(...).pooler_output``). A frozen vision side runs without autograd and
+        over ``encoder_chunk`` pictures at a time (``ENCODER_POSITIONS``); a training one in one go."""
+        if not self.vision_frozen(core):
             pixels = batch[self.image_inputs[0]].to(core.dtype)
             extra = [batch[k] for k in self.image_inputs[1:]]
             return core.model.get_image_features(pixels, *extra).pooler_output
+        images = len(batch[self.image_inputs[0]])
+        step = self.encoder_chunk(core.config.vision_config)
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, images, step):
+                pixels, *extra = (batch[k][start : start + step] for k in self.image_inputs)
+                chunks.append(core.model.get_image_features(pixels.to(core.dtype), *extra).pooler_output)
+        return torch.cat(chunks)
+
+    @staticmethod
+    def encoder_chunk(vision_config) -> int:
+        """Pictures (images, tiles, crops) a frozen encoder runs over at once: ``ENCODER_POSITIONS``
+        patches' worth, at least one. What ``plan`` counts for the encoder's transient."""
+        patches = (vision_config.image_size // vision_config.patch_size) ** 2
+        return max(1, ENCODER_POSITIONS // patches)
 
     # ---- sequences -----------------------------------------------------------------------------
     @abc.abstractmethod

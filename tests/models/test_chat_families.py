@@ -284,3 +284,26 @@ def test_frozen_vision_runs_without_autograd_and_lora_vision_with_it(family_setu
         features = family.image_features(family.unwrap(wrapped), batch)
         assert features.requires_grad == vision  # frozen encoder: no graph is built
         wrapped.unload()
+
+
+def test_a_frozen_encoder_in_chunks_gives_the_models_own_features(family_setup, monkeypatch):
+    """``image_features`` runs a frozen encoder a few pictures at a time (``ENCODER_POSITIONS``):
+    the same features, in the same order, as the model's ``get_image_features`` over the whole
+    batch (SmolVLM2: its real tiles, padding tiles dropped)."""
+    import pg_tune.models.family as family_module
+
+    family, processor, model = family_setup
+    model.requires_grad_(False)
+    batch = family.collator(processor, 256, train=True)(list(enumerate(_samples())))
+    pixels, *extra = (batch[k] for k in family.image_inputs)
+    with torch.no_grad():
+        output = model.model.get_image_features(pixels.to(model.dtype), *extra).pooler_output
+    whole = torch.cat([f.reshape(-1, f.shape[-1]) for f in output])  # per image (a tensor) or row (a list)
+    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    monkeypatch.setattr(family_module, "ENCODER_POSITIONS", patches)  # one picture per call
+    assert family.encoder_chunk(model.config.vision_config) == 1
+    chunked = family.image_features(model, batch)
+    chunked = chunked.reshape(-1, chunked.shape[-1])
+    assert chunked.shape == whole.shape and not chunked.requires_grad
+    # Each picture's features alone vs in a batch: only the matmuls' blocking differs (fp32).
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())

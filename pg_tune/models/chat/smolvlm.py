@@ -23,7 +23,6 @@ Box tasks are text (``pg_tune.models.chat.base``); there are no location or mask
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -208,8 +207,19 @@ class SmolVLMFamily(ChatFamily):
                 "SmolVLM2's image features need the collator's pixel_attention_mask, and their length varies "
                 "per image (tiles), so data.feature_cache cannot store them: remove data.feature_cache"
             )
-        with torch.no_grad() if self.vision_frozen(core) else contextlib.nullcontext():
-            per_sample = core.model.get_image_features(
-                batch["pixel_values"].to(core.dtype), batch["pixel_attention_mask"]
-            ).pooler_output
-        return torch.cat(list(per_sample), dim=0)
+        pixels, mask = batch["pixel_values"], batch["pixel_attention_mask"]
+        # The real tiles in batch order (get_image_features' own rule: padding tiles are all zero).
+        tiles, tile_masks = pixels.flatten(0, 1), mask.flatten(0, 1)
+        real = tiles.flatten(1).ne(0).any(1).nonzero().squeeze(1)
+        if not self.vision_frozen(core):
+            return torch.cat(core.model.get_image_features(pixels.to(core.dtype), mask).pooler_output)
+        # Frozen: a few tiles at a time (``ModelFamily.encoder_chunk``), one "image" of them per call.
+        step = self.encoder_chunk(core.config.vision_config)
+        parts = real.split(step) if len(real) else [torch.arange(len(tiles))]  # no real tile: as one call
+        chunks = []
+        with torch.no_grad():
+            for part in parts:
+                chunk = tiles[part].unsqueeze(0).to(core.dtype), tile_masks[part].unsqueeze(0)
+                # pooler_output: one [tiles x tokens, hidden] tensor per row, here the one "image"
+                chunks += core.model.get_image_features(*chunk).pooler_output
+        return torch.cat(chunks)
