@@ -20,14 +20,13 @@ import ctypes
 import ctypes.util
 import gc
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from real_shapes import recipe_data, rss_parts, write_data  # noqa: E402
+from real_shapes import RssSampler, recipe_data, rss_parts, write_data  # noqa: E402
 
 
 class MallInfo2(ctypes.Structure):
@@ -46,24 +45,18 @@ def _libc():
         return None
 
 
-class Phases:
-    """RSS samples every ``period`` seconds plus named marks with the heap's state at each."""
+class Phases(RssSampler):
+    """``real_shapes``' RSS sampler every ``period`` seconds, plus marks that repeat (each step's
+    edges) with the heap's state at each."""
 
     def __init__(self, tensors: bool, trim: bool, period: float = 0.005):
         self.libc, self.tensors, self.trim = _libc(), tensors, trim
-        self.samples: list[tuple[float, int]] = []
-        self.marks: list[tuple[float, str, int]] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._sample, args=(period,), daemon=True).start()
-
-    def _sample(self, period: float) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), rss_parts()["VmRSS"]))
-            self._stop.wait(period)
+        self.phases: list[tuple[float, str, int]] = []
+        super().__init__(period)
 
     def mark(self, name: str) -> None:
         rss = rss_parts()["VmRSS"]
-        self.marks.append((time.perf_counter(), name, rss))
+        self.phases.append((time.perf_counter(), name, rss))
         line = f"{name:<10} RSS {rss / 1e9:6.3f} GB"
         if self.libc:
             m = self.libc.mallinfo2()
@@ -92,19 +85,18 @@ class Phases:
                 storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values())
 
-    def report(self) -> float:
-        """Print each mark with the peak until the next one; return the overall peak (GB)."""
-        self._stop.set()
-        start = self.marks[0][0]
-        for i, (at, name, rss) in enumerate(self.marks):
-            until = self.marks[i + 1][0] if i + 1 < len(self.marks) else float("inf")
-            peak = max((r for t, r in self.samples if at <= t < until), default=rss)
+    def report(self) -> None:
+        """Print each mark with the peak until the next one, then the overall peak."""
+        self.stop()
+        rss = [(t, parts["VmRSS"]) for t, parts in self.samples]
+        start = self.phases[0][0]
+        for i, (at, name, now) in enumerate(self.phases):
+            until = self.phases[i + 1][0] if i + 1 < len(self.phases) else float("inf")
+            peak = max((r for t, r in rss if at <= t < until), default=now)
             print(
-                f"{at - start:8.2f} s  {name:<10} RSS {rss / 1e9:6.3f} GB  peak until the next mark {peak / 1e9:6.3f} GB"
+                f"{at - start:8.2f} s  {name:<10} RSS {now / 1e9:6.3f} GB  peak until the next mark {peak / 1e9:6.3f} GB"
             )
-        overall = max(r for _, r in self.samples) / 1e9
-        print(f"peak RSS {overall:.3f} GB")
-        return overall
+        print(f"peak RSS {max(r for _, r in rss) / 1e9:.3f} GB")
 
 
 def main(argv: list[str] | None = None) -> int:

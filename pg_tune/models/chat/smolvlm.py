@@ -208,12 +208,12 @@ class SmolVLMFamily(ChatFamily):
                 "per image (tiles), so data.feature_cache cannot store them: remove data.feature_cache"
             )
         pixels, mask = batch["pixel_values"], batch["pixel_attention_mask"]
-        # The real tiles in batch order (get_image_features' own rule: padding tiles are all zero).
-        tiles, tile_masks = pixels.flatten(0, 1), mask.flatten(0, 1)
-        real = tiles.flatten(1).ne(0).any(1).nonzero().squeeze(1)
         if not self.vision_frozen(core):
             return torch.cat(core.model.get_image_features(pixels.to(core.dtype), mask).pooler_output)
-        # Frozen: a few tiles at a time (``ModelFamily.encoder_chunk``), one "image" of them per call.
+        # Frozen: the real tiles in batch order (get_image_features' own rule: padding tiles are all
+        # zero), a few at a time (``ModelFamily.encoder_chunk``), one "image" of them per call.
+        tiles, tile_masks = pixels.flatten(0, 1), mask.flatten(0, 1)
+        real = tiles.flatten(1).ne(0).any(1).nonzero().squeeze(1)
         step = self.encoder_chunk(core.config.vision_config)
         parts = real.split(step) if len(real) else [torch.arange(len(tiles))]  # no real tile: as one call
         chunks = []
