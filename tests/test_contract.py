@@ -38,6 +38,7 @@ tiny preset); the runs that take a model or a process are marked ``slow``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -660,6 +661,41 @@ def test_different_images_give_different_logits(workspace):
     scale = float(logits[0].abs().max())
     # Far beyond what summation order could move them: the image's features reach the next token.
     assert float((logits[0] - logits[1]).abs().max()) > 10 * VOCAB_SUM_REL * scale
+
+
+def test_padding_to_a_multiple_adds_only_ignored_positions(workspace):
+    """``data.pad_to_multiple_of``: the batch widens to the multiple with pad positions that are
+    masked, unlabelled and change neither the loss nor its token count."""
+    from pg_tune.train.loss import SuffixLoss
+
+    family, processor, model, images = _two_images(workspace)
+    # Targets of two lengths: the shorter row is padded within the batch already.
+    targets = ("a noisy picture of many colours", "black")
+    batch = [
+        (k, dataclasses.replace(s, suffix=t)) for k, (s, t) in enumerate(zip(images, targets, strict=True))
+    ]
+    tight = family.collator(processor, 48, train=True)(batch)
+    longest = tight["input_ids"].shape[1]
+    assert int(tight["attention_mask"].sum(1).max()) == longest  # pad_to_multiple_of=1: the longest row
+    multiple = longest + 3  # never already a multiple: three padding columns
+    wide = family.collator(processor, 48, train=True, pad_to_multiple_of=multiple)(batch)
+    assert wide["input_ids"].shape[1] == multiple
+    assert (
+        family.collator(processor, 48, train=True, pad_to_multiple_of=8)(batch)["input_ids"].shape[1] % 8 == 0
+    )
+    for key, value in tight.items():
+        if value.ndim == 2 and value.shape[1] == longest:  # the per-position inputs
+            assert torch.equal(wide[key][:, :longest], value), key
+            extra = wide[key][:, longest:]
+            expected = {"attention_mask": 0, "labels": -100, "input_ids": processor.tokenizer.pad_token_id}
+            assert (extra == expected.get(key, 0)).all(), key
+        else:
+            assert torch.equal(wide[key], value), key
+    loss = SuffixLoss(model, family).eval()
+    with torch.no_grad():
+        (tight_sum, tight_count), (wide_sum, wide_count) = loss(tight), loss(wide)
+    assert int(wide_count) == int(tight_count) > 0
+    assert_close_to_scale(wide_sum, tight_sum, VOCAB_SUM_REL)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ BASE = {
         ("train.weight_decay=-0.1", r"train.weight_decay: must be a finite number in \[0, inf\]"),
         ("train.max_grad_norm=0", r"train.max_grad_norm: must be a finite number > 0, got 0.0"),
         ("data.num_workers=-3", r"data.num_workers: must be >= 0, got -3"),
+        ("data.pad_to_multiple_of=0", r"data.pad_to_multiple_of: must be >= 1, got 0 \(1 = pad to the longest row\)"),
         ("eval.batch_size=0", r"eval.batch_size: must be >= 1, got 0"),
         ("eval.num_beams=0", r"eval.num_beams: must be >= 1, got 0"),
         ("eval.every=0", r"eval.every: must be >= 1, got 0"),

@@ -207,6 +207,13 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle the training rows (seeded by ``train.seed``). ``false``: every entry in its file
     order, entries one after the other (curricula, debugging, comparing a stream with a table)."""
+    pad_to_multiple_of: int = 8
+    """Pad each training batch to its longest row rounded up to a multiple of this (1: to the longest
+    row). The CPU backend (oneDNN) keeps compiled kernels for every matmul shape it has seen, for the
+    life of the process: at the PaliGemma 2 3B shape in bf16 each new batch length held ~20 MB more,
+    so a run over captions of many lengths grew by that much per length (docs/performance.md,
+    "Batch lengths"). 8 bounds that to one set of kernels per 8 lengths for at most 7 padding
+    positions per row, and is the multiple GPU tensor cores prefer."""
     group_by_length: bool = False
     """Batch rows of similar length (image tokens and text, as the model family lays them out) together: less padding; order stays random."""
     feature_cache: str | None = None
@@ -220,6 +227,8 @@ class DataConfig:
             path, "max_bad_row_share", self.max_bad_row_share, 0, 1, " (a fraction of the training rows)"
         )
         _at_least(path, "num_workers", self.num_workers, 0, " (0 = load in the main process)")
+        _at_least(path, "pad_to_multiple_of", self.pad_to_multiple_of, 1, " (1 = pad to the longest row)")
+        _at_most(path, "pad_to_multiple_of", self.pad_to_multiple_of, MAX_TEXT_LENGTH)
         if not self.shuffle and self.group_by_length:
             raise ConfigError(
                 f"{path}.shuffle: false keeps the rows in file order, {path}.group_by_length reorders "

@@ -18,6 +18,14 @@ IGNORE_INDEX = -100
 """Label of every position the loss skips (prompt, image tokens, padding)."""
 
 
+def padded_length(longest: int, multiple: int = 1) -> int:
+    """A batch's sequence length: its longest row rounded up to a multiple of ``multiple``
+    (``data.pad_to_multiple_of``). Fewer distinct lengths mean fewer distinct matmul shapes, and the
+    CPU backend keeps kernels per shape for the life of the process (docs/performance.md, "Batch
+    lengths")."""
+    return -(-longest // multiple) * multiple
+
+
 class SampleDataset(Dataset):
     """A list of samples, yielding ``(index, sample)`` so batches can name their rows."""
 

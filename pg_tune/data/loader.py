@@ -33,7 +33,8 @@ def build_train_loader(
     family: ModelFamily,
     feature_cache: FeatureCache | None = None,
 ) -> DataLoader:
-    """Batches of the recipe's micro-batch size; images decode and resize in the workers.
+    """Batches of the recipe's micro-batch size, each padded to a multiple of
+    ``data.pad_to_multiple_of`` positions; images decode and resize in the workers.
 
     Rows are drawn by ``MixSampler`` (datasets mixed by ``weight``, one caption/answer per group
     per epoch; a plain seeded shuffle when every weight is 1), optionally grouped by length. The
@@ -41,7 +42,9 @@ def build_train_loader(
     The collator is the model ``family``'s (its mask codec renders segmentation targets); under
     ``train.objective: dpo`` its preference batches (chosen and rejected rows, each image once).
     """
-    collator = family.collator(processor, recipe.data.max_text_length, train=True)
+    collator = family.collator(
+        processor, recipe.data.max_text_length, train=True, pad_to_multiple_of=recipe.data.pad_to_multiple_of
+    )
     pairs = recipe.train.objective == "dpo"
     collate = collator.preference_batch if pairs else collator
     if isinstance(samples, StreamingSamples):

@@ -233,6 +233,8 @@ def _worker_command(args, side: str, data_dir: str) -> list[str]:
         str(args.samples),
         "--optimizer",
         args.optimizer,
+        "--pad-to-multiple-of",
+        str(args.pad_to_multiple_of),
     ]
     cmd += ["--method", args.method, "--partial-groups", args.partial_groups]
     for flag in ("use_dora", "use_rslora", "full_vision", "compile"):
@@ -354,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=32, help="distinct images/rows in the data")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
     parser.add_argument("--group-by-length", action="store_true", help="pg_tune side: data.group_by_length")
+    parser.add_argument(
+        "--pad-to-multiple-of",
+        type=int,
+        default=8,
+        help="pg_tune side: data.pad_to_multiple_of (1: the longest row)",
+    )
     parser.add_argument(
         "--method",
         default="lora",

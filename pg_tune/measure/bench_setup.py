@@ -64,6 +64,7 @@ def bench_recipe(args):
             # File order, as the reference side reads the rows: both first losses are of one batch.
             shuffle=args.group_by_length,
             group_by_length=args.group_by_length,
+            pad_to_multiple_of=getattr(args, "pad_to_multiple_of", 8),
             feature_cache=args.feature_cache,
         ),
         train=TrainConfig(
@@ -122,7 +123,11 @@ def step_mark(device: str) -> tuple[float, float]:
 
 
 def shape_of(batch) -> tuple[int, int, int, int]:
-    """(non-padding tokens, padded length, supervised positions, image encoder passes) of one batch.
+    """(non-padding tokens, longest row, supervised positions, image encoder passes) of one batch.
+
+    The longest row, not the padded width: the step's model FLOPs count the positions a batch needs,
+    so a side that pads further (pg_tune rounds to ``data.pad_to_multiple_of``) is not credited for
+    the padding it computes.
 
     Encoder passes are images, or for tiled families (SmolVLM2: ``pixel_values`` of ``[batch, tiles,
     3, h, w]``) the real tiles, those with any pixel in ``pixel_attention_mask``.
@@ -135,4 +140,5 @@ def shape_of(batch) -> tuple[int, int, int, int]:
         passes = int(batch["pixel_attention_mask"].flatten(2).any(-1).sum())
     else:
         passes = int(pixels.shape[0])
-    return int(batch["attention_mask"].sum()), labels.shape[1], int((labels[:, 1:] != -100).sum()), passes
+    mask = batch["attention_mask"]
+    return int(mask.sum()), int(mask.sum(1).max()), int((labels[:, 1:] != -100).sum()), passes

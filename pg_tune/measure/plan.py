@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from pg_tune.config.recipe import Recipe
+from pg_tune.data.collate import padded_length
 from pg_tune.models.family import ModelFamily
 
 GiB = 2**30
@@ -310,7 +311,10 @@ def estimate(
     # --- activations (estimate) --------------------------------------------------------------
     text, vision = config.get_text_config(), config.vision_config
     image = family.image_budget(processor)
-    seq = family.collator(processor, recipe.data.max_text_length).max_row_length()
+    seq = padded_length(
+        family.collator(processor, recipe.data.max_text_length).max_row_length(),
+        recipe.data.pad_to_multiple_of,
+    )
     H, inter = text.hidden_size, text.intermediate_size
     heads = text.num_attention_heads
     hd = getattr(text, "head_dim", None) or H // heads

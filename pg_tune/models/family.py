@@ -502,8 +502,15 @@ class ModelFamily(abc.ABC):
         """The target text: ``sample.suffix`` for raw rows, else rendered from ``sample.targets``."""
 
     @abc.abstractmethod
-    def collator(self, processor: ProcessorMixin, max_text_length: int, train: bool = True) -> Collator:
-        """The collator building training (``train=True``) or generation batches."""
+    def collator(
+        self,
+        processor: ProcessorMixin,
+        max_text_length: int,
+        train: bool = True,
+        pad_to_multiple_of: int = 1,
+    ) -> Collator:
+        """The collator building training (``train=True``) or generation batches, each padded to its
+        longest row rounded up to a multiple of ``pad_to_multiple_of`` (``data.pad_to_multiple_of``)."""
 
     # ---- the pieces of the fused suffix-only loss ----------------------------------------------
     def decoder_hidden(

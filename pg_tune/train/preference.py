@@ -293,7 +293,9 @@ def evaluate_pairs(
         return {}
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = list(range(rank, len(samples), world))
-    collator = family.collator(processor, recipe.data.max_text_length, train=True)
+    collator = family.collator(
+        processor, recipe.data.max_text_length, train=True, pad_to_multiple_of=recipe.data.pad_to_multiple_of
+    )
     size = recipe.eval.batch_size
     model = scorer.model
     was_training = model.training

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from pg_tune.data.collate import one_index_per_pair, pair_rows
+from pg_tune.data.collate import one_index_per_pair, padded_length, pair_rows
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.evaluate.metrics.detection import object_confidence
@@ -181,12 +181,21 @@ class ChatCollator(abc.ABC):
     string) and ``_extra`` (its attention-rule inputs); the rest is shared.
     """
 
-    def __init__(self, family: Any, processor: Any, max_text_length: int, train: bool = True):
+    def __init__(
+        self,
+        family: Any,
+        processor: Any,
+        max_text_length: int,
+        train: bool = True,
+        pad_to_multiple_of: int = 1,
+    ):
         self.family = family
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_text_length = max_text_length
         self.train = train
+        self.pad_to_multiple_of = pad_to_multiple_of
+        """Each batch's length is its longest row rounded up to a multiple of this."""
         self.reserved = family.reserved_tokens(processor)
         self.end_of_turn_id: int = family.end_of_turn_id(processor)
         self.pad_id: int = self.tokenizer.pad_token_id
@@ -299,7 +308,7 @@ class ChatCollator(abc.ABC):
         self, batch: Sequence[tuple[int, Sample]], image_texts: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         rows = [self.encode(sample, text) for (_, sample), text in zip(batch, image_texts, strict=True)]
-        length = max(len(r.input_ids) for r in rows)
+        length = padded_length(max(len(r.input_ids) for r in rows), self.pad_to_multiple_of)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
@@ -397,8 +406,12 @@ class ChatFamily(ModelFamily):
             return sample.suffix
         return render_text_boxes(sample)
 
-    def collator(self, processor, max_text_length: int, train: bool = True) -> ChatCollator:
-        return self.collator_class(self, processor, max_text_length, train=train)
+    def collator(
+        self, processor, max_text_length: int, train: bool = True, pad_to_multiple_of: int = 1
+    ) -> ChatCollator:
+        return self.collator_class(
+            self, processor, max_text_length, train=train, pad_to_multiple_of=pad_to_multiple_of
+        )
 
     # generation and parsing
     def generation_kwargs(self, processor: ProcessorMixin) -> dict[str, Any]:

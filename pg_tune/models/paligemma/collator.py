@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pg_tune.data.collate import IGNORE_INDEX, one_index_per_pair, pair_rows
+from pg_tune.data.collate import IGNORE_INDEX, one_index_per_pair, padded_length, pair_rows
 from pg_tune.data.images import load_image
 from pg_tune.data.sample import DataError, Sample
 from pg_tune.models.paligemma.layout import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID
@@ -34,15 +34,19 @@ class EncodedRow:
 
 
 class PaliGemmaCollator:
-    """Builds training (``train=True``) or generation batches from ``(index, Sample)`` pairs."""
+    """Builds training (``train=True``) or generation batches from ``(index, Sample)`` pairs, each
+    padded to its longest row rounded up to ``pad_to_multiple_of``."""
 
-    def __init__(self, family, processor, max_text_length: int, train: bool = True):
+    def __init__(
+        self, family, processor, max_text_length: int, train: bool = True, pad_to_multiple_of: int = 1
+    ):
         self.family = family
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.num_image_tokens: int = processor.image_seq_length
         self.max_text_length = max_text_length
         self.train = train
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.reserved = self.family.reserved_tokens(processor)
         # Rendered targets (a <seg> encode runs the VQ-VAE), by what they are rendered from: rows may share
         # a source (RefCOCO's detect and segment entries read the same refs).
@@ -127,7 +131,7 @@ class PaliGemmaCollator:
     def text_batch(self, batch: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
         """Everything but ``pixel_values`` (the feature cache supplies image features instead)."""
         rows = [self.encode(sample) for _, sample in batch]
-        length = max(len(r.input_ids) for r in rows)
+        length = padded_length(max(len(r.input_ids) for r in rows), self.pad_to_multiple_of)
         input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         token_type_ids = torch.zeros((len(rows), length), dtype=torch.long)

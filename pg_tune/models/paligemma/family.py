@@ -209,8 +209,12 @@ class PaliGemmaFamily(ModelFamily):
             parts.append(f"{tokens} {obj.label}" if obj.label else tokens)
         return OBJECT_SEPARATOR.join(parts)
 
-    def collator(self, processor, max_text_length: int, train: bool = True) -> PaliGemmaCollator:
-        return PaliGemmaCollator(self, processor, max_text_length, train=train)
+    def collator(
+        self, processor, max_text_length: int, train: bool = True, pad_to_multiple_of: int = 1
+    ) -> PaliGemmaCollator:
+        return PaliGemmaCollator(
+            self, processor, max_text_length, train=train, pad_to_multiple_of=pad_to_multiple_of
+        )
 
     # generation and parsing
     def generation_kwargs(self, processor) -> dict[str, Any]:
