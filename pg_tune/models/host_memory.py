@@ -15,14 +15,16 @@ unmapped when freed. ``release_free_memory`` hands back what the heap still hold
 (``malloc_trim(0)``).
 
 The fixed threshold is not free: every mapped block page-faults when first touched. Measured
-(docs/performance.md, "Real shapes"): invisible next to a 3B step (CPU seconds per step 1.01× and
-0.99× the reference's), but 1.2–1.45× more CPU per step on the SmolVLM2-256M shape, whose step is
-mostly elementwise work on large activations, for 32 % less peak RSS there. So
+(docs/performance.md, "Real shapes"): 1.5–1.7× the CPU seconds of a 3B step on this project's CPU
+VM (re-measured alternating; an earlier 1.01× was read on a loaded machine) for 0.76× (QLoRA) and
+0.86× (bf16 LoRA) of its peak RSS; 1.2–1.45× on the SmolVLM2-256M shape for 0.65×. On a GPU the
+step's activations are not host memory and the threshold costs nothing there. So
 ``ModelFamily.load_model`` applies ``policy``:
 
 - ``auto`` (default): the threshold is fixed before loading a quantized (QLoRA) base, whose
   dequantized weights churn every step, and after loading any base of at least ``LARGE_MODEL``
-  parameters, where memory binds and the faults do not show; ``malloc_trim`` after every load.
+  parameters, where host memory binds first; ``malloc_trim`` after every load. A CPU run with
+  memory to spare trains faster under ``system``.
 - ``compact``: the threshold fixed for every checkpoint loaded from disk.
 - ``system``: glibc left as it is (e.g. under jemalloc or tcmalloc via ``LD_PRELOAD``, which
   manage this themselves).
