@@ -209,8 +209,8 @@ class DataConfig:
     order, entries one after the other (curricula, debugging, comparing a stream with a table)."""
     pad_to_multiple_of: int = 8
     """Pad each training batch to its longest row rounded up to a multiple of this (1: to the longest
-    row). The CPU backend (oneDNN) keeps compiled kernels for every matmul shape it has seen, for the
-    life of the process: at the PaliGemma 2 3B shape in bf16 each new batch length held ~20 MB more,
+    row). The CPU backend keeps compiled kernels for every matmul shape it has seen (oneDNN's primitive
+    cache and more), for the life of the process: at the PaliGemma 2 3B shape in bf16 each new batch length held ~20 MB more,
     so a run over captions of many lengths grew by that much per length (docs/performance.md,
     "Batch lengths"). 8 bounds that to one set of kernels per 8 lengths for at most 7 padding
     positions per row, and is the multiple GPU tensor cores prefer."""

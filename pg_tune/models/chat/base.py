@@ -178,7 +178,8 @@ class ChatCollator(abc.ABC):
     """One user turn (image + prompt), one assistant turn (target); see the module docstring.
 
     A family implements ``_images`` (pixel inputs of a batch plus each image's expanded placeholder
-    string) and ``_extra`` (its attention-rule inputs); the rest is shared.
+    string) and ``_extra`` (its attention-rule inputs); the rest is shared. Each batch is as wide as
+    its longest row rounded up to a multiple of ``pad_to_multiple_of``.
     """
 
     def __init__(
@@ -195,7 +196,6 @@ class ChatCollator(abc.ABC):
         self.max_text_length = max_text_length
         self.train = train
         self.pad_to_multiple_of = pad_to_multiple_of
-        """Each batch's length is its longest row rounded up to a multiple of this."""
         self.reserved = family.reserved_tokens(processor)
         self.end_of_turn_id: int = family.end_of_turn_id(processor)
         self.pad_id: int = self.tokenizer.pad_token_id
