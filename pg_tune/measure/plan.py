@@ -438,14 +438,23 @@ def estimate(
 
 
 def _heap_note(quantized: bool, parameters: int) -> list[str]:
-    """Where glibc's malloc keeps its mmap threshold dynamic for this base, freed step memory can
-    stay in the heap, which this plan does not model (``pg_tune.models.host_memory``)."""
+    """glibc's malloc and this plan (``pg_tune.models.host_memory``): where the threshold stays
+    dynamic for this base, freed step memory can stay in the heap, which the plan does not model;
+    where the policy fixes it, the plan holds but each step pays page faults for it."""
     import platform
 
     from pg_tune.models import host_memory
 
-    if platform.libc_ver()[0] != "glibc" or host_memory.fixes_threshold(quantized, parameters):
+    if platform.libc_ver()[0] != "glibc":
         return []
+    if host_memory.fixes_threshold(quantized, parameters):
+        return [
+            f"PG_TUNE_MALLOC={host_memory.policy()} fixes glibc's mmap threshold for this base, so freed "
+            "step memory goes back to the OS and this plan holds; the page faults cost CPU time (1.5-1.7x "
+            "the CPU seconds per step of glibc's default at the PaliGemma 2 3B shape, docs/performance.md "
+            "'What the fixed threshold costs at 3B'). With host memory to spare, PG_TUNE_MALLOC=system "
+            "trains faster and peaks higher (bf16 LoRA at 3B: 8.0-8.2 GB instead of 7.0)"
+        ]
     return [
         f"PG_TUNE_MALLOC={host_memory.policy()} leaves glibc's mmap threshold dynamic for this base "
         f"({parameters / 1e9:.2f} B parameters, {'' if quantized else 'not '}quantized): memory freed within a step can stay in "
