@@ -430,7 +430,8 @@ def estimate(
         notes += _heap_note(quantized, all_params)
     notes.append(
         f"activations assume every row is padded to the longest possible ({image.tokens} image positions, "
-        f"{image.encoder_passes} encoder pass(es) per image, + data.max_text_length); shorter batches need less"
+        f"{image.encoder_passes} encoder pass(es) per image, + data.max_text_length, rounded up to a multiple of "
+        f"data.pad_to_multiple_of={recipe.data.pad_to_multiple_of}: {seq} positions); shorter batches need less"
     )
     if recipe.train.objective == "dpo":
         parts = preference_terms(parts, recipe)
