@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pg_tune.config.recipe import DataConfig
 from pg_tune.measure.bench_setup import (
     base_model,
     bench_recipe,
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pad-to-multiple-of",
         type=int,
-        default=8,
+        default=DataConfig.pad_to_multiple_of,
         help="pg_tune side: data.pad_to_multiple_of (1: the longest row)",
     )
     parser.add_argument(

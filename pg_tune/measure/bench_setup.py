@@ -64,7 +64,7 @@ def bench_recipe(args):
             # File order, as the reference side reads the rows: both first losses are of one batch.
             shuffle=args.group_by_length,
             group_by_length=args.group_by_length,
-            pad_to_multiple_of=getattr(args, "pad_to_multiple_of", 8),
+            pad_to_multiple_of=getattr(args, "pad_to_multiple_of", DataConfig.pad_to_multiple_of),
             feature_cache=args.feature_cache,
         ),
         train=TrainConfig(
