@@ -115,12 +115,18 @@ def write_data(root: Path, count: int = 8) -> Path:
 
 
 def recipe_data(
-    case: str, checkpoint: str, data: Path, run_dir: Path, steps: int, checkpointing: bool = False
+    case: str,
+    checkpoint: str,
+    data: Path,
+    run_dir: Path,
+    steps: int,
+    checkpointing: bool = False,
+    dtype: str = "bfloat16",
 ) -> dict:
     return {
         "output_dir": str(run_dir),
-        "model": {"name_or_path": checkpoint, "dtype": "bfloat16"},
-        "quantization": {"mode": "4bit" if case == "qlora" else "none", "bnb_4bit_compute_dtype": "bfloat16"},
+        "model": {"name_or_path": checkpoint, "dtype": dtype},
+        "quantization": {"mode": "4bit" if case == "qlora" else "none", "bnb_4bit_compute_dtype": dtype},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attention_mlp"},
         # In file order on both sides: each side's first loss is the loss of the same first row.
         "data": {"train": [{"format": "jsonl", "path": str(data)}], "max_text_length": 64, "shuffle": False},
@@ -300,6 +306,11 @@ WORKERS = {
 
 
 def run_worker(args) -> None:
+    # pg_tune's side runs as `pg-tune train` does (huge pages asked for); the reference as HF's posts do.
+    if args.worker != "reference":
+        from pg_tune.models import host_memory
+
+        host_memory.ask_for_huge_pages()
     import torch
 
     torch.set_num_threads(args.threads)

@@ -7,10 +7,13 @@ Runs pg_tune's own loop (``pg_tune.train.loop.train``) on ``benchmarks/real_shap
 (batch 1, LoRA r=8 on attention + MLP, rows in file order) in this process, samples RSS every 5 ms
 in a thread, and at each phase mark (loaded, forward start / end, optimizer step start / end,
 trained) prints RSS, glibc's heap (``mallinfo2``: arena, in use, free, mmapped) and the peak RSS
-until the next mark; ``--tensors`` also sums the tensors ``gc`` finds alive after each optimizer
-step; ``--trim-each-step`` calls ``malloc_trim(0)`` after it. The figures in docs/performance.md
-("Real shapes": why bf16 LoRA misses 0.75x; what glibc keeps) come from this script. Not a test:
-one process, no reference side, no timing compared.
+until the next mark, and after each optimizer step that step's CPU seconds and minor page faults
+(``getrusage``; the first step's include loading); ``--tensors`` also sums the tensors ``gc`` finds
+alive after each optimizer step; ``--trim-each-step`` calls ``malloc_trim(0)`` after it. Like
+``pg-tune``, it asks torch for huge pages before its first allocation (``PG_TUNE_MALLOC=system``:
+not). The figures in docs/performance.md ("Real shapes": why bf16 LoRA misses 0.75x; what glibc
+keeps; huge pages for the fixed threshold) come from this script. Not a test: one process, no
+reference side, no timing compared.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import ctypes
 import ctypes.util
 import gc
+import resource
 import sys
 import time
 import warnings
@@ -51,6 +55,7 @@ class Phases(RssSampler):
 
     def __init__(self, tensors: bool, trim: bool, period: float = 0.005):
         self.libc, self.tensors, self.trim = _libc(), tensors, trim
+        self._cpu, self._faults = 0.0, 0  # at the previous "opt end" (the first step counts loading)
         self.phases: list[tuple[float, str, int]] = []
         super().__init__(period)
 
@@ -64,6 +69,11 @@ class Phases(RssSampler):
                 f"  heap {m.arena / 1e6:6.0f} MB (in use {m.uordblks / 1e6:6.0f}, free {m.fordblks / 1e6:5.0f})"
                 f"  mmapped {m.hblkhd / 1e6:6.0f} MB in {m.hblks} blocks"
             )
+        if name == "opt end":
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu, faults = usage.ru_utime + usage.ru_stime, usage.ru_minflt
+            line += f"  step: {cpu - self._cpu:5.1f} CPU s, {faults - self._faults:9,} page faults"
+            self._cpu, self._faults = cpu, faults
         if name == "opt end" and self.tensors:
             line += f"  tensors alive {self._tensor_bytes() / 1e6:.1f} MB (not parameters)"
         print(line, flush=True)
@@ -109,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing", action="store_true", help="train.gradient_checkpointing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="model.dtype (and QLoRA's compute dtype); float32 where the CPU has no fast bf16",
+    )
+    parser.add_argument(
         "--work", default="/tmp/rss_phases", help="data and run folder (the run is overwritten)"
     )
     parser.add_argument(
@@ -119,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from pg_tune.models import host_memory
+
+    host_memory.ask_for_huge_pages()  # as `pg-tune train` does, before torch's first allocation
     import torch
 
     torch.set_num_threads(args.threads)
@@ -132,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     data = write_data(work / "data")
     recipe = parse_recipe(
-        recipe_data(args.case, args.checkpoint, data, work / "run", args.steps, args.checkpointing)
+        recipe_data(
+            args.case, args.checkpoint, data, work / "run", args.steps, args.checkpointing, args.dtype
+        )
     )
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
 

@@ -74,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pg_tune.models import host_memory
+
+    try:
+        # Before torch's first CPU allocation, which reads it (pg_tune.models.host_memory).
+        host_memory.ask_for_huge_pages()
+    except ValueError as e:  # an unknown PG_TUNE_MALLOC
+        print(f"pg-tune: error: {e}", file=sys.stderr)
+        return 2
     args = parse_args(argv)
     try:
         return args.func(args)

@@ -427,7 +427,7 @@ def estimate(
         parts.append(
             Part("runtime (imports)", runtime, "measured", "RSS of this process after training's imports")
         )
-        notes += _heap_note(quantized, all_params)
+        notes += _heap_note(not family.is_tiny(recipe.model.name_or_path))
     notes.append(
         f"activations assume every row is padded to the longest possible ({image.tokens} image positions, "
         f"{image.encoder_passes} encoder pass(es) per image, + data.max_text_length, rounded up to a multiple of "
@@ -438,30 +438,32 @@ def estimate(
     return MemoryPlan(config.name_or_path or recipe.model.name_or_path, device, batch, seq, parts, notes)
 
 
-def _heap_note(quantized: bool, parameters: int) -> list[str]:
-    """glibc's malloc and this plan (``pg_tune.models.host_memory``): where the threshold stays
-    dynamic for this base, freed step memory can stay in the heap, which the plan does not model;
-    where the policy fixes it, the plan holds but each step pays page faults for it."""
+def _heap_note(from_disk: bool) -> list[str]:
+    """glibc's malloc and this plan (``pg_tune.models.host_memory``): where the loader fixes the
+    mmap threshold (a checkpoint read from disk, unless ``PG_TUNE_MALLOC=system``), freed step
+    memory goes back to the OS and the plan holds, at some CPU time per step; elsewhere freed
+    memory can stay in glibc's heap, which the plan does not model."""
     import platform
 
     from pg_tune.models import host_memory
 
     if platform.libc_ver()[0] != "glibc":
         return []
-    if host_memory.fixes_threshold(quantized, parameters):
+    if from_disk and host_memory.fixes_threshold():
         return [
             f"PG_TUNE_MALLOC={host_memory.policy()} fixes glibc's mmap threshold for this base, so freed "
-            "step memory goes back to the OS and this plan holds; the page faults cost CPU time (1.5-1.7x "
-            "the CPU seconds per step of glibc's default at the PaliGemma 2 3B shape, docs/performance.md "
-            "'What the fixed threshold costs at 3B'). With host memory to spare, PG_TUNE_MALLOC=system "
-            "trains faster and peaks higher (bf16 LoRA at 3B: 8.0-8.2 GB instead of 7.0)"
+            "step memory goes back to the OS and this plan holds; each step pays page faults for it, which "
+            "the huge pages pg-tune asks for make cheap at 3B (0.99x the CPU seconds per step of glibc's "
+            "default) but not on small, activation-heavy models (1.2-1.3x on the SmolVLM2-256M shape; "
+            "docs/performance.md 'Huge pages for the fixed threshold'). With host memory to spare, "
+            "PG_TUNE_MALLOC=system trains faster there and peaks higher (1.4-1.5x this plan on that shape)"
         ]
+    what = "this in-process preset" if not from_disk else "this base"
     return [
-        f"PG_TUNE_MALLOC={host_memory.policy()} leaves glibc's mmap threshold dynamic for this base "
-        f"({parameters / 1e9:.2f} B parameters, {'' if quantized else 'not '}quantized): memory freed within a step can stay in "
-        "the heap, so the peak RSS may exceed this plan (1.6-1.9x on the SmolVLM2-256M shape, "
-        "docs/performance.md 'Real shapes'); PG_TUNE_MALLOC=compact returns it, at up to 1.45x the CPU "
-        "per step there"
+        f"PG_TUNE_MALLOC={host_memory.policy()} leaves glibc's mmap threshold dynamic for {what}: memory "
+        "freed within a step can stay in the heap, so the peak RSS may exceed this plan (1.4-1.5x on the "
+        "SmolVLM2-256M shape, docs/performance.md 'Huge pages for the fixed threshold')"
+        + ("; PG_TUNE_MALLOC=auto returns it" if from_disk else "")
     ]
 
 

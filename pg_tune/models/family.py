@@ -345,10 +345,10 @@ class ModelFamily(abc.ABC):
         """``from_pretrained`` fed with the checkpoint's tensors read one by one (``shards``)."""
         from transformers import GenerationConfig
 
-        from pg_tune.models.host_memory import fix_threshold_before_loading, settle_after_loading
+        from pg_tune.models.host_memory import fix_threshold_before_loading, release_free_memory
         from pg_tune.models.shards import lazy_state_dict
 
-        fix_threshold_before_loading("quantization_config" in kwargs)  # freed blocks leave RSS
+        fix_threshold_before_loading()  # freed blocks leave RSS
         # The family's own config class, as from_pretrained reads it (not AutoConfig: a family's
         # model type need not be registered with transformers' auto classes).
         config = self.model_class.config_class.from_pretrained(
@@ -366,7 +366,7 @@ class ModelFamily(abc.ABC):
         loaded.config._name_or_path = str(model.name_or_path)
         if (folder / "generation_config.json").is_file():
             loaded.generation_config = GenerationConfig.from_pretrained(folder)
-        settle_after_loading(loaded)
+        release_free_memory()  # what loading left in the heap
         return loaded
 
     def image_budget(self, processor: ProcessorMixin, sample: Sample | None = None) -> ImageBudget:

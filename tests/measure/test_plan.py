@@ -174,29 +174,29 @@ def test_cpu_plan_counts_the_runtime_and_no_mapped_checkpoint(tmp_path):
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_plan_says_where_glibc_may_keep_freed_memory_beyond_it(monkeypatch):
-    """The plan models freed memory as returned; where the malloc policy leaves glibc's threshold
-    dynamic (the loader's own rule, ``host_memory.fixes_threshold``) it says so, once; where the
-    policy fixes it, it names the CPU time that costs and the way out."""
+def test_plan_says_where_glibc_may_keep_freed_memory_beyond_it(monkeypatch, tiny_checkpoint):
+    """The plan models freed memory as returned; where the loader fixes glibc's mmap threshold
+    (``host_memory.fixes_threshold``: a checkpoint read from disk, unless ``PG_TUNE_MALLOC=system``)
+    it names the CPU time that costs and the way out; elsewhere it says the heap may hold more."""
 
-    def heap_notes(mode: str, quantization: str, device: str = "cpu") -> list[str]:
+    def heap_notes(mode: str, model: str, quantization: str = "none", device: str = "cpu") -> list[str]:
         monkeypatch.setenv("PG_TUNE_MALLOC", mode)
         recipe = _recipe("tiny-paligemma2")
-        recipe.quantization.mode = quantization
+        recipe.model.name_or_path, recipe.quantization.mode = model, quantization
         plan = estimate(recipe, family_of(recipe), device, runtime=0.0)
         return [n for n in plan.notes if "mmap threshold" in n]
 
-    (note,) = heap_notes("auto", "none")  # a small, unquantized base: glibc's default kept
-    assert "leaves glibc's mmap threshold dynamic" in note
-    assert "PG_TUNE_MALLOC=auto" in note and "not quantized" in note and "PG_TUNE_MALLOC=compact" in note
-    for mode, quantization in (("auto", "4bit"), ("compact", "none")):  # the loader fixes the threshold
-        (note,) = heap_notes(mode, quantization)
+    disk = str(tiny_checkpoint)
+    for mode, quantization in (("auto", "none"), ("auto", "4bit"), ("compact", "none")):
+        (note,) = heap_notes(mode, disk, quantization)  # the loader fixes the threshold
         assert (
             f"PG_TUNE_MALLOC={mode} fixes glibc's mmap threshold" in note and "PG_TUNE_MALLOC=system" in note
         )
-    (note,) = heap_notes("system", "4bit")  # glibc left alone, even for QLoRA
-    assert "leaves glibc's mmap threshold dynamic" in note
-    assert heap_notes("auto", "none", device="cuda") == []  # host RSS is not what a GPU plan answers
+    (note,) = heap_notes("system", disk, "4bit")  # glibc left alone, even for QLoRA
+    assert "leaves glibc's mmap threshold dynamic for this base" in note and "PG_TUNE_MALLOC=auto" in note
+    (note,) = heap_notes("auto", "tiny-paligemma2")  # built in-process: nothing is loaded
+    assert "dynamic for this in-process preset" in note
+    assert heap_notes("auto", disk, device="cuda") == []  # host RSS is not what a GPU plan answers
 
 
 def test_parse_memory():

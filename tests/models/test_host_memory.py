@@ -86,18 +86,15 @@ def returned(result: dict) -> bool:
     return result["held"] - result["freed"] > 250
 
 
-def test_the_policy_fixes_the_threshold_for_qlora_and_large_bases_only(tiny_checkpoint):
+def test_the_policy_fixes_the_threshold_for_every_base_read_from_disk(tiny_checkpoint):
     folder = str(tiny_checkpoint)
-    # auto: a quantized base churns dequantized weights every step, so its blocks go back...
-    qlora = churn(folder, "4bit")
-    # ...a small unquantized base keeps glibc's faster default (the faults cost it CPU)...
-    small = churn(folder, "none")
-    # ...unless asked; and "system" leaves glibc alone even for QLoRA.
-    compact = churn(folder, "none", malloc="compact")
-    system = churn(folder, "4bit", malloc="system")
-    assert returned(qlora) and not returned(small) and returned(compact) and not returned(system)
+    # auto: every checkpoint read from disk, quantized or not, returns its freed blocks...
+    qlora, plain = churn(folder, "4bit"), churn(folder, "none")
+    # ...as "compact" (the earlier name for it) does; "system" leaves glibc alone even for QLoRA.
+    compact, system = churn(folder, "none", malloc="compact"), churn(folder, "4bit", malloc="system")
+    assert returned(qlora) and returned(plain) and returned(compact) and not returned(system)
     # memory_binds() says which (the head's LogitsWorkspace then releases its buffers after each call).
-    assert [r["binds"] for r in (qlora, small, compact, system)] == [True, False, True, False]
+    assert [r["binds"] for r in (qlora, plain, compact, system)] == [True, True, True, False]
 
 
 def test_an_unknown_policy_is_refused_by_name(tiny_checkpoint, monkeypatch):
@@ -107,3 +104,63 @@ def test_an_unknown_policy_is_refused_by_name(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("PG_TUNE_MALLOC", "compat")
     with pytest.raises(ValueError, match=r"PG_TUNE_MALLOC='compat': expected one of auto, compact, system"):
         load_family(str(tiny_checkpoint)).load_model(ModelConfig(name_or_path=str(tiny_checkpoint)))
+
+
+HUGE = textwrap.dedent(
+    """
+    import json, os
+    from pg_tune.models import host_memory
+
+    asked = host_memory.ask_for_huge_pages()  # before torch's first CPU allocation, as pg-tune does
+    import torch
+
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: torch aligns it and madvises it
+    with open("/proc/self/smaps_rollup") as f:
+        huge = next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages")) / 1024
+    print(json.dumps({"asked": asked, "env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_mib": huge}))
+    """
+)
+
+
+def huge_pages(malloc: str | None, **env: str) -> dict:
+    run_env = {k: v for k, v in os.environ.items() if k not in ("PG_TUNE_MALLOC", host_memory.HUGE_PAGES)}
+    run_env.update(env, **({"PG_TUNE_MALLOC": malloc} if malloc else {}))
+    out = subprocess.run(
+        [sys.executable, "-c", HUGE], capture_output=True, text=True, check=True, env=run_env
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unknown"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "unknown"
+
+
+def test_huge_pages_are_asked_for_where_the_threshold_is_fixed():
+    assert huge_pages(None)["asked"] and huge_pages("compact")["env"] == "1"
+    # system: neither the threshold nor huge pages; a value the user set wins.
+    system = huge_pages("system")
+    assert system["asked"] is False and system["env"] is None
+    assert huge_pages(None, THP_MEM_ALLOC_ENABLE="0")["asked"] is False
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="the kernel's THP mode decides without madvise")
+def test_torch_gets_huge_pages_for_large_blocks_when_asked():
+    # Under "madvise", only blocks torch advised are huge: most of the 64 MiB with the flag, none without.
+    assert huge_pages(None)["huge_mib"] >= 32
+    assert huge_pages("system")["huge_mib"] < 8
+
+
+def test_the_command_asks_before_anything_else(monkeypatch, tmp_path, capsys):
+    from pg_tune.cli import main
+
+    monkeypatch.delenv(host_memory.HUGE_PAGES, raising=False)  # restored after the test
+    monkeypatch.delenv("PG_TUNE_MALLOC", raising=False)
+    main(["validate", str(tmp_path / "missing.yaml")])  # refuses the recipe, after asking
+    assert os.environ[host_memory.HUGE_PAGES] == "1"
+    monkeypatch.setenv("PG_TUNE_MALLOC", "compat")
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "PG_TUNE_MALLOC='compat': expected one of auto, compact, system" in capsys.readouterr().err
