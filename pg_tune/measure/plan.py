@@ -59,6 +59,7 @@ import torch
 
 from pg_tune.config.recipe import Recipe
 from pg_tune.data.collate import padded_length
+from pg_tune.models import cpu_dtype
 from pg_tune.models.family import ModelFamily
 
 GiB = 2**30
@@ -428,6 +429,8 @@ def estimate(
             Part("runtime (imports)", runtime, "measured", "RSS of this process after training's imports")
         )
         notes += _heap_note(not family.is_tiny(recipe.model.name_or_path))
+        if slow := cpu_dtype.recipe_note(recipe):
+            notes.append(slow)
     notes.append(
         f"activations assume every row is padded to the longest possible ({image.tokens} image positions, "
         f"{image.encoder_passes} encoder pass(es) per image, + data.max_text_length, rounded up to a multiple of "

@@ -42,6 +42,17 @@ def skip_modules(quantization: QuantizationConfig, family: ModelFamily) -> list[
     return family.keep_unquantized(quantize_vision=quantization.quantize_vision_tower)
 
 
+def resolve_compute_dtype(quantization: QuantizationConfig) -> torch.dtype:
+    """``bnb_4bit_compute_dtype`` as loading applies it: ``auto`` is bfloat16 where training runs on a
+    GPU or a CPU with fast bf16 kernels, float32 on a CPU without them (``pg_tune.models.cpu_dtype``)."""
+    from pg_tune.models import cpu_dtype
+
+    name = quantization.bnb_4bit_compute_dtype
+    if name == "auto":
+        name = "bfloat16" if torch.cuda.is_available() or cpu_dtype.fast_on_cpu("bf16") else "float32"
+    return _DTYPES[name]
+
+
 def bnb_config(quantization: QuantizationConfig, family: ModelFamily) -> BitsAndBytesConfig:
     """The ``BitsAndBytesConfig`` for ``from_pretrained`` from a recipe's ``quantization`` section."""
     if quantization.mode == "4bit":
@@ -49,7 +60,7 @@ def bnb_config(quantization: QuantizationConfig, family: ModelFamily) -> BitsAnd
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=quantization.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=_DTYPES[quantization.bnb_4bit_compute_dtype],
+            bnb_4bit_compute_dtype=resolve_compute_dtype(quantization),
             llm_int8_skip_modules=skip_modules(quantization, family),
         )
     if quantization.mode == "8bit":
@@ -111,7 +122,7 @@ def check_quantized(
         raise RuntimeError("quantization.quantize_vision_tower=true but no vision-tower layer is quantized")
     compute_dtype = quant_type = None
     if quantization.mode == "4bit":
-        want_dtype = _DTYPES[quantization.bnb_4bit_compute_dtype]
+        want_dtype = resolve_compute_dtype(quantization)
         if compute_dtypes != {want_dtype}:
             raise RuntimeError(
                 f"quantization.bnb_4bit_compute_dtype={quantization.bnb_4bit_compute_dtype} but the loaded "

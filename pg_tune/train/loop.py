@@ -40,6 +40,7 @@ from pg_tune.data.build import build_samples
 from pg_tune.data.loader import build_train_loader, prepare_feature_cache
 from pg_tune.data.safe_collate import BAD_ROWS_KEY, SafeCollator, batch_rows
 from pg_tune.data.sample import DataError, Sample
+from pg_tune.models import cpu_dtype
 from pg_tune.models.family import ModelFamily, resolve_dtype
 from pg_tune.train import policies
 from pg_tune.train.adapters import prepare_model, trainable_summary
@@ -141,6 +142,8 @@ def _train(
     _prepare_output_dir(accelerator, recipe, resume, overwrite)
     if resume and (finished := finished_run(output_dir, accelerator, resolved_recipe)):
         return finished
+    if accelerator.device.type == "cpu" and (slow := cpu_dtype.recipe_note(recipe)):
+        notes.append(f"warning: {slow}")
     state = _begin(accelerator, recipe, resolved_recipe, resume, resume_from, notes)
     state.tracker_run_ids = start_trackers(accelerator, recipe, resolved_recipe, state.tracker_run_ids)
 

@@ -74,6 +74,24 @@ def test_bnb_config_maps_every_key():
     assert bnb_config(QuantizationConfig(mode="8bit"), PG).load_in_8bit
 
 
+def test_auto_compute_dtype_is_float32_on_a_cpu_without_fast_bf16(monkeypatch):
+    from pg_tune.models import cpu_dtype
+    from pg_tune.models.quantize import resolve_compute_dtype
+
+    auto = QuantizationConfig(mode="4bit")
+    assert auto.bnb_4bit_compute_dtype == "auto"  # the default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu_dtype, "fast_on_cpu", lambda kind: False)
+    assert resolve_compute_dtype(auto) == torch.float32 == bnb_config(auto, PG).bnb_4bit_compute_dtype
+    monkeypatch.setattr(cpu_dtype, "fast_on_cpu", lambda kind: True)
+    assert resolve_compute_dtype(auto) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_dtype, "fast_on_cpu", lambda kind: False)
+    assert resolve_compute_dtype(auto) == torch.bfloat16  # a GPU run computes in bf16
+    # An explicit value is kept as written.
+    assert resolve_compute_dtype(dataclasses.replace(auto, bnb_4bit_compute_dtype="float16")) == torch.float16
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_load_has_the_recipe_dtypes(tiny_checkpoint, quant_type):
     q = QuantizationConfig(mode="4bit", bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype="float32")
