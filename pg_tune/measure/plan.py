@@ -456,8 +456,8 @@ def _heap_note(from_disk: bool) -> list[str]:
         return [
             f"PG_TUNE_MALLOC={host_memory.policy()} fixes glibc's mmap threshold for this base, so freed "
             "step memory goes back to the OS and this plan holds; each step pays page faults for it, which "
-            "the huge pages pg-tune asks for make cheap at 3B (0.99x the CPU seconds per step of glibc's "
-            "default) but not on small, activation-heavy models (1.2-1.3x on the SmolVLM2-256M shape; "
+            "the huge pages pg-tune asks for make cheaper at 3B (0.99x the CPU seconds per step of glibc's "
+            "default in LoRA, 1.14x in QLoRA) but not on small, activation-heavy models (1.2-1.3x on the SmolVLM2-256M shape; "
             "docs/performance.md 'Huge pages for the fixed threshold'). With host memory to spare, "
             "PG_TUNE_MALLOC=system trains faster there and peaks higher (1.4-1.5x this plan on that shape)"
         ]

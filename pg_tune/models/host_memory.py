@@ -23,12 +23,14 @@ pages, one fault per 2 MiB where the kernel's THP mode is ``madvise`` or ``alway
 an AVX2 host):
 
 - PaliGemma 2 3B shape: the fixed threshold alone cost 1.26x the CPU seconds per step of glibc's
-  default; with huge pages 0.99x, at 0.90-0.94x its peak RSS.
+  default; with huge pages 0.99x, at 0.90-0.94x its peak RSS. QLoRA (fp32 compute): 1.35x alone,
+  1.14x with huge pages, at 0.76-0.78x its peak RSS.
 - SmolVLM2-256M shape (1,088 image tokens a picture): 1.46x alone, 1.21-1.26x with huge pages, at
   0.70-0.76x its peak RSS (3.44 against 4.54-4.88 GB), and ``pg-tune plan`` within 8 % of that
   peak, where glibc's default ran 1.4-1.5x over it.
 - Under glibc's dynamic threshold huge pages only cost (1.14x on the 256M shape), so they go with
-  the fixed threshold and nowhere else.
+  the fixed threshold (the command cannot know yet whether the model will be read from disk: an
+  in-process tiny preset keeps glibc's threshold and gets huge pages too, not measured).
 
 On a GPU the step's activations are not host memory and the threshold costs nothing. So
 ``ModelFamily.load_model`` applies ``policy``:
