@@ -111,13 +111,22 @@ HUGE = textwrap.dedent(
     import json, os
     from pg_tune.models import host_memory
 
+    def fallbacks():  # huge-page faults the kernel could not serve (no free 2 MiB pages), system-wide
+        try:
+            with open("/proc/vmstat") as f:
+                return next((int(l.split()[1]) for l in f if l.startswith("thp_fault_fallback ")), 0)
+        except OSError:
+            return 0
+
     asked = host_memory.ask_for_huge_pages()  # before torch's first CPU allocation, as pg-tune does
     import torch
 
+    before = fallbacks()
     block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: torch aligns it and madvises it
     with open("/proc/self/smaps_rollup") as f:
         huge = next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages")) / 1024
-    print(json.dumps({"asked": asked, "env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_mib": huge}))
+    env = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    print(json.dumps({"asked": asked, "env": env, "huge_mib": huge, "fallbacks": fallbacks() - before}))
     """
 )
 
@@ -150,7 +159,10 @@ def test_huge_pages_are_asked_for_where_the_threshold_is_fixed():
 @pytest.mark.skipif(_thp_mode() != "madvise", reason="the kernel's THP mode decides without madvise")
 def test_torch_gets_huge_pages_for_large_blocks_when_asked():
     # Under "madvise", only blocks torch advised are huge: most of the 64 MiB with the flag, none without.
-    assert huge_pages(None)["huge_mib"] >= 32
+    asked = huge_pages(None)
+    if asked["huge_mib"] < 32 and asked["fallbacks"] > 0:
+        pytest.skip("the kernel had no free 2 MiB pages to give (thp_fault_fallback rose)")
+    assert asked["huge_mib"] >= 32
     assert huge_pages("system")["huge_mib"] < 8
 
 
