@@ -34,7 +34,8 @@ hidden width and per head, its attention implementation), checked against
 
 - each distinct input of the adapted linears, once, in the model dtype (pg_tune's LoRA upcasts a
   bf16 input inside the product instead of saving an fp32 copy per module:
-  ``pg_tune.train.adapters.UpcastLoraA``; under SDPA o_proj's input is the attention output SDPA
+  ``pg_tune.train.lora_fused.LoraDelta``, and ``pg_tune.train.adapters.UpcastLoraA`` where a layer
+  falls back to peft's forward; under SDPA o_proj's input is the attention output SDPA
   keeps), and each module's rank-r ``A x`` (fp32);
 - each RMSNorm's fp32 input and 1/rms (2 norms a layer in Gemma and Llama, 4 in Gemma 2 and 3),
   and per-head q/k norms' (Gemma 3) on every query and key/value head;
@@ -326,7 +327,7 @@ def estimate(
             per_layer_adapted[name.rsplit(".", 1)[-1]] = module.in_features
     layers = text.num_hidden_layers
     # Each distinct input of the adapted linears is saved once, in the model dtype (fp32 bases need no
-    # cast; on bf16 / 4-bit bases pg_tune's LoRA upcasts inside the product, ``UpcastLoraA``): q/k/v
+    # cast; on bf16 / 4-bit bases pg_tune's LoRA upcasts inside the product, ``LoraDelta``): q/k/v
     # share one, gate/up another; under SDPA o_proj's input is the attention output SDPA keeps anyway.
     groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
     groups += [("o_proj",)] if layer.eager else []

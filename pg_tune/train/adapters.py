@@ -10,6 +10,7 @@ from torch import nn
 
 from pg_tune.config.recipe import LoraConfig, Recipe
 from pg_tune.models.family import ModelFamily
+from pg_tune.train.lora_fused import fuse_lora_layers
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, base_name: str, family: ModelFamily) -> peft.PeftModel:
@@ -29,6 +30,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig, base_name: str, family: Model
     # bf16 or 4-bit base, so the optimizer never updates low-precision copies.
     peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=True)
     keep_lora_inputs_in_model_dtype(peft_model)
+    fuse_lora_layers(peft_model)  # one autograd node per adapted layer (pg_tune.train.lora_fused)
     # Recorded in adapter_config.json so `PeftModel.from_pretrained` users know the base.
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     return peft_model
