@@ -14,6 +14,10 @@ alternating which goes first:
   bf16 compute), the rest in bf16; LoRA r=8 on attention + MLP.
 - ``lora``: the whole base in bf16; LoRA r=8 on attention + MLP.
 
+``--dtype float32`` makes both sides load the base in fp32 and compute QLoRA in fp32: on a CPU
+without fast bf16 kernels (AVX2 only) a bf16 step runs 36-80x slower (docs/performance.md, "CPUs
+without fast bf16").
+
 ``pg_tune`` runs its real training loop (``pg_tune.train.loop.train``, the base loaded by
 ``ModelFamily.load_model``); ``reference`` is the Hugging Face recipe (``from_pretrained``, the
 family's ``reference_batch`` in a collate function, i.e. ``PaliGemmaProcessor(text, images,
@@ -152,7 +156,13 @@ def worker_pg_tune(args, sampler: RssSampler) -> dict:
     from pg_tune.train.loop import train
 
     data = recipe_data(
-        args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps, args.checkpointing
+        args.case,
+        args.checkpoint,
+        Path(args.data),
+        Path(args.run_dir),
+        args.steps,
+        args.checkpointing,
+        args.dtype,
     )
     recipe = parse_recipe(data)
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
@@ -191,13 +201,19 @@ def worker_reference(args, sampler: RssSampler) -> dict:
 
     recipe = parse_recipe(
         recipe_data(
-            args.case, args.checkpoint, Path(args.data), Path(args.run_dir), args.steps, args.checkpointing
+            args.case,
+            args.checkpoint,
+            Path(args.data),
+            Path(args.run_dir),
+            args.steps,
+            args.checkpointing,
+            args.dtype,
         )
     )
     family = load_family(args.checkpoint)
     kwargs = {"quantization_config": bnb_config(recipe.quantization, family)} if args.case == "qlora" else {}
     # What the HF posts do: from_pretrained (memory-mapped safetensors), the family's processor.
-    model = family.model_class.from_pretrained(args.checkpoint, dtype=torch.bfloat16, **kwargs)
+    model = family.model_class.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), **kwargs)
     processor = family.load_processor(recipe.model)
     sampler.mark("loaded")
     config = peft.LoraConfig(
@@ -363,6 +379,7 @@ def _launch(args, worker: str, **kw) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", worker, "--threads", str(args.threads)]
     cmd += ["--checkpoint", args.checkpoint, "--steps", str(args.steps)]
     cmd += ["--checkpointing"] if args.checkpointing else []
+    cmd += ["--dtype", args.dtype]
     for key, value in kw.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     started = time.time()
@@ -380,13 +397,15 @@ def _launch(args, worker: str, **kw) -> dict | None:
     return result
 
 
-def plan_for(case: str, checkpoint: str, data: Path, checkpointing: bool = False) -> dict | None:
+def plan_for(
+    case: str, checkpoint: str, data: Path, checkpointing: bool = False, dtype: str = "bfloat16"
+) -> dict | None:
     try:
         from pg_tune.config.recipe import parse_recipe
         from pg_tune.measure.plan import estimate
     except ImportError:
         return None
-    recipe = parse_recipe(recipe_data(case, checkpoint, data, Path("/tmp/unused"), 3, checkpointing))
+    recipe = parse_recipe(recipe_data(case, checkpoint, data, Path("/tmp/unused"), 3, checkpointing, dtype))
     return estimate(recipe, load_family(recipe.model.name_or_path), device="cpu").as_dict()
 
 
@@ -399,7 +418,7 @@ def report(results: dict) -> str:
     checkpointing = "on" if results.get("gradient_checkpointing") else "off"
     lines = [
         f"checkpoint {results['checkpoint']}; {results['threads']} threads; gradient checkpointing "
-        f"{checkpointing} (both sides); {results['machine']}"
+        f"{checkpointing} (both sides); {results.get('dtype', 'bfloat16')}; {results['machine']}"
     ]
     head = (
         f"{'case':<7} {'side':<10} {'peak RSS GB':>11} {'load peak':>10} {'train peak':>10} {'anon':>6} "
@@ -457,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         help="gradient checkpointing on both sides (as docs/qlora_export_hub.md advises)",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="the base's dtype and QLoRA's compute dtype, both sides (float32 on a CPU without fast bf16)",
+    )
     parser.add_argument("--cases", default="qlora,lora")
     parser.add_argument("--sides", default="pg_tune,reference", help="comma-separated subset, in this order")
     parser.add_argument("--patience", type=float, default=900, help="seconds to wait for free memory")
@@ -488,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["checkpoint"],
                 Path(results["data"]),
                 results.get("gradient_checkpointing", False),
+                results.get("dtype", "bfloat16"),
             )
         print(report(results))
         return 0
@@ -504,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(data),
         "threads": args.threads,
         "gradient_checkpointing": args.checkpointing,
+        "dtype": args.dtype,
         "machine": f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
         "train": {},
         "export": {},
@@ -574,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             save()
     for case in CASES:
-        results.setdefault("plan", {})[case] = plan_for(case, args.checkpoint, data, args.checkpointing)
+        results.setdefault("plan", {})[case] = plan_for(
+            case, args.checkpoint, data, args.checkpointing, args.dtype
+        )
     save()
     print(report(results))
     return 0

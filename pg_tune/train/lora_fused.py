@@ -100,7 +100,11 @@ class FusedLoraForward:
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
-            if name in self.lora_variant or self.lora_B[name].bias is not None or self.lora_A[name].bias is not None:
+            if (
+                name in self.lora_variant
+                or self.lora_B[name].bias is not None
+                or self.lora_A[name].bias is not None
+            ):
                 return False
         return True
 
