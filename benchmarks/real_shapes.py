@@ -150,12 +150,9 @@ def recipe_data(
 # Workers (one per subprocess)
 
 
-def worker_pg_tune(args, sampler: RssSampler) -> dict:
-    import pg_tune.train.loss as loss
-    from pg_tune.config.recipe import parse_recipe, resolved
-    from pg_tune.train.loop import train
-
-    data = recipe_data(
+def worker_recipe_data(args) -> dict:
+    """The case's recipe as a worker's arguments give it (both training sides read the same one)."""
+    return recipe_data(
         args.case,
         args.checkpoint,
         Path(args.data),
@@ -164,7 +161,14 @@ def worker_pg_tune(args, sampler: RssSampler) -> dict:
         args.checkpointing,
         args.dtype,
     )
-    recipe = parse_recipe(data)
+
+
+def worker_pg_tune(args, sampler: RssSampler) -> dict:
+    import pg_tune.train.loss as loss
+    from pg_tune.config.recipe import parse_recipe, resolved
+    from pg_tune.train.loop import train
+
+    recipe = parse_recipe(worker_recipe_data(args))
     family = load_family(recipe.model.name_or_path, recipe.model.vae_path)
     load_model = family.load_model
 
@@ -199,17 +203,7 @@ def worker_reference(args, sampler: RssSampler) -> dict:
     from pg_tune.measure.bench_setup import make_samples
     from pg_tune.models.quantize import bnb_config
 
-    recipe = parse_recipe(
-        recipe_data(
-            args.case,
-            args.checkpoint,
-            Path(args.data),
-            Path(args.run_dir),
-            args.steps,
-            args.checkpointing,
-            args.dtype,
-        )
-    )
+    recipe = parse_recipe(worker_recipe_data(args))
     family = load_family(args.checkpoint)
     kwargs = {"quantization_config": bnb_config(recipe.quantization, family)} if args.case == "qlora" else {}
     # What the HF posts do: from_pretrained (memory-mapped safetensors), the family's processor.
