@@ -11,8 +11,8 @@ import torch
 
 import pg_tune.train.adapters as adapters
 from pg_tune.config.recipe import parse_recipe
-from pg_tune.train.loss import SuffixLoss
 from pg_tune.train.lora_fused import FusedLoraForward
+from pg_tune.train.loss import SuffixLoss
 from tests.families import family_of
 from tests.numerics import FP32_EPS, assert_close_to_scale
 
