@@ -10,7 +10,7 @@ from torch import nn
 
 from pg_tune.config.recipe import LoraConfig, Recipe
 from pg_tune.models.family import ModelFamily
-from pg_tune.train.lora_fused import fuse_lora_layers
+from pg_tune.train.lora_fused import fuse_lora_layers, lora_compute_dtype
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, base_name: str, family: ModelFamily) -> peft.PeftModel:
@@ -52,11 +52,10 @@ class _UpcastLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        dtype = lora_compute_dtype(x, weight)
         ctx.compute_dtype = dtype
         ctx.save_for_backward(x, weight)
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return torch.nn.functional.linear(x.to(dtype), weight.to(dtype))
 
     @staticmethod

@@ -29,15 +29,21 @@ import torch
 from torch import nn
 
 
+def lora_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a LoRA product runs in: autocast's under autocast (as ``nn.Linear`` there), else the
+    adapter weight's (fp32)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 class LoraDelta(torch.autograd.Function):
     """``result + scaling * (x @ A.T) @ B.T`` as one node; ``x`` is the adapter's input (after
     dropout), ``result`` the base layer's output."""
 
     @staticmethod
     def forward(ctx, result, x, weight_a, weight_b, scaling: float, in_place: bool):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight_a.dtype
-        with torch.autocast(device, enabled=False):
+        dtype = lora_compute_dtype(x, weight_a)
+        with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1])
             low_rank = torch.mm(rows.to(dtype), weight_a.to(dtype).T)  # [tokens, r]
             flat = result.reshape(-1, result.shape[-1])
@@ -75,8 +81,6 @@ class FusedLoraForward:
     """Mixed in before a peft LoRA layer class: the vanilla path through ``LoraDelta``, anything
     else through peft's own ``forward``."""
 
-    _fused_in_place = False  # set per class: only a plain nn.Linear's fresh output is added to in place
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or self.disable_adapters or self.merged or not self._fusable():
             return super().forward(x, *args, **kwargs)
@@ -92,7 +96,7 @@ class FusedLoraForward:
                 self.lora_A[name].weight,
                 self.lora_B[name].weight,
                 self.scaling[name],
-                self._fused_in_place and type(self.base_layer) is nn.Linear,
+                type(self.base_layer) is nn.Linear,  # only a plain nn.Linear's fresh output, in place
             )
         return result
 
@@ -114,27 +118,16 @@ _FUSED_CLASSES: dict[type, type] = {}
 
 def _fused_class(cls: type) -> type:
     if cls not in _FUSED_CLASSES:
-        from peft.tuners.lora.layer import Linear
-
-        _FUSED_CLASSES[cls] = type(
-            f"Fused{cls.__name__}",
-            (FusedLoraForward, cls),
-            {"_fused_in_place": cls is Linear, "__module__": __name__},
-        )
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedLoraForward, cls), {"__module__": __name__})
     return _FUSED_CLASSES[cls]
 
 
 def _fusable_classes() -> tuple[type, ...]:
     """peft's vanilla linear LoRA layers: plain, and on bitsandbytes' 4-bit / 8-bit bases."""
+    from peft.tuners.lora import bnb  # defines its classes only where bitsandbytes imports
     from peft.tuners.lora.layer import Linear
 
-    classes: list[type] = [Linear]
-    try:
-        from peft.tuners.lora import bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return tuple(classes)
-    classes += [getattr(bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, name)]
-    return tuple(classes)
+    return (Linear, *(getattr(bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, name)))
 
 
 def fuse_lora_layers(peft_model: nn.Module) -> int:
