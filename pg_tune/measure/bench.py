@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"preset {args.preset}, batch {args.batch_size}, {args.dtype}, reference: LoRA r={args.lora_r} attention+MLP; "
-        f"pg_tune: {_method_label(args)}, "
+        f"pg_tune: {_method_label(args)}"
     )
     print(
         f"{args.threads} threads, {args.steps} timed steps x {args.reps} reps; load average {os.getloadavg()[0]:.1f}"
