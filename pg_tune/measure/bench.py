@@ -389,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead of the comparison: where pg_tune's step spends its time (pg_tune.measure.bench_profile)",
     )
-    parser.add_argument("--ops", type=int, default=0, help="with --profile: also the top N operators")
+    parser.add_argument(
+        "--ops",
+        type=int,
+        default=0,
+        help="with --profile: also the top N operators over the timed steps, and the time by operator class",
+    )
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)

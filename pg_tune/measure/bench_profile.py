@@ -17,7 +17,10 @@ The parts add up to the step (the sum is printed beside the whole step timed in 
 - backward: autograd from the hidden states back through the decoder (LoRA gradients included);
 - optimizer: gradient clipping, AdamW's step and zeroing the gradients.
 
-``--ops N`` also prints torch.profiler's top N operators by self time over the same steps.
+``--ops N`` also profiles the timed steps with torch.profiler (set-up left out) and prints the top
+N operators by self time, then every operator's self time summed by class (matrix products,
+attention kernels, activations, softmax and exp, other ATen operators, and what runs outside ATen:
+Python, autograd nodes, data loading), each class's share of the step.
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ import statistics
 PARTS = ("data", "vision", "decoder", "head", "backward", "optimizer")
 
 
-def profile_pg_tune(args, samples, device: str, family) -> dict[str, list[tuple[float, float]]]:
+def profile_pg_tune(
+    args, samples, device: str, family, profiler=None
+) -> dict[str, list[tuple[float, float]]]:
     """Per-part (wall, CPU) seconds of each timed step (and ``step``: the whole step in one piece).
-    CPU seconds (all threads of this process) are the part's work whatever else runs here."""
+    CPU seconds (all threads of this process) are the part's work whatever else runs here.
+    ``profiler`` (a ``torch.profiler.profile``) is started at the first timed step and stopped after
+    the last, so it sees the steps and not the set-up or the warm-up."""
     import torch
 
     from pg_tune.data.collate import IGNORE_INDEX
@@ -59,6 +66,8 @@ def profile_pg_tune(args, samples, device: str, family) -> dict[str, list[tuple[
         return b[0] - a[0], b[1] - a[1]
 
     for step in range(args.warmup + args.steps):
+        if profiler is not None and step == args.warmup:
+            profiler.start()
         # The step in parts.
         t0 = clock()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
@@ -94,18 +103,89 @@ def profile_pg_tune(args, samples, device: str, family) -> dict[str, list[tuple[
             for part, seconds in zip(PARTS, itertools.pairwise((t0, t1, t2, t3, t4, t5, t6)), strict=True):
                 times[part].append(took(*seconds))
             times["step"].append(took(t6, t7))
+    if profiler is not None:
+        profiler.stop()
     return times
 
 
 def top_operators(args, samples, device: str, family, count: int) -> str:
-    """torch.profiler's table of the ``count`` operators with the most self time over the steps."""
+    """torch.profiler's table of the ``count`` operators with the most self time over the timed
+    steps, then the self times summed by operator class (``operator_classes``)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        profile_pg_tune(args, samples, device, family)
+    prof = profile(activities=activities)
+    profile_pg_tune(args, samples, device, family, profiler=prof)
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=count)
+    events = prof.key_averages()
+    # Each timed step runs twice: in parts, then in one piece.
+    passes = 2 * args.steps
+    totals = [(e.key, getattr(e, key)) for e in events]
+    return (
+        events.table(sort_by=key, row_limit=count) + "\n" + format_classes(operator_classes(totals), passes)
+    )
+
+
+MATRIX_PRODUCTS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+    | {
+        "aten::mkldnn_convolution",
+        "aten::convolution_backward",
+        "aten::_convolution",
+        "aten::cudnn_convolution",
+    }
+)
+ACTIVATIONS = frozenset(
+    f"aten::{name}"
+    for name in ("gelu", "gelu_", "gelu_backward", "silu", "silu_", "silu_backward", "tanh", "tanh_")
+    + ("tanh_backward", "sigmoid", "sigmoid_", "sigmoid_backward")
+)
+SOFTMAX_AND_EXP = frozenset(
+    f"aten::{name}"
+    for name in ("exp", "exp_", "amax", "logsumexp", "log", "log_", "_softmax", "_softmax_backward_data")
+    + ("_log_softmax", "_log_softmax_backward_data")
+)
+CLASSES = (
+    "matrix products",
+    "attention kernels",
+    "activations (GELU, SiLU, tanh)",
+    "softmax and exp",
+    "other ATen operators",
+    "outside ATen (Python, autograd nodes, data)",
+)
+
+
+def operator_class(name: str) -> str:
+    """The class of one profiler entry, by its name."""
+    if name in MATRIX_PRODUCTS:
+        return CLASSES[0]
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return CLASSES[1]
+    if name in ACTIVATIONS:
+        return CLASSES[2]
+    if name in SOFTMAX_AND_EXP:
+        return CLASSES[3]
+    if name.startswith("aten::"):
+        return CLASSES[4]
+    return CLASSES[5]
+
+
+def operator_classes(self_times: list[tuple[str, float]]) -> dict[str, float]:
+    """Self time (the profiler's unit) summed per class, every class present, in ``CLASSES``'
+    order. Self times do not overlap, so the classes add up to the profiled time."""
+    totals = dict.fromkeys(CLASSES, 0.0)
+    for name, self_time in self_times:
+        totals[operator_class(name)] += self_time
+    return totals
+
+
+def format_classes(totals: dict[str, float], passes: int) -> str:
+    """The class table: time per step (``passes`` steps profiled; times in microseconds) and share."""
+    whole = sum(totals.values()) or 1.0
+    lines = [f"{'operator class':<45} {'ms/step':>9} {'share':>7}", "-" * 63]
+    for name, total in totals.items():
+        lines.append(f"{name:<45} {total / 1e3 / max(passes, 1):9.1f} {100 * total / whole:6.1f}%")
+    return "\n".join(lines)
 
 
 def format_profile(times: dict[str, list[tuple[float, float]]], batch_size: int) -> str:

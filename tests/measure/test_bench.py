@@ -81,6 +81,45 @@ def test_step_flops_of_bench_mini_match_the_hand_count():
     assert 0.45 < head / total < 0.52
 
 
+def test_operator_classes_sum_self_times_by_class():
+    """``--ops``' class table: every profiler entry lands in one class by name, the classes add up
+    to the profiled time, and the table divides by the number of profiled step passes."""
+    from pg_tune.measure.bench_profile import CLASSES, format_classes, operator_class, operator_classes
+
+    assert operator_class("aten::mm") == operator_class("aten::addmm_") == "matrix products"
+    assert operator_class("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention kernels"
+    assert operator_class("aten::gelu_backward").startswith("activations")
+    assert operator_class("aten::exp_") == operator_class("aten::amax") == "softmax and exp"
+    assert operator_class("aten::mul") == "other ATen operators"
+    assert operator_class("LoraDeltaBackward").startswith("outside ATen")
+    entries = [("aten::mm", 6000.0), ("aten::addmm", 1000.0), ("aten::gelu", 1000.0), ("aten::mul", 1500.0)]
+    entries += [("enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__", 500.0)]
+    totals = operator_classes(entries)
+    assert list(totals) == list(CLASSES)
+    assert totals["matrix products"] == 7000.0 and totals["attention kernels"] == 0.0
+    assert sum(totals.values()) == 10000.0
+    table = format_classes(totals, passes=2).splitlines()
+    products = next(line for line in table if line.startswith("matrix products"))
+    assert products.split()[-2:] == ["3.5", "70.0%"]  # 7,000 us over 2 passes; 70 % of the whole
+
+
+def test_top_operators_profile_the_timed_steps_only(tmp_path):
+    """``bench --profile --ops``: torch.profiler covers the timed steps, not the model's set-up (the
+    random initialisation's ``normal_``), and the class table follows the operator table."""
+    from pg_tune.measure.bench_profile import CLASSES, top_operators
+    from pg_tune.measure.bench_setup import make_samples
+
+    args = _args(tmp_path, "pg_tune", group_by_length=False)
+    args.warmup, args.steps = 1, 1
+    samples = make_samples(tmp_path, 4)
+    text = top_operators(args, samples, "cpu", family_of("tiny-paligemma"), count=500)
+    assert "aten::mm" in text and "aten::normal_" not in text
+    classes = text[text.index("operator class") :].splitlines()[2:]
+    assert [line[:45].strip() for line in classes] == list(CLASSES)
+    shares = [float(line.split()[-1].rstrip("%")) for line in classes]
+    assert abs(sum(shares) - 100) < 0.5 and shares[0] > 0
+
+
 def test_profile_times_every_part_of_the_step(tmp_path):
     """``bench --profile``: the step taken apart (data, vision, decoder, head, backward, optimizer)
     and timed whole, each part measured on every timed step; the table names them all."""
