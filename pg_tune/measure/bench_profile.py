@@ -127,23 +127,23 @@ def top_operators(args, samples, device: str, family, count: int) -> str:
 
 
 MATRIX_PRODUCTS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
-    | {
-        "aten::mkldnn_convolution",
-        "aten::convolution_backward",
-        "aten::_convolution",
-        "aten::cudnn_convolution",
-    }
+    f"aten::{name}"
+    for name in (
+        *("mm", "addmm", "addmm_", "bmm", "baddbmm", "_addmm_activation"),
+        *("mkldnn_convolution", "convolution_backward", "_convolution", "cudnn_convolution"),
+    )
 )
 ACTIVATIONS = frozenset(
-    f"aten::{name}"
-    for name in ("gelu", "gelu_", "gelu_backward", "silu", "silu_", "silu_backward", "tanh", "tanh_")
-    + ("tanh_backward", "sigmoid", "sigmoid_", "sigmoid_backward")
+    f"aten::{name}{suffix}"
+    for name in ("gelu", "silu", "tanh", "sigmoid")
+    for suffix in ("", "_", "_backward")
 )
 SOFTMAX_AND_EXP = frozenset(
     f"aten::{name}"
-    for name in ("exp", "exp_", "amax", "logsumexp", "log", "log_", "_softmax", "_softmax_backward_data")
-    + ("_log_softmax", "_log_softmax_backward_data")
+    for name in (
+        *("exp", "exp_", "amax", "logsumexp", "log", "log_"),
+        *("_softmax", "_softmax_backward_data", "_log_softmax", "_log_softmax_backward_data"),
+    )
 )
 CLASSES = (
     "matrix products",
